@@ -1,0 +1,47 @@
+"""The one builder: Config -> modules.
+
+Each slot has a registry (``m2f.registry``) of small adapter functions that read their config
+section and call a module's plain constructor:
+
+    @BACKBONES.register("resnet50")
+    def _(cfg: BackboneCfg) -> nn.Module: ...
+
+    @PIXEL_DECODERS.register("fpn")
+    def _(cfg: PixelDecoderCfg, in_channels: dict[str, int], in_strides: dict[str, int]) -> nn.Module: ...
+"""
+from __future__ import annotations
+
+from m2f.config import Config
+from m2f.registry import BACKBONES, PIXEL_DECODERS
+
+
+def _import_all() -> None:
+    # Importing the modules fills the registries.
+    import m2f.models.backbone  # noqa: F401
+    import m2f.models.pixel_decoders  # noqa: F401
+
+
+def build_backbone(cfg: Config):
+    _import_all()
+    return BACKBONES.get(cfg.backbone.kind)(cfg.backbone)
+
+
+def build_pixel_decoder(cfg: Config, in_channels, in_strides):
+    _import_all()
+    return PIXEL_DECODERS.get(cfg.pixel_decoder.kind)(cfg.pixel_decoder, in_channels, in_strides)
+
+
+def build_transformer_decoder(cfg: Config):
+    from m2f.models.transformer_decoder import build_transformer_decoder as _b
+
+    return _b(cfg.decoder, in_channels=cfg.pixel_decoder.conv_dim, mask_dim=cfg.pixel_decoder.mask_dim,
+              num_classes=cfg.num_classes)
+
+
+def build_model(cfg: Config):
+    from m2f.models.mask2former import Mask2Former
+
+    backbone = build_backbone(cfg)
+    pixel_decoder = build_pixel_decoder(cfg, backbone.out_channels, backbone.out_strides)
+    decoder = build_transformer_decoder(cfg)
+    return Mask2Former(backbone, pixel_decoder, decoder, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std)
