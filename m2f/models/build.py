@@ -18,6 +18,7 @@ from m2f.registry import BACKBONES, PIXEL_DECODERS
 def _import_all() -> None:
     # Importing the modules fills the registries.
     import m2f.models.backbone  # noqa: F401
+    import m2f.models.swin  # noqa: F401
     import m2f.models.pixel_decoders  # noqa: F401
 
 
