@@ -20,7 +20,10 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Dict, Iterable, Literal, Mapping, Optional, Tuple, Union, get_args, get_origin
 
 
-class ConfigError(ValueError):
+from m2f.errors import M2FError
+
+
+class ConfigError(M2FError, ValueError):
     """A bad config path or value (the message names the path and what was expected)."""
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from m2f.cli import main
+
+sys.exit(main())
