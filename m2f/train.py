@@ -1,0 +1,376 @@
+"""The trainer: ``m2f train`` and ``train(cfg, out_dir)``.
+
+- AdamW with the paper's parameter groups (backbone lr x ``backbone_lr_multiplier``; no weight decay
+  on embeddings and normalisation layers), step or poly schedule with linear warmup, full-model
+  gradient clipping, autocast (bf16 on CUDA), gradient accumulation.
+- Reproducible and resumable: batch composition, augmentation and point sampling of iteration ``i``
+  depend only on ``(seed, i, rank)``, so ``--resume`` after a kill (even ``kill -9``) continues the exact
+  loss curve of an uninterrupted run on CPU.  Checkpoints and result files are written atomically.
+- Multi-GPU / multi-node through ``torchrun`` (DistributedDataParallel; gloo on CPU, nccl on CUDA).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from m2f.checkpoint import (append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint, read_jsonl,
+                            rewrite_jsonl)
+from m2f.config import Config, config_hash, from_dict, to_dict
+from m2f.errors import InputError, NonFiniteLossError
+
+CKPT_NAME = "last.pth"
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers
+# ---------------------------------------------------------------------------------------------
+def dist_info() -> Tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment, or (0, 1, 0)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    return 0, 1, 0
+
+
+def maybe_init_distributed(device: torch.device) -> bool:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic data order
+# ---------------------------------------------------------------------------------------------
+def _mix(*xs: int) -> int:
+    """A 63-bit integer hash of a tuple of ints (stable across processes and machines)."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h ^= (int(x) + 0x9E3779B97F4A7C15 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
+        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class ResumableBatchSampler:
+    """Yields, for iterations ``start_iter, start_iter+1, ...``, this rank's micro-batches as lists
+    of ``(dataset_index, item_seed)``.  The global sample stream is a sequence of per-epoch
+    permutations seeded by ``(seed, epoch)``; position ``p`` of the stream is used by exactly one
+    (iteration, rank, micro-step, slot), so the data a run sees does not depend on restarts."""
+
+    def __init__(self, size: int, micro_batch: int, grad_accum: int, seed: int, start_iter: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if size < 1:
+            raise InputError("training dataset is empty")
+        self.size, self.micro, self.accum = size, micro_batch, grad_accum
+        self.seed, self.start_iter, self.rank, self.world = seed, start_iter, rank, world_size
+        self._perm_cache: Dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perm_cache:
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 1))
+            self._perm_cache = {epoch: torch.randperm(self.size, generator=g)}
+        return self._perm_cache[epoch]
+
+    def batch_for(self, it: int, micro: int) -> List[Tuple[int, int]]:
+        per_iter = self.micro * self.accum * self.world
+        base = it * per_iter + (micro * self.world + self.rank) * self.micro
+        out = []
+        for j in range(self.micro):
+            p = base + j
+            epoch, pos = divmod(p, self.size)
+            out.append((int(self._perm(epoch)[pos]), _mix(self.seed, p, 2)))
+        return out
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        it = self.start_iter
+        while True:
+            for m in range(self.accum):
+                yield self.batch_for(it, m)
+            it += 1
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """Wraps a dataset so that item ``(index, seed)`` is produced with all RNGs seeded by ``seed``:
+    augmentation is a function of the item seed only (workers or not, restarts or not)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        idx, seed = key
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.base[idx]
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser and schedule
+# ---------------------------------------------------------------------------------------------
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d,
+               nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def param_groups(model: nn.Module, solver) -> List[Dict[str, Any]]:
+    """AdamW groups as the official code: backbone lr x multiplier; weight decay 0 for norm layers'
+    parameters and embeddings (nn.Embedding, level embeddings, Swin position tables)."""
+    groups: Dict[Tuple[float, float], List[nn.Parameter]] = {}
+    seen = set()
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{mname}.{pname}" if mname else pname
+            lr = solver.lr * (solver.backbone_lr_multiplier if full.startswith("backbone.") else 1.0)
+            wd = solver.weight_decay
+            is_norm = isinstance(module, _NORM_TYPES) or type(module).__name__.lower().startswith(("frozenbatchnorm", "layernorm"))
+            is_embed = isinstance(module, nn.Embedding) or any(
+                k in pname for k in ("level_embed", "relative_position_bias_table", "absolute_pos_embed", "pos_embed"))
+            if is_norm:
+                wd = solver.weight_decay_norm
+            elif is_embed:
+                wd = solver.weight_decay_embed
+            groups.setdefault((lr, wd), []).append(p)
+    return [{"params": ps, "lr": lr, "initial_lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+def lr_factor(it: int, solver) -> float:
+    """Multiplier of the base lr at iteration ``it`` (0-based)."""
+    if solver.schedule == "poly":
+        f = (1.0 - min(it, solver.max_iters) / solver.max_iters) ** solver.poly_power
+    else:
+        f = solver.gamma ** sum(it >= int(s * solver.max_iters) for s in solver.steps)
+    if it < solver.warmup_iters:
+        alpha = it / max(1, solver.warmup_iters)
+        f *= solver.warmup_factor * (1 - alpha) + alpha
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    out = dict(batch)
+    out["images"] = batch["images"].to(device, non_blocking=True)
+    out["targets"] = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+                      for t in batch["targets"]]
+    return out
+
+
+def environment() -> Dict[str, Any]:
+    import platform
+
+    env = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+           "cuda": torch.version.cuda, "device": "cpu", "hostname": platform.node()}
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+    else:
+        env["device"] = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return env
+
+
+def git_commit() -> Optional[str]:
+    import subprocess
+
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        sha = out.stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, timeout=5).stdout.strip()
+        return f"{sha}{'-dirty' if dirty else ''}" if sha else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def train(cfg: Config, out_dir, resume: bool = False, device: Optional[str] = None, progress: bool = True,
+          evaluate_at_end: bool = True, eval_limit: Optional[int] = None, stop_after: Optional[int] = None,
+          log_fn=None) -> Dict[str, Any]:
+    """Train ``cfg`` into ``out_dir``.  Returns a summary dict (final losses and metrics, throughput,
+    peak memory).  ``stop_after`` stops (with a checkpoint) after that many iterations of this call
+    (for tests and time-sliced jobs)."""
+    from m2f.data.catalog import get_dataset
+    from m2f.data.collate import collate
+    from m2f.loss import build_criterion
+    from m2f.models.build import build_model
+
+    out = Path(out_dir)
+    dev = resolve_device(device)
+    maybe_init_distributed(dev)
+    rank, world, _ = dist_info()
+    s = cfg.solver
+    if s.batch_size % (world * s.grad_accum):
+        raise InputError(f"solver.batch_size={s.batch_size} must be divisible by world_size x solver.grad_accum "
+                         f"= {world} x {s.grad_accum}")
+    micro = s.batch_size // (world * s.grad_accum)
+
+    ckpt_path = out / CKPT_NAME
+    start_iter = 0
+    ckpt = None
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        saved = from_dict(ckpt["config"])
+        if config_hash(saved) != config_hash(cfg):
+            from m2f.config import diff
+
+            raise InputError(f"{ckpt_path}: the checkpoint was made with a different config "
+                             f"(differences vs the requested one: {diff(saved, cfg)}); use another --out")
+        start_iter = int(ckpt["iter"])
+    elif not resume and ckpt_path.exists():
+        raise InputError(f"{out}: holds a run already ({ckpt_path}); pass --resume to continue it or choose another --out")
+
+    torch.manual_seed(s.seed)
+    model = build_model(cfg).to(dev)
+    criterion = build_criterion(cfg.loss, cfg.num_classes).to(dev)
+    optimizer = torch.optim.AdamW(param_groups(model, s), lr=s.lr, weight_decay=s.weight_decay)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    ddp_model: nn.Module = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
+
+    train_set = get_dataset(cfg.data.train, "train", cfg)
+    sampler = ResumableBatchSampler(len(train_set), micro, s.grad_accum, s.seed, start_iter, rank, world)
+    loader = torch.utils.data.DataLoader(
+        SeededItems(train_set), batch_sampler=sampler, num_workers=cfg.data.num_workers,
+        collate_fn=partial(collate, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
+                           size_divisibility=cfg.data.size_divisibility),
+        persistent_workers=cfg.data.num_workers > 0)
+    data_iter = iter(loader)
+
+    metrics_path = out / "metrics.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", {"config": to_dict(cfg), "config_hash": config_hash(cfg)})
+        # Drop metric lines written after the checkpoint we resume from (they will be recomputed).
+        rewrite_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r.get("iter", 0) <= start_iter])
+
+    use_amp = s.amp and (dev.type == "cuda" or s.amp_on_cpu)
+    amp_ctx = (partial(torch.autocast, device_type=dev.type, dtype=torch.bfloat16) if use_amp else nullcontext)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    def save(it: int) -> None:
+        if rank == 0:
+            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
+                               "config": to_dict(cfg), "config_hash": config_hash(cfg),
+                               "git": git_commit(), "time": time.time()}, ckpt_path)
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=s.max_iters, initial=start_iter, desc=f"train {out.name}", dynamic_ncols=True,
+                   unit="it", smoothing=0.1)
+    model.train()
+    it = start_iter
+    t_start, n_images, last = time.perf_counter(), 0, {}
+    steps_done = 0
+    while it < s.max_iters:
+        for g in optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * lr_factor(it, s)
+        torch.manual_seed(_mix(s.seed, it, rank, 3))  # point sampling / dropout of this iteration
+        optimizer.zero_grad(set_to_none=True)
+        comp_sum: Dict[str, torch.Tensor] = {}
+        total_sum = torch.zeros((), device=dev)
+        for m in range(s.grad_accum):
+            batch = _to_device(next(data_iter), dev)
+            sync_ctx = ddp_model.no_sync if (world > 1 and m < s.grad_accum - 1) else nullcontext
+            with sync_ctx():
+                with amp_ctx():
+                    output = ddp_model(batch["images"])
+                losses = criterion(output, batch["targets"])
+                loss = sum(losses.values()) / s.grad_accum
+                loss.backward()
+            total_sum = total_sum + loss.detach()
+            for k, v in losses.items():
+                if "_" in k and k.rsplit("_", 1)[1].isdigit():
+                    continue
+                comp_sum[k] = comp_sum.get(k, 0) + v.detach() / s.grad_accum
+            n_images += len(batch["images"])
+        if not bool(torch.isfinite(total_sum)):
+            if bar:
+                bar.close()
+            comps = {k: float(v) for k, v in comp_sum.items()}
+            raise NonFiniteLossError(
+                f"non-finite loss at iteration {it} ({comps}); stopped. The last good checkpoint is "
+                f"{ckpt_path if ckpt_path.exists() else '(none yet)'}; try a lower solver.lr or solver.clip_grad_norm")
+        if s.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip_grad_norm)
+        optimizer.step()
+        it += 1
+        steps_done += 1
+        if rank == 0 and (it % s.log_period == 0 or it == s.max_iters or it == start_iter + 1):
+            rec = {"iter": it, "loss": float(total_sum), "lr": optimizer.param_groups[0]["lr"],
+                   **{k: float(v) for k, v in comp_sum.items()}}
+            append_jsonl(metrics_path, rec)
+            last = rec
+            if log_fn:
+                log_fn(rec)
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(total_sum):.3f}")
+        if it % s.checkpoint_period == 0 or it == s.max_iters:
+            save(it)
+        if s.eval_period and it % s.eval_period == 0 and it < s.max_iters:
+            _periodic_eval(model, cfg, dev, it, metrics_path, rank, eval_limit, log_fn)
+            model.train()
+        if stop_after is not None and steps_done >= stop_after:
+            save(it)
+            break
+    if bar:
+        bar.close()
+    elapsed = time.perf_counter() - t_start
+    summary: Dict[str, Any] = {
+        "iter": it, "final_loss": last, "train_seconds": elapsed,
+        "train_images_per_s": n_images * world / elapsed if elapsed > 0 else None,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+        "params": sum(p.numel() for p in model.parameters()), "config_hash": config_hash(cfg),
+    }
+    if evaluate_at_end and it >= s.max_iters:
+        summary["eval"] = _periodic_eval(model, cfg, dev, it, metrics_path, rank, eval_limit, log_fn)
+    if rank == 0 and it >= s.max_iters:
+        atomic_write_json(out / "final.json", summary)
+    if world > 1:
+        dist.barrier()
+    return summary
+
+
+def _periodic_eval(model, cfg, dev, it, metrics_path, rank, limit, log_fn) -> Dict[str, Any]:
+    from m2f.evaluate import evaluate_model
+
+    if rank != 0:
+        return {}
+    res = evaluate_model(model, cfg, device=dev, limit=limit)
+    append_jsonl(metrics_path, {"iter": it, "eval": res})
+    if log_fn:
+        log_fn({"iter": it, "eval": res})
+    return res
