@@ -1,0 +1,211 @@
+"""Evaluate a model or a checkpoint on a dataset (``m2f eval``), and write predictions for images
+(``m2f predict``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from m2f.config import Config, apply_overrides, from_dict
+from m2f.errors import InputError
+
+ALL_TASKS = ("panoptic", "instance", "semantic")
+
+
+def tasks_for(cfg: Config, metadata, requested: str = "all") -> List[str]:
+    """Tasks a model trained for ``cfg.data.task`` can be scored on with this dataset's ground truth.
+    A panoptic model is scored as panoptic, instance and semantic (paper Table 7)."""
+    trained = cfg.data.task
+    possible = {"panoptic": list(ALL_TASKS), "instance": ["instance"], "semantic": ["semantic"]}[trained]
+    have = {"panoptic": getattr(metadata, "panoptic_json", None) is not None,
+            "instance": getattr(metadata, "instances_json", None) is not None,
+            "semantic": getattr(metadata, "sem_seg_dir", None) is not None}
+    tasks = [t for t in possible if have[t]]
+    if requested != "all":
+        if requested not in possible:
+            raise InputError(f"--task {requested}: a model trained for {trained} cannot be scored as {requested}")
+        if not have[requested]:
+            raise InputError(f"--task {requested}: the dataset has no {requested} ground truth")
+        tasks = [requested]
+    return tasks
+
+
+def _is_thing(metadata, device) -> torch.Tensor:
+    return torch.as_tensor(list(metadata.is_thing), dtype=torch.bool, device=device)
+
+
+@torch.no_grad()
+def proposals_per_layer(output, image_sizes, orig_sizes, top_k: int = 100) -> List[List[Dict[str, Any]]]:
+    """Class-agnostic proposals of every prediction (paper Fig 3): for prediction ``l`` and image ``b``,
+    the ``top_k`` queries ranked by (1 - p(no object)) x mean sigmoid inside the binary mask."""
+    from pycocotools import mask as mask_util
+
+    per_layer = []
+    for pred in output.predictions():
+        layer = []
+        for b, ((h, w), (oh, ow)) in enumerate(zip(image_sizes, orig_sizes)):
+            logits = pred.mask_logits[b : b + 1]
+            logits = F.interpolate(logits, size=output.mask_logits.shape[-2:] , mode="bilinear", align_corners=False)
+            logits = F.interpolate(logits, scale_factor=4, mode="bilinear", align_corners=False)[..., :h, :w]
+            logits = F.interpolate(logits, size=(oh, ow), mode="bilinear", align_corners=False)[0]
+            prob = pred.class_logits[b].softmax(-1)
+            obj = 1.0 - prob[:, -1]
+            masks = logits > 0
+            mscore = (logits.sigmoid() * masks).flatten(1).sum(1) / masks.flatten(1).sum(1).clamp(min=1)
+            score = obj * mscore
+            k = min(top_k, score.numel())
+            top = score.topk(k).indices
+            rles = mask_util.encode(np.asfortranarray(masks[top].permute(1, 2, 0).cpu().numpy().astype(np.uint8)))
+            layer.append([{"score": float(score[i]), "segmentation": r} for i, r in zip(top.tolist(), rles)])
+        per_layer.append(layer)
+    return per_layer
+
+
+@torch.no_grad()
+def evaluate_model(model, cfg: Config, device=None, limit: Optional[int] = None, task: str = "all",
+                   engine: str = "hotcoco", dataset=None, proposals: bool = False, batch_size: int = 1
+                   ) -> Dict[str, Any]:
+    """Run ``model`` over the validation set of ``cfg.data.val`` and score it.
+    Returns ``{task: metrics}`` (+ ``"proposals": {"AR@100_layer{l}": ...}`` when ``proposals``)."""
+    from functools import partial
+
+    from m2f.data.catalog import get_dataset
+    from m2f.data.collate import collate
+    from m2f.evaluation import InstanceEvaluator, PanopticEvaluator, SemanticEvaluator
+    from m2f.inference import postprocess
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    ds = dataset if dataset is not None else get_dataset(cfg.data.val, "val", cfg)
+    md = ds.metadata
+    tasks = tasks_for(cfg, md, task)
+    if limit is not None:
+        ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=partial(
+        collate, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std, size_divisibility=cfg.data.size_divisibility))
+    evaluators = {}
+    if "panoptic" in tasks:
+        evaluators["panoptic"] = PanopticEvaluator(md)
+    if "instance" in tasks:
+        evaluators["instance"] = InstanceEvaluator(md)
+    if "semantic" in tasks:
+        evaluators["semantic"] = SemanticEvaluator(md)
+    is_thing = _is_thing(md, device)
+    layer_results: List[List[Dict[str, Any]]] = []
+    was_training = model.training
+    model.eval()
+    for batch in loader:
+        images = batch["images"].to(device)
+        output = model(images)
+        orig_sizes = [tuple(m["orig_size"]) for m in batch["meta"]]
+        results = postprocess(output, batch["image_sizes"], orig_sizes, cfg.inference, is_thing, tasks=tuple(tasks))
+        for meta, r in zip(batch["meta"], results):
+            for ev in evaluators.values():
+                ev.process(meta, r)
+        if proposals:
+            per_layer = proposals_per_layer(output, batch["image_sizes"], orig_sizes)
+            if not layer_results:
+                layer_results = [[] for _ in per_layer]
+            for l, layer in enumerate(per_layer):
+                for meta, props in zip(batch["meta"], layer):
+                    for p in props:
+                        layer_results[l].append({"image_id": meta["image_id"], "category_id": 1, **p})
+    model.train(was_training)
+    res: Dict[str, Any] = {t: ev.evaluate(engine=engine) for t, ev in evaluators.items()}
+    if proposals and layer_results:
+        from m2f.evaluation import proposal_recall
+
+        res["proposals"] = {f"AR@100_layer{l}": proposal_recall(md.instances_json, r, max_dets=100)
+                            for l, r in enumerate(layer_results)}
+    return res
+
+
+def load_model_from_checkpoint(path, device=None, overrides: Iterable[str] = ()):
+    from m2f.checkpoint import load_checkpoint
+    from m2f.models.build import build_model
+
+    ckpt = load_checkpoint(path)
+    cfg = from_dict(ckpt["config"])
+    if overrides:
+        cfg = apply_overrides(cfg, list(overrides))
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["model"])
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model.to(dev).eval(), cfg
+
+
+def evaluate_checkpoint(ckpt, data: Optional[str] = None, task: str = "all", engine: str = "hotcoco", device=None,
+                        overrides: Sequence[str] = (), limit: Optional[int] = None) -> Dict[str, Any]:
+    model, cfg = load_model_from_checkpoint(ckpt, device, overrides)
+    if data:
+        cfg = apply_overrides(cfg, {"data.val": data})
+    return evaluate_model(model, cfg, limit=limit, task=task, engine=engine)
+
+
+@torch.no_grad()
+def predict_images(ckpt, images: Sequence[str], out_dir, device=None, task: str = "panoptic") -> Dict[str, Any]:
+    """Predict ``images`` with a checkpoint; write COCO-format predictions and overlay PNGs to ``out_dir``."""
+    from PIL import Image
+
+    from m2f.checkpoint import atomic_write_json
+    from m2f.data.catalog import get_dataset
+    from m2f.inference import postprocess
+    from m2f.viz import overlay_instances, overlay_panoptic, overlay_semantic
+
+    model, cfg = load_model_from_checkpoint(ckpt, device)
+    dev = next(model.parameters()).device
+    md = get_dataset(cfg.data.val, "val", cfg).metadata
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    is_thing = _is_thing(md, dev)
+    written = {"overlays": [], "predictions": None}
+    pan_records, inst_records = [], []
+    from pycocotools import mask as mask_util
+
+    for i, path in enumerate(images):
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"{p}: no such image file")
+        try:
+            img = np.asarray(Image.open(p).convert("RGB"))
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"{p}: cannot be read as an image ({e})") from None
+        t = torch.from_numpy(img).permute(2, 0, 1).contiguous()
+        x, sizes = model.preprocess([t])
+        output = model(x.to(dev))
+        r = postprocess(output, sizes, [img.shape[:2]], cfg.inference, is_thing, tasks=(task,))[0]
+        stem = p.stem
+        if task == "panoptic":
+            seg, info = r["panoptic_seg"]
+            from m2f.evaluation import panoptic_to_png
+
+            Image.fromarray(panoptic_to_png(seg.cpu().numpy())).save(out / f"{stem}_panoptic.png")
+            segs = [{**s, "category_id": md.contiguous_to_id[s["category_id"]]} for s in info]
+            pan_records.append({"image_id": i, "file_name": f"{stem}_panoptic.png", "source": str(p),
+                                "segments_info": segs})
+            ov = overlay_panoptic(img, seg.cpu().numpy(), info, md)
+        elif task == "instance":
+            inst = r["instances"]
+            for m, s, l in zip(inst["masks"].cpu().numpy(), inst["scores"].tolist(), inst["labels"].tolist()):
+                rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
+                rle["counts"] = rle["counts"].decode()
+                inst_records.append({"image_id": i, "file_name": str(p), "category_id": md.contiguous_to_id[l],
+                                     "score": s, "segmentation": rle})
+            ov = overlay_instances(img, inst, md)
+        else:
+            sem = r["sem_seg"].argmax(0).to(torch.uint8).cpu().numpy()
+            Image.fromarray(sem).save(out / f"{stem}_semantic.png")
+            ov = overlay_semantic(img, sem, md)
+        ov.save(out / f"{stem}_overlay.png")
+        written["overlays"].append(str(out / f"{stem}_overlay.png"))
+    if task == "panoptic":
+        atomic_write_json(out / "panoptic_predictions.json", {"annotations": pan_records,
+                                                               "categories": list(md.categories)})
+        written["predictions"] = str(out / "panoptic_predictions.json")
+    elif task == "instance":
+        atomic_write_json(out / "instances_results.json", inst_records)
+        written["predictions"] = str(out / "instances_results.json")
+    return written
