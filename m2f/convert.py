@@ -1,0 +1,232 @@
+"""Convert a HF transformers ``Mask2FormerForUniversalSegmentation`` into an m2f model.
+
+    model, cfg = from_hf(hf_model)          # ResNet or Swin backbone
+    out = model(pixel_values)               # same normalised input as HF's pixel_values
+
+The m2f model reproduces HF's predictions: ``out.predictions()[i]`` <-> HF's
+``auxiliary_logits[i]`` for i < last, and the final one <-> HF's ``class_queries_logits`` /
+``masks_queries_logits`` (HF: ``decoder_layers`` counts the query-feature prediction, so
+m2f ``num_layers = decoder_layers - 1``).
+
+Mapping notes:
+* HF's ResNet (``ResNetBackbone``) -> torchvision layout: ``embedder.embedder`` -> ``conv1/bn1``,
+  ``stages.s.layers.b.layer.j`` -> ``layer{s+1}.b.conv{j+1}/bn{j+1}``, ``shortcut`` ->
+  ``downsample``; ``downsample_in_bottleneck=True`` means the stride sits in the first 1x1 conv
+  (m2f ``stride_in_3x3=False``).  HF BatchNorms become FrozenBN (= BN eval semantics).
+* HF's cross-attention is an ``nn.MultiheadAttention`` (packed ``in_proj_weight`` [3C, C], q/k/v
+  in that order); its self-attention has separate q/k/v projections, as m2f's ``Attention``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, Tuple
+
+import torch
+from torch import Tensor
+
+from m2f.config import Config, apply_overrides
+from m2f.errors import InputError
+
+_RESNET_KINDS = {
+    ((2, 2, 2, 2), "basic"): "resnet18",
+    ((3, 4, 6, 3), "basic"): "resnet34",
+    ((3, 4, 6, 3), "bottleneck"): "resnet50",
+    ((3, 4, 23, 3), "bottleneck"): "resnet101",
+}
+
+_SWIN_KINDS = {
+    (96, (2, 2, 6, 2)): "swin_t",
+    (96, (2, 2, 18, 2)): "swin_s",
+    (128, (2, 2, 18, 2)): "swin_b",
+    (192, (2, 2, 18, 2)): "swin_l",
+}
+
+
+def _config_from_hf(hf_config) -> Config:
+    """HF Mask2FormerConfig -> m2f Config (raises NotImplementedError for unsupported setups)."""
+    c = hf_config
+    bc = c.backbone_config
+    over: Dict[str, object] = {}
+    mtype = getattr(bc, "model_type", None)
+    if mtype == "resnet":
+        key = (tuple(bc.depths), bc.layer_type)
+        if key not in _RESNET_KINDS:
+            raise NotImplementedError(f"from_hf: HF ResNet depths/layer_type {key} has no m2f equivalent")
+        expected_widths = [64, 128, 256, 512] if bc.layer_type == "basic" else [256, 512, 1024, 2048]
+        if list(bc.hidden_sizes) != expected_widths or bc.embedding_size != 64:
+            raise NotImplementedError(f"from_hf: non-standard ResNet widths {bc.hidden_sizes} / stem {bc.embedding_size}")
+        if bc.downsample_in_first_stage or bc.hidden_act != "relu":
+            raise NotImplementedError("from_hf: downsample_in_first_stage / non-ReLU ResNets are not supported")
+        over.update({"backbone.kind": _RESNET_KINDS[key], "backbone.norm": "frozen_bn", "backbone.freeze_at": 0,
+                     "backbone.stride_in_3x3": not bc.downsample_in_bottleneck})
+    elif mtype == "swin":
+        key = (bc.embed_dim, tuple(bc.depths))
+        if key not in _SWIN_KINDS:
+            raise NotImplementedError(f"from_hf: HF Swin embed_dim/depths {key} has no m2f equivalent")
+        over.update({"backbone.kind": _SWIN_KINDS[key], "backbone.window_size": bc.window_size,
+                     "backbone.drop_path_rate": float(bc.drop_path_rate)})
+    else:
+        raise NotImplementedError(f"from_hf: backbone type {mtype!r} is not supported (resnet, swin)")
+    if c.activation_function != "relu":
+        raise NotImplementedError(f"from_hf: decoder activation {c.activation_function!r} (only relu)")
+    if c.common_stride != 4 or list(c.feature_strides) != [4, 8, 16, 32]:
+        raise NotImplementedError("from_hf: only common_stride 4 and feature strides (4, 8, 16, 32) are supported")
+    over.update({
+        "pixel_decoder.kind": "msdeform",
+        "pixel_decoder.conv_dim": c.feature_size,
+        "pixel_decoder.mask_dim": c.mask_feature_size,
+        "pixel_decoder.norm": "GN",
+        "pixel_decoder.num_encoder_layers": c.encoder_layers,
+        "pixel_decoder.num_heads": c.num_attention_heads,
+        "pixel_decoder.num_points": 4,
+        "pixel_decoder.ffn_dim": c.encoder_feedforward_dim,
+        "pixel_decoder.dropout": float(c.dropout),
+        "decoder.hidden_dim": c.hidden_dim,
+        "decoder.num_heads": c.num_attention_heads,
+        "decoder.ffn_dim": c.dim_feedforward,
+        "decoder.num_queries": c.num_queries,
+        "decoder.num_layers": c.decoder_layers - 1,
+        "decoder.dropout": float(c.dropout),
+        "decoder.pre_norm": bool(c.pre_norm),
+        "decoder.enforce_input_projection": bool(c.enforce_input_projection),
+        "decoder.cross_attention": "masked",
+        "decoder.feature_schedule": "multi_scale",
+        "decoder.layer_order": "ca_first",
+        "decoder.query_features": "learnable_supervised",
+        "decoder.mask_threshold": 0.5,
+        "num_classes": c.num_labels,
+        "loss.class_weight": float(c.class_weight),
+        "loss.mask_weight": float(c.mask_weight),
+        "loss.dice_weight": float(c.dice_weight),
+        "loss.no_object_weight": float(c.no_object_weight),
+        "loss.num_points": int(c.train_num_points),
+        "loss.oversample_ratio": float(c.oversample_ratio),
+        "loss.importance_sample_ratio": float(c.importance_sample_ratio),
+    })
+    return apply_overrides(Config(), over)
+
+
+def _resnet_key(k: str) -> str:
+    """HF ResNetBackbone key (below ``encoder.``) -> torchvision key, or '' to drop."""
+    if k.endswith("num_batches_tracked"):
+        return ""
+    m = re.fullmatch(r"embedder\.embedder\.(convolution|normalization)\.(\w+)", k)
+    if m:
+        return ("conv1." if m.group(1) == "convolution" else "bn1.") + m.group(2)
+    m = re.fullmatch(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.(convolution|normalization)\.(\w+)", k)
+    if m:
+        s, b, j, kind, p = m.groups()
+        return f"layer{int(s) + 1}.{b}.{'conv' if kind == 'convolution' else 'bn'}{int(j) + 1}.{p}"
+    m = re.fullmatch(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.(convolution|normalization)\.(\w+)", k)
+    if m:
+        s, b, kind, p = m.groups()
+        return f"layer{int(s) + 1}.{b}.downsample.{0 if kind == 'convolution' else 1}.{p}"
+    raise KeyError(k)
+
+
+_PIXEL_DECODER_RULES = [
+    (r"level_embed", r"level_embed"),
+    (r"input_projections\.(\d+)\.(\d+)\.(\w+)", r"input_proj.\1.\2.\3"),
+    (r"encoder\.layers\.(\d+)\.self_attn\.(\w+)\.(\w+)", r"layers.\1.self_attn.\2.\3"),
+    (r"encoder\.layers\.(\d+)\.self_attn_layer_norm\.(\w+)", r"layers.\1.norm1.\2"),
+    (r"encoder\.layers\.(\d+)\.fc1\.(\w+)", r"layers.\1.linear1.\2"),
+    (r"encoder\.layers\.(\d+)\.fc2\.(\w+)", r"layers.\1.linear2.\2"),
+    (r"encoder\.layers\.(\d+)\.final_layer_norm\.(\w+)", r"layers.\1.norm2.\2"),
+    (r"mask_projection\.(\w+)", r"mask_features.\1"),
+]
+
+_DECODER_RULES = [
+    (r"queries_embedder\.weight", r"query_pos.weight"),
+    (r"queries_features\.weight", r"query_feat.weight"),
+    (r"level_embed\.weight", r"level_embed.weight"),
+    (r"input_projections\.(\d+)\.(\w+)", r"input_proj.\1.\2"),
+    (r"decoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.(\w+)", r"layers.\1.self_attn.\2.\3"),
+    (r"decoder\.layers\.(\d+)\.self_attn_layer_norm\.(\w+)", r"layers.\1.self_norm.\2"),
+    (r"decoder\.layers\.(\d+)\.cross_attn\.out_proj\.(\w+)", r"layers.\1.cross_attn.out_proj.\2"),
+    (r"decoder\.layers\.(\d+)\.cross_attn_layer_norm\.(\w+)", r"layers.\1.cross_norm.\2"),
+    (r"decoder\.layers\.(\d+)\.fc1\.(\w+)", r"layers.\1.linear1.\2"),
+    (r"decoder\.layers\.(\d+)\.fc2\.(\w+)", r"layers.\1.linear2.\2"),
+    (r"decoder\.layers\.(\d+)\.final_layer_norm\.(\w+)", r"layers.\1.ffn_norm.\2"),
+    (r"decoder\.layernorm\.(\w+)", r"decoder_norm.\1"),
+    (r"decoder\.mask_predictor\.mask_embedder\.(\d+)\.0\.(\w+)", r"mask_embed.layers.\1.\2"),
+]
+
+
+def _apply_rules(k: str, rules) -> str:
+    for pat, rep in rules:
+        if re.fullmatch(pat, k):
+            return re.sub(pat, rep, k)
+    raise KeyError(k)
+
+
+def _state_dict_from_hf(hf_model, model) -> Dict[str, Tensor]:
+    sd: Dict[str, Tensor] = {}
+    hf_sd = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
+    unmapped = []
+    pd = model.pixel_decoder
+    fpn_index = {name: int(name[3:]) - 2 for name in pd.fpn_names}  # res2 -> 0 (HF adapter_1)
+    hf_fpn = {idx: j for j, idx in enumerate(fpn_index[n] for n in pd.fpn_names)}
+    is_swin = getattr(hf_model.config.backbone_config, "model_type", None) == "swin"
+    for k, v in hf_sd.items():
+        try:
+            if k.startswith("model.pixel_level_module.encoder."):
+                if is_swin:
+                    continue  # handled by swin_state_dict_from_hf
+                new = _resnet_key(k[len("model.pixel_level_module.encoder."):])
+                if new:
+                    sd["backbone." + new] = v
+            elif k.startswith("model.pixel_level_module.decoder."):
+                rest = k[len("model.pixel_level_module.decoder."):]
+                m = re.fullmatch(r"(adapter|layer)_(\d+)\.(\d+)\.(\w+)", rest)
+                if m:
+                    kind, idx, sub, p = m.groups()
+                    j = hf_fpn[int(idx) - 1]
+                    sd[f"pixel_decoder.{'lateral_convs' if kind == 'adapter' else 'output_convs'}.{j}.{sub}.{p}"] = v
+                else:
+                    sd["pixel_decoder." + _apply_rules(rest, _PIXEL_DECODER_RULES)] = v
+            elif k.startswith("model.transformer_module."):
+                rest = k[len("model.transformer_module."):]
+                m = re.fullmatch(r"decoder\.layers\.(\d+)\.cross_attn\.in_proj_(weight|bias)", rest)
+                if m:
+                    i, p = m.groups()
+                    for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+                        sd[f"transformer_decoder.layers.{i}.cross_attn.{name}.{p}"] = part.clone()
+                else:
+                    sd["transformer_decoder." + _apply_rules(rest, _DECODER_RULES)] = v
+            elif k.startswith("class_predictor."):
+                sd["transformer_decoder.class_embed." + k[len("class_predictor."):]] = v
+            elif k.startswith("criterion."):
+                continue
+            else:
+                unmapped.append(k)
+        except KeyError:
+            unmapped.append(k)
+    if unmapped:
+        raise NotImplementedError(f"from_hf: HF weights with no m2f equivalent: {unmapped[:8]}")
+    if is_swin:
+        try:
+            from m2f.models.swin import swin_state_dict_from_hf
+        except ImportError as e:
+            raise NotImplementedError("from_hf: Swin conversion needs m2f.models.swin.swin_state_dict_from_hf") from e
+        for k, v in swin_state_dict_from_hf(hf_model.model.pixel_level_module.encoder).items():
+            sd["backbone." + k] = v
+    return sd
+
+
+def from_hf(hf_model) -> Tuple[torch.nn.Module, Config]:
+    """HF ``Mask2FormerForUniversalSegmentation`` -> (m2f Mask2Former in eval mode, its Config).
+
+    Raises NotImplementedError for HF setups m2f does not model (non-standard backbones, GELU
+    decoders, other strides); InputError if the argument is not a Mask2Former model.
+    """
+    from m2f.models.build import build_model
+
+    if not hasattr(hf_model, "model") or not hasattr(hf_model, "class_predictor"):
+        raise InputError(f"from_hf: expected a Mask2FormerForUniversalSegmentation, got {type(hf_model).__name__}")
+    cfg = _config_from_hf(hf_model.config)
+    model = build_model(cfg)
+    sd = _state_dict_from_hf(hf_model, model)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise NotImplementedError(f"from_hf: weight mapping incomplete; missing {missing[:8]}, unexpected {unexpected[:8]}")
+    return model.eval(), cfg
