@@ -27,12 +27,13 @@ from m2f.convert import from_hf  # noqa: E402
 TOL = 1e-4
 
 
-def _hf_model(size: str, num_labels: int):
+def _hf_model(size: str, num_labels: int, **extra):
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
 
     if size == "r50":
         bc = ResNetConfig(depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048], layer_type="bottleneck",
-                          out_features=["stage1", "stage2", "stage3", "stage4"])
+                          out_features=["stage1", "stage2", "stage3", "stage4"],
+                          downsample_in_bottleneck=extra.pop("downsample_in_bottleneck", False))
         kw = dict(feature_size=256, mask_feature_size=256, hidden_dim=256, encoder_layers=6,
                   encoder_feedforward_dim=1024, dim_feedforward=2048, num_queries=100, decoder_layers=10)
     else:  # the "tiny" preset: ResNet-18, hidden 128, 50 queries, 3 encoder layers
@@ -40,7 +41,8 @@ def _hf_model(size: str, num_labels: int):
                           out_features=["stage1", "stage2", "stage3", "stage4"])
         kw = dict(feature_size=128, mask_feature_size=128, hidden_dim=128, encoder_layers=3,
                   encoder_feedforward_dim=256, dim_feedforward=512, num_queries=50, decoder_layers=10)
-    cfg = Mask2FormerConfig(backbone_config=bc, num_labels=num_labels, use_pretrained_backbone=False, **kw)
+    cfg = Mask2FormerConfig(backbone_config=bc, num_labels=num_labels, use_pretrained_backbone=False,
+                            **{**kw, **extra})
     torch.manual_seed(0)
     model = Mask2FormerForUniversalSegmentation(cfg)
     _randomise(model)
@@ -74,10 +76,18 @@ def _randomise(model: torch.nn.Module) -> None:
     last.bias.zero_()
 
 
-@pytest.mark.parametrize("size,hw", [("tiny", (128, 192)), ("r50", (96, 160))])
-def test_parity_with_hf(size, hw):
-    hf = _hf_model(size, num_labels=7)
+@pytest.mark.parametrize("size,hw,extra", [
+    ("tiny", (128, 192), {}),
+    ("r50", (96, 160), {}),
+    # variants: stride in the bottleneck's 1x1 conv; pre-norm decoder layers
+    ("r50", (64, 96), {"downsample_in_bottleneck": True}),
+    ("tiny", (64, 96), {"pre_norm": True}),
+], ids=["tiny", "r50", "r50-stride1x1", "tiny-prenorm"])
+def test_parity_with_hf(size, hw, extra):
+    hf = _hf_model(size, num_labels=7, **extra)
     model, cfg = from_hf(hf)
+    assert cfg.backbone.stride_in_3x3 == (not extra.get("downsample_in_bottleneck", False))
+    assert cfg.decoder.pre_norm == extra.get("pre_norm", False)
     assert cfg.decoder.num_layers == 9 and cfg.num_classes == 7
     assert cfg.backbone.kind == ("resnet50" if size == "r50" else "resnet18")
     torch.manual_seed(2)
@@ -93,6 +103,7 @@ def test_parity_with_hf(size, hw):
     # Discriminative: the masks that drive masked attention block a sizeable share of pixels.
     fg = torch.stack([(m > 0).float().mean() for _, m in hf_preds[:-1]]).mean()
     assert 0.1 < fg < 0.9
+    worst = 0.0
     for i, (p, (hc, hm)) in enumerate(zip(preds, hf_preds)):
         assert p.class_logits.shape == hc.shape == (2, nq, 8)
         assert p.mask_logits.shape == hm.shape == (2, nq, hw[0] // 4, hw[1] // 4)
@@ -100,6 +111,8 @@ def test_parity_with_hf(size, hw):
         dc = (p.class_logits - hc).abs().max().item()
         dm = (p.mask_logits - hm).abs().max().item()
         assert dc < TOL and dm < TOL, f"prediction {i}: class diff {dc:.2e}, mask diff {dm:.2e}"
+        worst = max(worst, dc, dm)
+    print(f"HF parity {size} {extra}: max abs diff {worst:.2e}")
 
 
 def test_parity_is_discriminative():
