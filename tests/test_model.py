@@ -20,6 +20,7 @@ from m2f.models.build import build_model  # noqa: E402
 from m2f.models.transformer_decoder import (  # noqa: E402
     Attention,
     build_transformer_decoder,
+    foreground_attention,
     masked_attention_bias,
 )
 
@@ -122,6 +123,29 @@ def test_attention_maps_respect_masks():
         torch.testing.assert_close(a.sum(-1), torch.ones(B, NQ))
         bias = masked_attention_bias(preds[i].mask_logits, [(h, w)], 0.5)[:, 0]
         assert torch.all(a[torch.isinf(bias)] == 0)
+
+
+def test_foreground_attention_masked_vs_standard():
+    """Masked attention puts all its weight inside the previous prediction's mask."""
+    torch.manual_seed(6)
+    ms, mf = _features()
+    fg_frac = {}
+    for kind in ("masked", "standard"):
+        dec = build_transformer_decoder(DecoderCfg(hidden_dim=C, num_heads=4, ffn_dim=128, num_queries=NQ,
+                                                   cross_attention=kind, feature_schedule="single_8"), C, C, K).eval()
+        if kind == "masked":
+            state = dec.state_dict()
+        dec.load_state_dict(state)
+        with torch.no_grad():
+            out = dec(ms, mf, return_attention=True)
+        # foreground of layer i = the mask that drove it (prediction i)
+        sizes = dec.attended_sizes(ms)
+        per_layer = [foreground_attention([a], p.mask_logits > 0, [s])
+                     for a, p, s in zip(out.attention_maps, out.predictions(), sizes)]
+        fg_frac[kind] = torch.cat(per_layer)
+    # Masked: 1 unless the mask was empty (then attends everywhere); standard: clearly below.
+    assert fg_frac["masked"].mean() > 0.9
+    assert fg_frac["standard"].mean() < fg_frac["masked"].mean() - 0.1
 
 
 # ----------------------------------------------------------------------------------------------
