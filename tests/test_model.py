@@ -10,7 +10,9 @@ import torch
 
 try:  # build.py imports the Swin module; tolerate it being absent while it is written
     import m2f.models.swin  # noqa: F401
-except ModuleNotFoundError:
+except ModuleNotFoundError as _e:
+    if _e.name != "m2f.models.swin":
+        raise
     sys.modules["m2f.models.swin"] = types.ModuleType("m2f.models.swin")
 
 from m2f.config import DecoderCfg, get_preset  # noqa: E402
