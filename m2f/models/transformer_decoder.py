@@ -288,12 +288,16 @@ class MaskedTransformerDecoder(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        # Attention / FFN matrices: xavier uniform (as the official decoder layers).
+        # As the official layers: xavier-uniform matrices; q/k/v drawn with the bound of one packed
+        # [3C, C] in-projection (nn.MultiheadAttention's layout); attention biases zero.
         for layer in self.layers:
             for p in layer.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
             for attn in (layer.cross_attn, layer.self_attn):
+                bound = (6.0 / (attn.dim + 3 * attn.dim)) ** 0.5
+                for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+                    nn.init.uniform_(lin.weight, -bound, bound)
                 for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
                     nn.init.zeros_(lin.bias)
 
@@ -353,11 +357,13 @@ class MaskedTransformerDecoder(nn.Module):
             # Nothing to pool with yet: the first layer pools uniformly over all pixels.
             prev_masks = torch.zeros(B, x.shape[1], *mask_features.shape[-2:], dtype=x.dtype, device=x.device)
 
+        keys = {}  # attended levels -> (memory [B, S, C], pos [B, S, C]); concatenated once
         for i, layer in enumerate(self.layers):
             levels = _SCHEDULES[self.feature_schedule](i)
             lvl_sizes = [sizes[l] for l in levels]
-            memory = torch.cat([memories[l] for l in levels], 1) if len(levels) > 1 else memories[levels[0]]
-            pos = torch.cat([memory_pos[l] for l in levels], 1) if len(levels) > 1 else memory_pos[levels[0]]
+            if levels not in keys:
+                keys[levels] = (torch.cat([memories[l] for l in levels], 1), torch.cat([memory_pos[l] for l in levels], 1))
+            memory, pos = keys[levels]
             bias, pool = self._cross_inputs(prev_masks, lvl_sizes)
             x, attn = layer(x, query_pos, memory, pos, bias, pool, need_weights=return_attention)
             if attention_maps is not None:

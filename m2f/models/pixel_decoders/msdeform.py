@@ -103,6 +103,8 @@ class DeformableEncoderLayer(nn.Module):
         self.linear2 = nn.Linear(ffn_dim, dim)
         self.norm2 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
+        nn.init.xavier_uniform_(self.linear1.weight)
+        nn.init.xavier_uniform_(self.linear2.weight)
 
     def forward(self, x: Tensor, pos: Tensor, reference_points: Tensor,
                 spatial_shapes: Sequence[Tuple[int, int]]) -> Tensor:
