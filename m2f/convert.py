@@ -54,7 +54,8 @@ def _config_from_hf(hf_config) -> Config:
             raise NotImplementedError(f"from_hf: HF ResNet depths/layer_type {key} has no m2f equivalent")
         expected_widths = [64, 128, 256, 512] if bc.layer_type == "basic" else [256, 512, 1024, 2048]
         if list(bc.hidden_sizes) != expected_widths or bc.embedding_size != 64:
-            raise NotImplementedError(f"from_hf: non-standard ResNet widths {bc.hidden_sizes} / stem {bc.embedding_size}")
+            raise NotImplementedError(
+                f"from_hf: non-standard ResNet widths {bc.hidden_sizes} / stem {bc.embedding_size}")
         if bc.downsample_in_first_stage or bc.hidden_act != "relu":
             raise NotImplementedError("from_hf: downsample_in_first_stage / non-ReLU ResNets are not supported")
         over.update({"backbone.kind": _RESNET_KINDS[key], "backbone.norm": "frozen_bn", "backbone.freeze_at": 0,
@@ -228,5 +229,6 @@ def from_hf(hf_model) -> Tuple[torch.nn.Module, Config]:
     sd = _state_dict_from_hf(hf_model, model)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise NotImplementedError(f"from_hf: weight mapping incomplete; missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise NotImplementedError(
+            f"from_hf: weight mapping incomplete; missing {missing[:8]}, unexpected {unexpected[:8]}")
     return model.eval(), cfg

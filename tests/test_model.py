@@ -219,7 +219,8 @@ def test_cross_attention_kinds_differ():
 def test_tiny_model_forward_backward_and_preprocess():
     cfg = get_preset("tiny")
     model = build_model(cfg).train()
-    imgs = [torch.randint(0, 256, (3, 70, 100), dtype=torch.uint8), torch.randint(0, 256, (3, 64, 90), dtype=torch.uint8)]
+    imgs = [torch.randint(0, 256, (3, 70, 100), dtype=torch.uint8),
+            torch.randint(0, 256, (3, 64, 90), dtype=torch.uint8)]
     x, sizes = model.preprocess(imgs)
     assert x.shape == (2, 3, 96, 128) and sizes == [(70, 100), (64, 90)]
     assert torch.all(x[0, :, 70:] == 0) and torch.all(x[1, :, :, 90:] == 0)
@@ -253,7 +254,8 @@ def test_backbone_norms_freeze_and_weights(tmp_path):
     for norm in ("frozen_bn", "bn", "syncbn", "gn"):
         bb = ResNetBackbone("resnet18", norm=norm)
         feats = bb(x)
-        assert [tuple(f.shape) for f in feats.values()] == [(1, 64, 16, 16), (1, 128, 8, 8), (1, 256, 4, 4), (1, 512, 2, 2)]
+        shapes = [tuple(f.shape) for f in feats.values()]
+        assert shapes == [(1, 64, 16, 16), (1, 128, 8, 8), (1, 256, 4, 4), (1, 512, 2, 2)]
     bb = ResNetBackbone("resnet50", norm="bn", freeze_at=2)
     assert not bb.conv1.weight.requires_grad and not any(p.requires_grad for p in bb.layer1.parameters())
     assert all(p.requires_grad for p in bb.layer2.parameters())

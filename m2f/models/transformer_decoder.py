@@ -255,10 +255,12 @@ class MaskedTransformerDecoder(nn.Module):
                  query_features: str = "learnable_supervised", mask_threshold: float = 0.5,
                  enforce_input_projection: bool = False, attention_backend: str = "sdpa"):
         super().__init__()
-        for name, value, choices in (("cross_attention", cross_attention, ("masked", "standard", "mask_pooling", "smca")),
-                                     ("feature_schedule", feature_schedule, tuple(_SCHEDULES)),
-                                     ("layer_order", layer_order, ("ca_first", "sa_first")),
-                                     ("query_features", query_features, ("learnable_supervised", "learnable", "zero"))):
+        for name, value, choices in (
+            ("cross_attention", cross_attention, ("masked", "standard", "mask_pooling", "smca")),
+            ("feature_schedule", feature_schedule, tuple(_SCHEDULES)),
+            ("layer_order", layer_order, ("ca_first", "sa_first")),
+            ("query_features", query_features, ("learnable_supervised", "learnable", "zero")),
+        ):
             if value not in choices:
                 raise ValueError(f"decoder.{name}={value!r}; valid choices: {list(choices)}")
         self.num_queries, self.num_layers, self.num_heads = num_queries, num_layers, num_heads
@@ -304,7 +306,7 @@ class MaskedTransformerDecoder(nn.Module):
     def attended_sizes(self, multi_scale: Sequence[Tensor]) -> List[List[Tuple[int, int]]]:
         """Per decoder layer, the (H_l, W_l) of the levels it attends (order of the keys)."""
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in multi_scale]
-        return [[sizes[l] for l in _SCHEDULES[self.feature_schedule](i)] for i in range(self.num_layers)]
+        return [[sizes[lvl] for lvl in _SCHEDULES[self.feature_schedule](i)] for i in range(self.num_layers)]
 
     def predict(self, x: Tensor, mask_features: Tensor) -> MaskPrediction:
         """x [B,Q,C] -> class [B,Q,K+1], masks [B,Q,H/4,W/4] (decoder_norm applied first)."""
@@ -360,9 +362,10 @@ class MaskedTransformerDecoder(nn.Module):
         keys = {}  # attended levels -> (memory [B, S, C], pos [B, S, C]); concatenated once
         for i, layer in enumerate(self.layers):
             levels = _SCHEDULES[self.feature_schedule](i)
-            lvl_sizes = [sizes[l] for l in levels]
+            lvl_sizes = [sizes[lvl] for lvl in levels]
             if levels not in keys:
-                keys[levels] = (torch.cat([memories[l] for l in levels], 1), torch.cat([memory_pos[l] for l in levels], 1))
+                keys[levels] = (torch.cat([memories[lvl] for lvl in levels], 1),
+                                torch.cat([memory_pos[lvl] for lvl in levels], 1))
             memory, pos = keys[levels]
             bias, pool = self._cross_inputs(prev_masks, lvl_sizes)
             x, attn = layer(x, query_pos, memory, pos, bias, pool, need_weights=return_attention)
