@@ -1,0 +1,395 @@
+"""Render an ablation's stored records (``reports/<ablation>/runs.jsonl``) into
+``table.md``, ``table.csv``, ``convergence.png`` (+ ``memory.png`` / ``proposals.png`` where the spec
+asks) and the combined ``reports/README-tables.md``.  No training; re-run at any time.
+
+Table cells: ours = mean ± std over seeds (n); Δ = row - base row; the paper's value and Δ beside;
+``agree``: ``yes`` / ``no`` = same / opposite sign of Δ as the paper, ``~`` = our |Δ| < our std
+(inconclusive), ``n/a`` = no paper number (or the paper's Δ is 0, or the row was not run), ``base``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from ablations.runner import eval_metric, flat_metrics, runs_path
+from ablations.scales import SCALES
+from ablations.spec import PROPOSAL_PATTERN, AblationSpec, expand_metrics, list_specs, load_spec, table_label
+from m2f.checkpoint import atomic_write_text, read_jsonl
+
+README_TABLES = "README-tables.md"
+
+PAPER_SOURCES = ("AP: COCO instance models; PQ: COCO panoptic models; mIoU: ADE20K semantic models "
+                 "(R50, full schedules; FLOPs with fvcore over COCO val images)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation
+# ---------------------------------------------------------------------------------------------
+def select_records(records: List[Dict[str, Any]], scale: Optional[str] = None) -> Tuple[str, List[Dict[str, Any]]]:
+    """Records of one scale (default: the scale of the most recent record), the latest per (row, seed)."""
+    if not records:
+        return scale or "", []
+    if scale is None:
+        scale = records[-1].get("scale")
+    latest: Dict[Tuple[str, int], Dict[str, Any]] = {}
+    for r in records:
+        if r.get("scale") == scale:
+            latest[(r.get("row"), r.get("seed"))] = r
+    return scale, list(latest.values())
+
+
+def stats(values: List[float]) -> Dict[str, Any]:
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": None, "std": None, "values": []}
+    return {"n": n, "mean": statistics.fmean(values), "std": statistics.stdev(values) if n > 1 else None,
+            "values": list(values)}
+
+
+def aggregate(spec: AblationSpec, records: List[Dict[str, Any]]) -> Tuple[List[str], Dict[str, Dict[str, Dict]]]:
+    """(metric names, {row name: {metric: stats}}) for the spec's rows."""
+    per_row: Dict[str, List[Dict[str, float]]] = {r.name: [] for r in spec.rows}
+    available: List[str] = []
+    for rec in records:
+        if rec.get("row") in per_row:
+            m = flat_metrics(rec)
+            per_row[rec["row"]].append(m)
+            available.extend(k for k in m if k not in available)
+    metrics = expand_metrics(spec, available)
+    out = {row: {m: stats([x[m] for x in ms if m in x]) for m in metrics} for row, ms in per_row.items()}
+    return metrics, out
+
+
+def agreement(delta: Optional[float], std: Optional[float], paper_delta: Optional[float], is_base: bool) -> str:
+    if is_base:
+        return "base"
+    if delta is None or paper_delta is None or paper_delta == 0:
+        return "n/a"
+    if (std is not None and abs(delta) < std) or delta == 0:
+        return "~"
+    return "yes" if (delta > 0) == (paper_delta > 0) else "no"
+
+
+def table_rows(spec: AblationSpec, metrics: List[str], agg: Dict[str, Dict[str, Dict]]) -> List[Dict[str, Any]]:
+    """One dict per (row, metric): n, mean, std, delta, paper, paper_delta, agree."""
+    base = spec.base
+    out = []
+    for row in spec.rows:
+        for m in metrics:
+            s = agg[row.name][m]
+            b = agg[base.name][m]
+            is_base = row.name == base.name
+            delta = (s["mean"] - b["mean"]) if (s["n"] and b["n"] and not is_base) else None
+            stds = [x for x in (s["std"], b["std"]) if x is not None]
+            std = max(stds) if stds else None
+            paper = row.paper.get(m)
+            pb = base.paper.get(m)
+            paper_delta = (paper - pb) if (paper is not None and pb is not None and not is_base) else None
+            out.append({"row": row.name, "metric": m, "is_base": is_base, "run": row.run, "n": s["n"],
+                        "mean": s["mean"], "std": s["std"], "delta": delta, "paper": paper,
+                        "paper_delta": paper_delta, "agree": agreement(delta, std, paper_delta, is_base)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------------------
+def _digits(metric: str) -> int:
+    return {"train_images_per_s": 1, "params_M": 1, "train_seconds": 0}.get(metric, 2)
+
+
+def fmt(v: Optional[float], metric: str, signed: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    d = _digits(metric)
+    return f"{v:+.{d}f}" if signed else f"{v:.{d}f}"
+
+
+def fmt_ours(n: int, mean, std, metric: str) -> str:
+    if not n:
+        return "—"
+    if std is None:
+        return f"{fmt(mean, metric)} (n={n})"
+    return f"{fmt(mean, metric)} ± {fmt(std, metric)} (n={n})"
+
+
+def _distinct(records, fn) -> List[Any]:
+    out = []
+    for r in records:
+        v = fn(r)
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metrics: List[str]) -> List[str]:
+    sc = SCALES.get(scale)
+    first = records[0] if records else {}
+    data = _distinct(records, lambda r: f"train `{(r.get('data') or {}).get('train')}`, val "
+                                        f"`{(r.get('data') or {}).get('val')}` ({(r.get('data') or {}).get('image_size')} px"
+                                        f", eval on {(r.get('data') or {}).get('eval_limit') or 'all'} val images)")
+    iters = _distinct(records, lambda r: r.get("max_iters"))
+    batch = _distinct(records, lambda r: r.get("batch_size"))
+    seeds = sorted(_distinct(records, lambda r: r.get("seed")), key=lambda x: (x is None, x))
+    thr = _distinct(records, lambda r: tuple(sorted((r.get("thresholds") or {}).items())))
+    dates = sorted(r.get("finished_at", "") for r in records if r.get("finished_at"))
+    commits = _distinct(records, lambda r: r.get("git_commit"))
+    devices = _distinct(records, lambda r: (r.get("environment") or {}).get("device"))
+    mem = _distinct(records, lambda r: r.get("memory_kind"))
+    lines = [f"# {table_label(spec)[0].upper() + table_label(spec)[1:]}: {spec.title}", "",
+             f"Ablation `{spec.name}`; base row: **{spec.base_row}**; primary metric: {spec.primary_metric}.", "",
+             f"- **Scale:** `{scale}`" + (f": {sc.description}" if sc else ""),
+             f"- **Data:** {'; '.join(data) if data else '—'}",
+             f"- **Iterations:** {', '.join(map(str, iters))} (batch {', '.join(map(str, batch))}); "
+             f"**seeds:** {', '.join(map(str, seeds))}",
+             "- **Thresholds:** " + "; ".join(", ".join(f"{k} {v}" for k, v in t) for t in thr),
+             f"- **Measured:** {dates[0][:10] if dates else '—'} to {dates[-1][:10] if dates else '—'}; rendered "
+             f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}; commit(s) {', '.join(str(c)[:12] for c in commits)}; "
+             f"device(s): {', '.join(map(str, devices))}"]
+    if "memory_GB" in metrics:
+        lines.append(f"- **Memory:** ours = peak of the whole training run ({', '.join(map(str, mem))}; batch "
+                     f"{', '.join(map(str, batch))}); the paper's = training memory per image (GPU)")
+    tasks = first.get("data", {}).get("task") if first else None
+    if scale != "paper":
+        lines.append(f"- **Honesty:** every number of ours comes from ONE {tasks or 'panoptic'}-trained model per "
+                     f"row, scored as panoptic (PQ), instance (AP) and semantic (mIoU), at {scale} scale on "
+                     f"synthetic data; the paper's columns come from task-specific models at full scale "
+                     f"({PAPER_SOURCES}). Compare directions (signs of Δ), not magnitudes.")
+    else:
+        lines.append(f"- **Honesty:** ours: one {tasks or 'panoptic'}-trained model per row scored on every task; "
+                     f"paper: {PAPER_SOURCES}.")
+    if len(seeds) < 2:
+        lines.append("- With one seed there is no spread estimate: `yes`/`no` are not tested against noise "
+                     "(the authors report about ±0.2 AP run-to-run on COCO).")
+    lines += ["", "Δ = row − base row. agree: `yes`/`no` = same/opposite sign as the paper's Δ; `~` = our |Δ| < "
+              "our std (inconclusive); `n/a` = the paper gives no number (or its Δ is 0) or the row was not run.", ""]
+    return lines
+
+
+def render_markdown(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metrics: List[str],
+                    rows: List[Dict[str, Any]], agg) -> str:
+    lines = _header(spec, scale, records, metrics)
+    if spec.layout == "metrics":
+        trained = [r for r in spec.rows if r.run]
+        head = ["metric"] + [f"ours: {r.name}" for r in trained] + ["paper"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for m in metrics:
+            cells = [m] + [fmt_ours(agg[r.name][m]["n"], agg[r.name][m]["mean"], agg[r.name][m]["std"], m)
+                           for r in trained]
+            cells.append(fmt(spec.base.paper.get(m), m) if spec.base.paper.get(m) is not None else "n/a")
+            lines.append("| " + " | ".join(cells) + " |")
+    else:
+        head = ["row"]
+        for m in metrics:
+            head += [f"{m} ours", "Δ", f"{m} paper", "Δ paper", "agree"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        by = {(r["row"], r["metric"]): r for r in rows}
+        for row in spec.rows:
+            name = f"**{row.name}**" if row.name == spec.base_row else row.name
+            if not row.run:
+                name += " (paper only, not run)"
+            cells = [name]
+            for m in metrics:
+                r = by[(row.name, m)]
+                cells += [fmt_ours(r["n"], r["mean"], r["std"], m), fmt(r["delta"], m, signed=True),
+                          fmt(r["paper"], m), fmt(r["paper_delta"], m, signed=True), r["agree"]]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def render_csv(spec: AblationSpec, scale: str, rows: List[Dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    cols = ["row", "metric", "is_base", "run", "n", "mean", "std", "delta", "paper", "paper_delta", "agree"]
+    w.writerow(["ablation", "table", "scale"] + cols)
+    for r in rows:
+        w.writerow([spec.name, spec.table, scale] + ["" if r[c] is None else r[c] for c in cols])
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(record: Dict[str, Any], metric: Optional[str]) -> List[Tuple[int, float]]:
+    out = []
+    for m in record.get("metrics_over_training") or []:
+        it = m.get("iter")
+        if it is None:
+            continue
+        if metric is None:
+            if "loss" in m and m["loss"] is not None and "eval" not in m:
+                out.append((int(it), float(m["loss"])))
+        elif "eval" in m:
+            v = eval_metric(m["eval"], metric)
+            if v is not None:
+                out.append((int(it), v))
+    return sorted(dict(out).items())
+
+
+def _band(series_list: List[List[Tuple[int, float]]]):
+    by_iter: Dict[int, List[float]] = {}
+    for s in series_list:
+        for it, v in s:
+            by_iter.setdefault(it, []).append(v)
+    its = sorted(by_iter)
+    mean = [statistics.fmean(by_iter[i]) for i in its]
+    std = [statistics.stdev(by_iter[i]) if len(by_iter[i]) > 1 else 0.0 for i in its]
+    return its, mean, std
+
+
+def plot_convergence(spec: AblationSpec, records: List[Dict[str, Any]], path: Path) -> str:
+    """Primary metric vs iteration per row (mean line + ±std band over seeds) beside the training loss.
+    Falls back to PQ, then to the loss alone, when the primary metric has fewer than 2 eval points."""
+    plt = _plt()
+    rows = [r for r in spec.rows if r.run]
+    recs = {r.name: [x for x in records if x.get("row") == r.name] for r in rows}
+    metric = None
+    for cand in (spec.primary_metric, "PQ"):
+        if any(len(_series(x, cand)) >= 2 for rs in recs.values() for x in rs):
+            metric = cand
+            break
+    panels = ([metric] if metric else []) + [None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, m in zip(axes[0], panels):
+        for row in rows:
+            series = [_series(x, m) for x in recs[row.name]]
+            series = [s for s in series if s]
+            if not series:
+                continue
+            its, mean, std = _band(series)
+            style = "-" if row.name == spec.base_row else "--"
+            (line,) = ax.plot(its, mean, style, marker="o" if m else None, ms=3,
+                              label=f"{row.name} (n={len(series)})")
+            ax.fill_between(its, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
+                            color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(m or "training loss (total, weighted)")
+        ax.set_title(f"{m} on val vs iteration" if m else "training loss")
+        ax.grid(alpha=0.3)
+        if m is None:
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{table_label(spec)}: {spec.title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return metric or "loss"
+
+
+def plot_memory(spec: AblationSpec, agg, path: Path) -> None:
+    """Bar chart of peak training memory and throughput per row (mean ± std), paper memory in the labels."""
+    plt = _plt()
+    rows = [r for r in spec.rows if r.run]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, m, lab in ((axes[0], "memory_GB", "peak training memory (GB)"),
+                       (axes[1], "train_images_per_s", "training throughput (images/s)")):
+        means = [agg[r.name].get(m, {}).get("mean") or 0.0 for r in rows]
+        stds = [agg[r.name].get(m, {}).get("std") or 0.0 for r in rows]
+        ax.bar(range(len(rows)), means, yerr=stds, capsize=3,
+               color=["tab:blue" if r.name == spec.base_row else "tab:gray" for r in rows])
+        labels = [r.name + (f"\n(paper {r.paper['memory_GB']:g} GB/img)" if m == "memory_GB" and "memory_GB" in r.paper
+                            else "") for r in rows]
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_ylabel(lab)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{table_label(spec)}: memory and throughput (ours)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_proposals(spec: AblationSpec, metrics: List[str], agg, path: Path) -> None:
+    import fnmatch
+
+    plt = _plt()
+    layers = [m for m in metrics if fnmatch.fnmatch(m, PROPOSAL_PATTERN)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rows = [r for r in spec.rows if r.run]
+    width = 0.8 / max(1, len(rows))
+    for k, r in enumerate(rows):
+        means = [agg[r.name][m]["mean"] or 0.0 for m in layers]
+        stds = [agg[r.name][m]["std"] or 0.0 for m in layers]
+        ax.bar([i + k * width for i in range(len(layers))], means, width, yerr=stds, capsize=2, label=r.name)
+    ax.set_xticks(range(len(layers)), [m.rsplit("layer", 1)[-1] for m in layers])
+    ax.set_xlabel("prediction (0 = query features alone, L = after decoder layer L)")
+    ax.set_ylabel("AR@100 (class-agnostic)")
+    ax.set_title(f"{table_label(spec)}: proposals per decoder layer (ours)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+def render_ablation(spec: AblationSpec | str, out: Path | str = "reports", scale: Optional[str] = None
+                    ) -> Optional[Dict[str, Any]]:
+    """Write table.md / table.csv / plots for one ablation from its runs.jsonl.  None if no records."""
+    if isinstance(spec, str):
+        spec = load_spec(spec)
+    out = Path(out)
+    scale, records = select_records(read_jsonl(runs_path(out, spec.name)), scale)
+    if not records:
+        return None
+    d = out / spec.name
+    metrics, agg = aggregate(spec, records)
+    rows = table_rows(spec, metrics, agg)
+    md = render_markdown(spec, scale, records, metrics, rows, agg)
+    files = {"table": d / "table.md", "csv": d / "table.csv", "convergence": d / "convergence.png"}
+    plotted = plot_convergence(spec, records, files["convergence"])
+    md += f"\n![convergence](convergence.png)  \n_{'training loss' if plotted == 'loss' else plotted} vs iteration " \
+          f"(mean over seeds, band = ±std)._\n"
+    if "memory" in spec.plots:
+        files["memory"] = d / "memory.png"
+        plot_memory(spec, agg, files["memory"])
+        md += "\n![memory and throughput](memory.png)\n"
+    if "proposals" in spec.plots:
+        files["proposals"] = d / "proposals.png"
+        plot_proposals(spec, metrics, agg, files["proposals"])
+        md += "\n![proposals](proposals.png)\n"
+    atomic_write_text(files["table"], md)
+    atomic_write_text(files["csv"], render_csv(spec, scale, rows))
+    return {"scale": scale, "records": len(records), "metrics": metrics, "rows": rows,
+            **{k: str(v) for k, v in files.items()}}
+
+
+def render_readme(out: Path | str = "reports") -> Path:
+    """``reports/README-tables.md``: every current table (in paper order) with the scale it was measured at."""
+    out = Path(out)
+    parts = ["# Ablation tables", "",
+             "Generated by `python -m ablations report` from `reports/<ablation>/runs.jsonl`; do not edit by hand. "
+             "Each table states the scale, data, iterations and seeds it was measured at; the paper's numbers are "
+             "shown beside ours, never in place of them.", ""]
+    found = 0
+    for name in list_specs():
+        p = out / name / "table.md"
+        if not p.exists():
+            continue
+        found += 1
+        body = p.read_text()
+        body = body.replace("](convergence.png)", f"]({name}/convergence.png)")
+        body = body.replace("](memory.png)", f"]({name}/memory.png)").replace("](proposals.png)", f"]({name}/proposals.png)")
+        parts.append("#" + body.strip())  # demote the table's heading one level
+        parts.append("")
+    if not found:
+        parts.append("_No ablation has been run yet: `nox -s ablation_masked_attention`._")
+    path = out / README_TABLES
+    atomic_write_text(path, "\n".join(parts) + "\n")
+    return path

@@ -1,0 +1,506 @@
+"""Plan, run, resume and record the runs of an ablation.
+
+One run = (row, seed) of a spec at a scale.  Its directory is
+``runs/ablations/<ablation>/<scale>/<row slug>/seed<k>_<config hash>/`` (the trainer's checkpoint,
+``metrics.jsonl`` and ``ablation_result.json``).  Every finished run appends ONE JSON line to
+``reports/<ablation>/runs.jsonl`` (written by the parent process only); a run whose
+(row, seed, scale, config hash) is already there is skipped, an unfinished one resumes from its
+checkpoint, so an interrupted session continues where it stopped.
+
+Local runs go to a pool of ``--jobs`` fresh processes (spawned, one run each, so the peak RSS a
+process reports is that run's), each with ``cpu_count // jobs`` torch threads.  Paper-scale runs are
+``torchrun ... -m m2f train`` commands, printed instead of run with ``--dry-run``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from ablations.scales import Scale, get_scale
+from ablations.spec import EVAL_METRICS, AblationSpec, Row, load_spec, table_label
+from m2f.checkpoint import append_jsonl, atomic_write_json, read_jsonl
+from m2f.config import Config, apply_overrides, config_hash, from_dict, get_preset, to_dict
+from m2f.errors import InputError
+
+RESULT_NAME = "ablation_result.json"
+FLOPS_CACHE = ".flops_cache.json"
+
+
+@dataclass
+class RunPlan:
+    ablation: str
+    row: Row
+    seed: int
+    scale: str
+    cfg: Config
+    config_hash: str
+    run_dir: Path
+
+    @property
+    def key(self) -> tuple:
+        return (self.row.name, self.seed, self.scale, self.config_hash)
+
+    @property
+    def label(self) -> str:
+        return f"{self.row.name} / seed {self.seed}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------------------------
+def resolve_config(spec: AblationSpec, row: Row, scale: Scale, seed: int, data: Optional[str] = None,
+                   val_data: Optional[str] = None) -> Config:
+    """preset (scale's, or the spec's paper preset) <- scale overrides <- row overrides <- data <- seed."""
+    cfg = get_preset(scale.preset or spec.paper_preset, scale.overrides)
+    cfg = apply_overrides(cfg, row.overrides)
+    extra: Dict[str, Any] = {"solver.seed": seed}
+    if data:
+        extra["data.train"] = data
+        extra["data.val"] = val_data or data
+    elif val_data:
+        extra["data.val"] = val_data
+    return apply_overrides(cfg, extra)
+
+
+def plan_runs(spec: AblationSpec, scale: Scale, seeds: Optional[int] = None, data: Optional[str] = None,
+              val_data: Optional[str] = None, runs_root: Path | str = "runs/ablations",
+              rows: Optional[List[str]] = None) -> List[RunPlan]:
+    n = seeds if seeds is not None else (scale.seeds or len(spec.seeds))
+    if n < 1:
+        raise InputError(f"--seeds {n}: must be >= 1")
+    wanted = spec.trained_rows
+    if rows:
+        known = {r.name: r for r in spec.trained_rows}
+        bad = [r for r in rows if r not in known]
+        if bad:
+            raise InputError(f"--row {bad}: not a trained row of {spec.name}; valid choices: {list(known)}")
+        wanted = [known[r] for r in rows]
+    plans = []
+    for row in wanted:  # row-major: the first seed of every row before the second seed of any
+        for seed in spec.seed_values(n):
+            cfg = resolve_config(spec, row, scale, seed, data, val_data)
+            h = config_hash(cfg)
+            run_dir = Path(runs_root) / spec.name / scale.name / row.slug / f"seed{seed}_{h}"
+            plans.append(RunPlan(spec.name, row, seed, scale.name, cfg, h, run_dir))
+    plans.sort(key=lambda p: (spec.seed_values(n).index(p.seed), [r.name for r in wanted].index(p.row.name)))
+    return plans
+
+
+def runs_path(out: Path | str, ablation: str) -> Path:
+    return Path(out) / ablation / "runs.jsonl"
+
+
+def finished_keys(path: Path) -> set:
+    return {(r.get("row"), r.get("seed"), r.get("scale"), r.get("config_hash")) for r in read_jsonl(path)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+def _num(x) -> Optional[float]:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def eval_metric(ev: Dict[str, Any], name: str) -> Optional[float]:
+    """One named metric from an evaluation dict ``{task: {key: value}}`` (None if absent)."""
+    if not isinstance(ev, dict):
+        return None
+    if name in EVAL_METRICS:
+        task, key = EVAL_METRICS[name]
+        return _num((ev.get(task) or {}).get(key))
+    if name.startswith("AR@"):
+        return _num((ev.get("proposals") or {}).get(name))
+    return None
+
+
+def flat_metrics(record: Dict[str, Any]) -> Dict[str, float]:
+    """Every reportable number of a run record: eval metrics, FLOPs, memory, throughput."""
+    out: Dict[str, float] = {}
+    ev = record.get("eval") or {}
+    for name in EVAL_METRICS:
+        v = eval_metric(ev, name)
+        if v is not None:
+            out[name] = v
+    for k, v in (ev.get("proposals") or {}).items():
+        if _num(v) is not None:
+            out[k] = _num(v)
+    flops = record.get("flops") or {}
+    if _num(flops.get("gflops")) is not None:
+        out["FLOPs_G"] = _num(flops["gflops"])
+    mem = record.get("peak_memory_bytes") or record.get("peak_rss_bytes")
+    if _num(mem) is not None:
+        out["memory_GB"] = _num(mem) / 1e9
+    for src, dst in (("train_images_per_s", "train_images_per_s"), ("train_seconds", "train_seconds")):
+        if _num(record.get(src)) is not None:
+            out[dst] = _num(record[src])
+    if _num(record.get("params")) is not None:
+        out["params_M"] = _num(record["params"]) / 1e6
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One run (executed in a worker process, or inline)
+# ---------------------------------------------------------------------------------------------
+def execute_run(job: Dict[str, Any]) -> Dict[str, Any]:
+    """Train one run (resuming from its checkpoint), evaluate, count FLOPs.  ``job`` is a plain,
+    picklable dict (see :func:`_job`).  Returns the run's result dict (also written atomically to
+    ``RUN_DIR/ablation_result.json``)."""
+    import resource
+
+    import torch
+
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    from m2f import evaluate as m2f_evaluate
+    from m2f import flops as m2f_flops
+    from m2f import train as m2f_train
+
+    cfg = from_dict(job["config"])
+    run_dir = Path(job["run_dir"])
+    label, max_iters = job["label"], cfg.solver.max_iters
+    t0 = time.perf_counter()
+    state = {"t": t0, "it": None}
+
+    def log(rec: Dict[str, Any]) -> None:
+        it = rec.get("iter")
+        if "eval" in rec:
+            ev = rec["eval"]
+            shown = {m: eval_metric(ev, m) for m in ("PQ", "AP", "mIoU")}
+            txt = " ".join(f"{k} {v:.2f}" for k, v in shown.items() if v is not None)
+            print(f"  [{label}] eval at iter {it}: {txt}", flush=True)
+            return
+        now = time.perf_counter()
+        rate = ""
+        if state["it"] is not None and it is not None and it > state["it"]:
+            spi = (now - state["t"]) / (it - state["it"])
+            rate = f", {spi:.2f} s/it, run ETA {_fmt_s(spi * (max_iters - it))}"
+        state["t"], state["it"] = now, it
+        print(f"  [{label}] iter {it}/{max_iters} loss {rec.get('loss', float('nan')):.3f}{rate}", flush=True)
+
+    evaluate_at_end = not job["proposals"]
+    summary = m2f_train.train(cfg, run_dir, resume=True, device=job.get("device"), progress=job.get("progress", False),
+                              evaluate_at_end=evaluate_at_end, eval_limit=job.get("eval_limit"), log_fn=log)
+    if job["proposals"]:
+        # Per-layer class-agnostic proposals (paper Fig 3) need the model itself: reload the final checkpoint.
+        model, _ = m2f_evaluate.load_model_from_checkpoint(run_dir / m2f_train.CKPT_NAME, device=job.get("device"))
+        summary["eval"] = m2f_evaluate.evaluate_model(model, cfg, limit=job.get("eval_limit"), proposals=True)
+        append_jsonl(run_dir / "metrics.jsonl", {"iter": summary.get("iter"), "eval": summary["eval"]})
+    flops = None
+    if job.get("need_flops"):
+        h, w = job["flops_size"]
+        try:
+            flops = m2f_flops.count_flops(cfg, h, w)
+        except Exception as e:  # noqa: BLE001 - FLOPs are a report column, not worth losing a run over
+            flops = {"error": f"{type(e).__name__}: {e}"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    result = {"summary": summary, "flops": flops, "peak_rss_bytes": rss if job.get("isolated") else None,
+              "wall_seconds": time.perf_counter() - t0, "environment": m2f_train.environment(),
+              "config_hash": job["config_hash"]}
+    atomic_write_json(run_dir / RESULT_NAME, result)
+    return result
+
+
+def _job(plan: RunPlan, scale: Scale, device: Optional[str], threads: int, need_flops: bool, proposals: bool,
+         isolated: bool) -> Dict[str, Any]:
+    return {"config": to_dict(plan.cfg), "config_hash": plan.config_hash, "run_dir": str(plan.run_dir),
+            "label": plan.label, "device": device, "threads": threads, "eval_limit": scale.eval_limit,
+            "flops_size": list(scale.flops_size), "need_flops": need_flops, "proposals": proposals,
+            "isolated": isolated, "progress": False}
+
+
+def build_record(spec: AblationSpec, plan: RunPlan, scale: Scale, result: Dict[str, Any],
+                 flops: Optional[Dict[str, Any]], git: Optional[str]) -> Dict[str, Any]:
+    """The ONE line a finished run appends to runs.jsonl."""
+    s = result.get("summary") or {}
+    cfg = plan.cfg
+    rec = {
+        "ablation": spec.name, "table": spec.table, "row": plan.row.name, "overrides": plan.row.overrides,
+        "scale": plan.scale, "seed": plan.seed, "config": to_dict(cfg), "config_hash": plan.config_hash,
+        "git_commit": git, "environment": result.get("environment"),
+        "data": {"train": cfg.data.train, "val": cfg.data.val, "task": cfg.data.task,
+                 "image_size": cfg.data.image_size, "eval_limit": scale.eval_limit},
+        "iters": s.get("iter"), "max_iters": cfg.solver.max_iters, "batch_size": cfg.solver.batch_size,
+        "thresholds": {"object_mask_threshold": cfg.inference.object_mask_threshold,
+                       "overlap_threshold": cfg.inference.overlap_threshold,
+                       "mask_threshold": cfg.decoder.mask_threshold},
+        "metrics_over_training": read_jsonl(plan.run_dir / "metrics.jsonl"),
+        "eval": s.get("eval") or {}, "final_loss": s.get("final_loss"),
+        "peak_memory_bytes": s.get("peak_memory_bytes"), "peak_rss_bytes": result.get("peak_rss_bytes"),
+        "memory_kind": ("cuda_max_allocated" if s.get("peak_memory_bytes") else
+                        "process_peak_rss" if result.get("peak_rss_bytes") else None),
+        "train_images_per_s": s.get("train_images_per_s"), "train_seconds": s.get("train_seconds"),
+        "params": s.get("params"), "flops": flops, "wall_seconds": result.get("wall_seconds"),
+        "run_dir": str(plan.run_dir), "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    rec["metrics"] = flat_metrics(rec)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs cache (per config hash with the seed normalised away, and input size)
+# ---------------------------------------------------------------------------------------------
+def flops_key(cfg: Config, size) -> str:
+    return f"{config_hash(apply_overrides(cfg, {'solver.seed': 0}))}@{size[0]}x{size[1]}"
+
+
+def _load_flops_cache(out: Path) -> Dict[str, Any]:
+    p = Path(out) / FLOPS_CACHE
+    if p.exists():
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError:
+            return {}
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Paper scale: torchrun commands
+# ---------------------------------------------------------------------------------------------
+def _override_str(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+def torchrun_command(spec: AblationSpec, plan: RunPlan, scale: Scale) -> List[str]:
+    """The exact command that trains ``plan`` at paper scale (run from the repository root)."""
+    overrides = {**scale.overrides, **plan.row.overrides, "solver.seed": plan.seed}
+    if plan.cfg.data.train != scale.overrides.get("data.train"):
+        overrides["data.train"] = plan.cfg.data.train
+    if plan.cfg.data.val != scale.overrides.get("data.val"):
+        overrides["data.val"] = plan.cfg.data.val
+    cmd = ["torchrun", *scale.torchrun_args, "-m", "m2f", "train", "--preset", scale.preset or spec.paper_preset]
+    for k, v in overrides.items():
+        cmd += ["--set", f"{k}={_override_str(v)}"]
+    cmd += ["--out", str(plan.run_dir), "--resume", "--no-progress"]
+    return cmd
+
+
+def _run_torchrun(spec: AblationSpec, plan: RunPlan, scale: Scale) -> Dict[str, Any]:
+    cmd = torchrun_command(spec, plan, scale)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    final = plan.run_dir / "final.json"
+    if not final.exists():
+        raise RuntimeError(f"{plan.label}: torchrun finished but {final} is missing")
+    from m2f.train import environment
+
+    summary = json.loads(final.read_text())
+    if spec.evaluate_proposals:  # m2f train does not score per-layer proposals: do it here, on one device
+        from m2f.evaluate import evaluate_model, load_model_from_checkpoint
+        from m2f.train import CKPT_NAME
+
+        model, _ = load_model_from_checkpoint(plan.run_dir / CKPT_NAME)
+        summary["eval"] = evaluate_model(model, plan.cfg, limit=scale.eval_limit, proposals=True)
+    result = {"summary": summary, "flops": None, "peak_rss_bytes": None,
+              "wall_seconds": time.perf_counter() - t0, "environment": environment(),
+              "config_hash": plan.config_hash}
+    atomic_write_json(plan.run_dir / RESULT_NAME, result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+def _fmt_s(s: float) -> str:
+    s = max(0, int(round(s)))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
+
+
+def _load_result(plan: RunPlan) -> Optional[Dict[str, Any]]:
+    """A run that finished but whose record was not appended (killed in between)."""
+    p = plan.run_dir / RESULT_NAME
+    if not p.exists():
+        return None
+    try:
+        r = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+    return r if r.get("config_hash") == plan.config_hash else None
+
+
+def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, data: Optional[str] = None,
+                 val_data: Optional[str] = None, device: Optional[str] = None, jobs: Optional[int] = None,
+                 out: Path | str = "reports", runs_root: Path | str = "runs/ablations", dry_run: bool = False,
+                 inline: bool = False, render: bool = True, rows: Optional[List[str]] = None,
+                 print_fn: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run (or resume) every (row, seed) of ablation ``name`` at ``scale``, append records, render.
+
+    Returns ``{"planned", "skipped", "ran", "failed": [(label, error)], "table": path or None}``.
+    ``inline=True`` runs in this process one at a time (tests); otherwise a spawned process pool.
+    """
+    spec = load_spec(name)
+    sc = get_scale(scale)
+    out = Path(out)
+    plans = plan_runs(spec, sc, seeds, data, val_data, runs_root, rows)
+    rpath = runs_path(out, spec.name)
+    done = finished_keys(rpath)
+    todo = [p for p in plans if p.key not in done]
+    skipped = len(plans) - len(todo)
+    print_fn(f"ablation {spec.name} ({table_label(spec)}: {spec.title}) at scale {sc.name}: "
+             f"{len(plans)} runs ({len({p.row.name for p in plans})} rows x {len({p.seed for p in plans})} seeds), "
+             f"{skipped} already finished, {len(todo)} to run")
+    summary: Dict[str, Any] = {"planned": len(plans), "skipped": skipped, "ran": 0, "failed": [], "table": None,
+                               "commands": []}
+    if dry_run:
+        for i, p in enumerate(todo, 1):
+            if sc.launcher == "torchrun":
+                cmd = shlex.join(torchrun_command(spec, p, sc))
+                summary["commands"].append(cmd)
+                print_fn(f"[{i}/{len(todo)}] {p.label}:\n  {cmd}")
+            else:
+                print_fn(f"[{i}/{len(todo)}] {p.label}: {sc.name} run into {p.run_dir} "
+                         f"({p.cfg.solver.max_iters} iterations, config {p.config_hash})")
+        return summary
+
+    git = None
+    try:
+        from m2f.train import git_commit
+
+        git = git_commit()
+    except Exception:  # noqa: BLE001
+        pass
+    flops_cache = _load_flops_cache(out)
+    total = len(todo)
+    counter = {"n": 0}
+    t_start = time.perf_counter()
+    spi_obs: List[float] = []  # observed seconds per iteration (incl. evals) of finished runs
+
+    def finish(plan: RunPlan, result: Dict[str, Any]) -> None:
+        fk = flops_key(plan.cfg, sc.flops_size)
+        flops = result.get("flops") or flops_cache.get(fk)
+        if result.get("flops") and "error" not in result["flops"]:
+            flops_cache[fk] = result["flops"]
+            atomic_write_json(out / FLOPS_CACHE, flops_cache)
+        rec = build_record(spec, plan, sc, result, flops, git)
+        append_jsonl(rpath, rec)
+        counter["n"] += 1
+        s = result.get("summary") or {}
+        if s.get("iter") and result.get("wall_seconds"):
+            spi_obs.append(result["wall_seconds"] / max(1, plan.cfg.solver.max_iters))
+        m = rec["metrics"]
+        shown = " ".join(f"{k} {m[k]:.2f}" for k in (spec.primary_metric, "PQ", "AP", "mIoU") if k in m)
+        left = total - counter["n"]
+        spi = (sum(spi_obs) / len(spi_obs)) if spi_obs else sc.seconds_per_iter
+        eta = spi * sum(p.cfg.solver.max_iters for p in todo[-left:]) / max(1, min(n_jobs, left)) if left else 0
+        print_fn(f"[{counter['n']}/{total}] finished {plan.label} in {_fmt_s(result.get('wall_seconds') or 0)}: "
+                 f"{shown or '(no metrics)'}; elapsed {_fmt_s(time.perf_counter() - t_start)}"
+                 + (f", overall ETA {_fmt_s(eta)}" if left else ""))
+
+    def fail(plan: RunPlan, err: BaseException) -> None:
+        summary["failed"].append((plan.label, f"{type(err).__name__}: {err}"))
+        append_jsonl(out / spec.name / "failures.jsonl", {
+            "row": plan.row.name, "seed": plan.seed, "scale": plan.scale, "config_hash": plan.config_hash,
+            "error": f"{type(err).__name__}: {err}", "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        print_fn(f"FAILED {plan.label}: {type(err).__name__}: {err}")
+
+    n_jobs = max(1, jobs or sc.jobs)
+    # Runs that finished training but lost their record: record them without training.
+    pending = []
+    for p in todo:
+        r = _load_result(p)
+        if r is not None:
+            print_fn(f"recovering the finished run {p.label} from {p.run_dir / RESULT_NAME}")
+            finish(p, r)
+        else:
+            pending.append(p)
+
+    n_jobs = max(1, min(jobs or sc.jobs, len(pending) or 1))
+    if sc.launcher == "torchrun" and pending:
+        for i, p in enumerate(pending, 1):
+            print_fn(f"[{counter['n'] + 1}/{total}] starting {p.label}: {shlex.join(torchrun_command(spec, p, sc))}")
+            try:
+                res = _run_torchrun(spec, p, sc)
+                if flops_key(p.cfg, sc.flops_size) not in flops_cache:
+                    try:
+                        from m2f.flops import count_flops
+
+                        res["flops"] = count_flops(p.cfg, *sc.flops_size)
+                    except Exception as e:  # noqa: BLE001
+                        res["flops"] = {"error": f"{type(e).__name__}: {e}"}
+                finish(p, res)
+                summary["ran"] += 1
+            except Exception as e:  # noqa: BLE001
+                fail(p, e)
+    elif pending:
+        threads = max(1, (os.cpu_count() or 1) // n_jobs)
+        est = sc.seconds_per_iter * sum(p.cfg.solver.max_iters for p in pending) / n_jobs
+        print_fn(f"running {len(pending)} runs, {n_jobs} at a time with {threads} thread(s) each; "
+                 f"estimated {_fmt_s(est)} (from {sc.seconds_per_iter} s/iteration)")
+        jobs_of = {}
+        seen_flops = set(flops_cache)
+        for p in pending:
+            fk = flops_key(p.cfg, sc.flops_size)
+            jobs_of[id(p)] = _job(p, sc, device, threads, need_flops=fk not in seen_flops,
+                                  proposals=spec.evaluate_proposals, isolated=not inline)
+            seen_flops.add(fk)
+        started = {"n": counter["n"]}
+
+        def announce(p: RunPlan) -> None:
+            started["n"] += 1
+            print_fn(f"[{started['n']}/{total}] starting {p.label} ({p.cfg.solver.max_iters} iterations) "
+                     f"-> {p.run_dir}")
+
+        if inline:
+            for p in pending:
+                announce(p)
+                try:
+                    finish(p, execute_run(jobs_of[id(p)]))
+                    summary["ran"] += 1
+                except Exception as e:  # noqa: BLE001
+                    fail(p, e)
+        else:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
+                queue = list(pending)
+                running = {}
+                try:
+                    while queue or running:
+                        while queue and len(running) < n_jobs:
+                            p = queue.pop(0)
+                            announce(p)
+                            running[pool.submit(execute_run, jobs_of[id(p)])] = p
+                        done_f, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                        for f in done_f:
+                            p = running.pop(f)
+                            try:
+                                finish(p, f.result())
+                                summary["ran"] += 1
+                            except Exception as e:  # noqa: BLE001
+                                fail(p, e)
+                except KeyboardInterrupt:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    print_fn("interrupted: finished runs are recorded; run the same command again to resume")
+                    raise
+    if render:
+        from ablations.render import render_ablation, render_readme
+
+        res = render_ablation(spec, out, scale=sc.name)
+        render_readme(out)
+        summary["table"] = res.get("table") if res else None
+        if summary["table"]:
+            print_fn(f"wrote {summary['table']}")
+    print_fn(f"done: {summary['ran']} ran, {skipped} skipped, {len(summary['failed'])} failed "
+             f"in {_fmt_s(time.perf_counter() - t_start)}")
+    return summary
