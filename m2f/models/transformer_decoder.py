@@ -23,6 +23,10 @@ Cross-attention kinds (``cross_attention``; paper Table 4c):
                  mask's centre of mass with its spatial std (Spatially Modulated Co-Attention).
 Feature schedules (``feature_schedule``; Table 4d): round robin over [1/32, 1/16, 1/8], one fixed
 level, or all three levels concatenated in every layer.
+Query features (``query_features``; Table 11b): ``learnable_supervised`` outputs the prediction
+made from X_0 (10 predictions by default); ``learnable`` still makes it (it gives layer 1 its
+attention mask, as in the official code) but does not output it; ``zero`` starts from X_0 = 0
+and layer 1 attends without a mask (mask pooling: uniform pooling), ``num_layers`` predictions.
 
 No host synchronisation happens in ``forward`` (no ``.item()``, ``.nonzero()``, no Python branch on
 tensor values): empty masks are handled with tensor ops.
