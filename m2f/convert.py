@@ -225,6 +225,12 @@ def from_hf(hf_model) -> Tuple[torch.nn.Module, Config]:
     if not hasattr(hf_model, "model") or not hasattr(hf_model, "class_predictor"):
         raise InputError(f"from_hf: expected a Mask2FormerForUniversalSegmentation, got {type(hf_model).__name__}")
     cfg = _config_from_hf(hf_model.config)
+    if cfg.backbone.kind.startswith("swin"):
+        try:
+            from m2f.models.swin import swin_state_dict_from_hf  # noqa: F401
+        except ImportError as e:
+            raise NotImplementedError(
+                "from_hf: Swin conversion needs m2f.models.swin.swin_state_dict_from_hf") from e
     model = build_model(cfg)
     sd = _state_dict_from_hf(hf_model, model)
     missing, unexpected = model.load_state_dict(sd, strict=False)
