@@ -1,0 +1,73 @@
+"""nox sessions: thin wrappers over the CLIs (``python -m ablations ...``, ``python -m m2f.bench ...``).
+
+Every session runs in the CURRENT environment (``venv_backend="none"``): no fresh torch install.
+Arguments after ``--`` pass through, e.g.::
+
+    nox -s ablation_masked_attention                       # cpu scale (~20 min on 2 cores)
+    nox -s ablation_masked_attention -- --scale smoke      # minutes, pipeline check
+    nox -s ablation_point_loss -- --seeds 3 --device cuda
+    nox -s ablation_queries -- --scale paper --dry-run     # print the torchrun commands
+    nox -s report                                          # re-render every table, no training
+"""
+import sys
+
+import nox
+
+nox.options.sessions = ["tests"]
+PY = sys.executable
+
+ABLATIONS = {
+    "ablation_masked_attention": "masked_attention",  # Table 4a
+    "ablation_optimization": "optimization",  # Table 4b
+    "ablation_cross_attention": "cross_attention",  # Table 4c
+    "ablation_feature_resolution": "feature_resolution",  # Table 4d
+    "ablation_pixel_decoder": "pixel_decoder",  # Table 4e
+    "ablation_point_loss": "point_loss",  # Table 5
+    "ablation_queries": "queries",  # Table 11a
+    "ablation_query_init": "query_init",  # Table 11b
+    "proposals": "proposals",  # Figure 3
+    "task_transfer": "task_transfer",  # Table 7
+}
+
+
+def _ablation_session(session_name: str, ablation: str):
+    def session(s: nox.Session) -> None:
+        s.run(PY, "-m", "ablations", "run", ablation, *s.posargs, external=True)
+
+    session.__doc__ = f"python -m ablations run {ablation} [args after --]"
+    session.__name__ = session_name
+    return nox.session(name=session_name, venv_backend="none")(session)
+
+
+for _name, _ablation in ABLATIONS.items():
+    globals()[_name] = _ablation_session(_name, _ablation)
+
+
+@nox.session(venv_backend="none")
+def report(s: nox.Session) -> None:
+    """Re-render every ablation table and reports/README-tables.md from stored runs (no training)."""
+    s.run(PY, "-m", "ablations", "report", *s.posargs, external=True)
+
+
+@nox.session(venv_backend="none")
+def tests(s: nox.Session) -> None:
+    """The test suite (pytest; args after -- go to pytest)."""
+    s.run(PY, "-m", "pytest", "-q", *(s.posargs or ["tests"]), external=True)
+
+
+@nox.session(venv_backend="none")
+def bench_memory(s: nox.Session) -> None:
+    """Training memory per configuration: python -m m2f.bench memory."""
+    s.run(PY, "-m", "m2f.bench", "memory", *s.posargs, external=True)
+
+
+@nox.session(venv_backend="none")
+def bench_speed(s: nox.Session) -> None:
+    """Inference / training speed: python -m m2f.bench speed."""
+    s.run(PY, "-m", "m2f.bench", "speed", *s.posargs, external=True)
+
+
+@nox.session(venv_backend="none")
+def bench_kernels(s: nox.Session) -> None:
+    """Kernel benchmarks (reference vs fast): python -m kernels.bench."""
+    s.run(PY, "-m", "kernels.bench", *s.posargs, external=True)
