@@ -232,6 +232,8 @@ class ResizeShortestEdgeCrop:
 class TestResize:
     """Resize the short side to ``min_size`` and cap the long side at ``max_size`` (0 = no limit)."""
 
+    __test__ = False  # not a pytest class despite the name
+
     def __init__(self, min_size: int = 0, max_size: int = 0):
         self.min_size, self.max_size = min_size, max_size
 
