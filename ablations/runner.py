@@ -319,6 +319,13 @@ def _run_torchrun(spec: AblationSpec, plan: RunPlan, scale: Scale) -> Dict[str, 
 # ---------------------------------------------------------------------------------------------
 # The driver
 # ---------------------------------------------------------------------------------------------
+def estimate_seconds(cfg: Config, scale: Scale) -> float:
+    """A run's expected wall time from the scale's measured rates (training + evaluations)."""
+    s = cfg.solver
+    evals = 1 + ((s.max_iters - 1) // s.eval_period if s.eval_period else 0)  # periodic (< max_iters) + final
+    return s.max_iters * scale.seconds_per_iter + evals * scale.seconds_per_eval
+
+
 def _fmt_s(s: float) -> str:
     s = max(0, int(round(s)))
     h, rem = divmod(s, 3600)
@@ -383,7 +390,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
     total = len(todo)
     counter = {"n": 0}
     t_start = time.perf_counter()
-    spi_obs: List[float] = []  # observed seconds per iteration (incl. evals) of finished runs
+    ratio_obs: List[float] = []  # observed / estimated wall time of finished runs
 
     def finish(plan: RunPlan, result: Dict[str, Any]) -> None:
         fk = flops_key(plan.cfg, sc.flops_size)
@@ -395,13 +402,13 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
         append_jsonl(rpath, rec)
         counter["n"] += 1
         s = result.get("summary") or {}
-        if s.get("iter") and result.get("wall_seconds"):
-            spi_obs.append(result["wall_seconds"] / max(1, plan.cfg.solver.max_iters))
+        if s.get("iter") and result.get("wall_seconds"):  # observed / estimated wall time of a whole run
+            ratio_obs.append(result["wall_seconds"] / max(1e-9, estimate_seconds(plan.cfg, sc)))
         m = rec["metrics"]
         shown = " ".join(f"{k} {m[k]:.2f}" for k in (spec.primary_metric, "PQ", "AP", "mIoU") if k in m)
         left = total - counter["n"]
-        spi = (sum(spi_obs) / len(spi_obs)) if spi_obs else sc.seconds_per_iter
-        eta = spi * sum(p.cfg.solver.max_iters for p in todo[-left:]) / max(1, min(n_jobs, left)) if left else 0
+        ratio = (sum(ratio_obs) / len(ratio_obs)) if ratio_obs else 1.0
+        eta = ratio * sum(estimate_seconds(p.cfg, sc) for p in todo[-left:]) / max(1, min(n_jobs, left)) if left else 0
         print_fn(f"[{counter['n']}/{total}] finished {plan.label} in {_fmt_s(result.get('wall_seconds') or 0)}: "
                  f"{shown or '(no metrics)'}; elapsed {_fmt_s(time.perf_counter() - t_start)}"
                  + (f", overall ETA {_fmt_s(eta)}" if left else ""))
@@ -443,9 +450,9 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
                 fail(p, e)
     elif pending:
         threads = max(1, (os.cpu_count() or 1) // n_jobs)
-        est = sc.seconds_per_iter * sum(p.cfg.solver.max_iters for p in pending) / n_jobs
-        print_fn(f"running {len(pending)} runs, {n_jobs} at a time with {threads} thread(s) each; "
-                 f"estimated {_fmt_s(est)} (from {sc.seconds_per_iter} s/iteration)")
+        est = sum(estimate_seconds(p.cfg, sc) for p in pending) / n_jobs
+        print_fn(f"running {len(pending)} runs, {n_jobs} at a time with {threads} thread(s) each; estimated "
+                 f"{_fmt_s(est)} (from {sc.seconds_per_iter} s/iteration, {sc.seconds_per_eval} s/evaluation)")
         jobs_of = {}
         seen_flops = set(flops_cache)
         for p in pending:
