@@ -21,6 +21,7 @@ from m2f.data.transforms import LargeScaleJitter, ResizeShortestEdgeCrop, TestRe
 from m2f.errors import InputError
 
 SIZE = 64
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs numpy 2
 
 
 def _files(root: Path):
@@ -392,6 +393,22 @@ def test_semantic_transform(seed):
     _check_aligned(out)
     out2 = ResizeShortestEdgeCrop(32, color_aug=True)(_painted(), torch.Generator().manual_seed(seed))
     assert out2["image"].shape == (3, 32, 32) and out2["image"].dtype == torch.uint8
+
+
+def test_semantic_short_side_choice():
+    t = ResizeShortestEdgeCrop(40, 0.5, 2.0, flip=False)
+    s = _painted(48, 80)
+    seen = set()
+    for k in range(40):
+        g = torch.Generator().manual_seed(k)
+        x = int(torch.randint(5, 21, (), generator=g))
+        out = t(s, torch.Generator().manual_seed(k))
+        short = int(x * 0.1 * 40)
+        seen.add(short)
+        valid = (out["image"] != 128).any(0)  # the crop of the resized image; 128 = padding
+        h = int(valid.any(1).nonzero().max()) + 1
+        assert h == min(short, 40) and out["image"].shape == (3, 40, 40)
+    assert seen <= {int(x * 0.1 * 40) for x in range(5, 21)} and len(seen) > 5
 
 
 def test_test_resize():

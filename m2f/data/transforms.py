@@ -18,7 +18,9 @@ Recipes (official Mask2Former, shared/PAPER.md):
   ``image_size * s`` with ``s ~ U[min_scale, max_scale]``, random crop to at most
   ``image_size x image_size`` and pad to exactly that (image 128, masks False, sem_seg 255).
 - :class:`ResizeShortestEdgeCrop` (ADE20K semantic): resize the short side to
-  ``image_size * s`` (long side capped at ``4 * image_size``), random crop ``image_size`` (optionally
+  ``image_size * s`` with ``s`` one of ``min_scale, min_scale + 0.1, ..., max_scale`` (official
+  "choice" sampling; uniform when the bounds are not multiples of 0.1; long side capped at
+  ``4 * image_size``), random crop ``image_size`` (optionally
   re-drawn while one class covers more than ``cat_max_ratio`` of it), optional SSD colour
   jitter, flip, pad to ``image_size``.
 - :class:`TestResize`: resize the short side to ``min_size`` and cap the long side at ``max_size``
@@ -187,7 +189,8 @@ class LargeScaleJitter:
 
 
 class ResizeShortestEdgeCrop:
-    """Semantic recipe: short side to ``image_size * U[min_scale, max_scale]`` (long side at most
+    """Semantic recipe: short side to ``image_size * s`` (``s`` from the 0.1-step grid of
+    ``[min_scale, max_scale]``, see the module docstring; long side at most
     ``max_size_factor * image_size``), random ``image_size`` crop (re-drawn up to 10 times while one
     class covers more than ``cat_max_ratio`` of the labelled crop pixels), optional SSD colour
     jitter, flip, pad to ``image_size``."""
@@ -202,7 +205,13 @@ class ResizeShortestEdgeCrop:
     def __call__(self, sample: Sample, g: Optional[torch.Generator] = None) -> Sample:
         S = self.size
         H, W = sample["image"].shape[-2:]
-        short = S * _uniform(g, self.min_scale, self.max_scale)
+        lo, hi = self.min_scale * 10, self.max_scale * 10
+        if abs(lo - round(lo)) < 1e-6 and abs(hi - round(hi)) < 1e-6 and hi >= lo:
+            # Official: short side chosen from [int(x * 0.1 * S) for x in range(5, 21)] ("choice").
+            x = int(torch.randint(int(round(lo)), int(round(hi)) + 1, (), generator=g))
+            short = int(x * 0.1 * S)
+        else:
+            short = S * _uniform(g, self.min_scale, self.max_scale)
         sc = short / min(H, W)
         if max(H, W) * sc > self.max_size:
             sc = self.max_size / max(H, W)
