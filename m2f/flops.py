@@ -18,7 +18,11 @@ def count_flops(cfg: Config, height: int, width: int, model=None) -> Dict[str, A
 
     from m2f.models.build import build_model
 
-    model = model if model is not None else build_model(cfg)
+    # fvcore counts matmul/einsum/softmax, not the fused sdpa op: count with the explicit path.
+    if model is None:
+        from m2f.config import apply_overrides
+
+        model = build_model(apply_overrides(cfg, {"decoder.attention_backend": "reference"}))
     model.eval()
     x = torch.randn(1, 3, height, width)
 
