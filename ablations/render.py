@@ -22,6 +22,12 @@ from ablations.spec import PROPOSAL_PATTERN, AblationSpec, expand_metrics, list_
 from m2f.checkpoint import atomic_write_text, read_jsonl
 
 README_TABLES = "README-tables.md"
+# Elementwise / trivial ops fvcore does not count (also not counted by the paper's fvcore numbers);
+# other uncounted ops (attention, grid_sample) are named in the table header.
+_TRIVIAL_OPS = {"add", "add_", "all", "any", "cos", "sin", "div", "lt", "gt", "le", "ge", "eq", "ne", "max_pool2d",
+                "meshgrid", "mul", "mul_", "pow", "sigmoid", "softmax", "sub", "rsub", "sum", "mean", "exp", "log",
+                "neg", "clamp", "clamp_", "cumsum", "sqrt", "rsqrt", "where", "fill_", "masked_fill", "masked_fill_",
+                "ones_like", "zeros_like", "arange", "floor", "abs", "max", "min", "relu_", "div_", "sub_", "stack"}
 
 PAPER_SOURCES = ("AP: COCO instance models; PQ: COCO panoptic models; mIoU: ADE20K semantic models "
                  "(R50, full schedules; FLOPs with fvcore over COCO val images)")
@@ -100,7 +106,14 @@ def table_rows(spec: AblationSpec, metrics: List[str], agg: Dict[str, Dict[str, 
 # Formatting
 # ---------------------------------------------------------------------------------------------
 def _digits(metric: str) -> int:
-    return {"train_images_per_s": 1, "params_M": 1, "train_seconds": 0}.get(metric, 2)
+    return {"train_images_per_s": 1, "params_M": 1, "train_seconds": 0, "FLOPs_G": 3}.get(metric, 2)
+
+
+def fmt_paper(v: Optional[float], signed: bool = False) -> str:
+    """The paper's numbers as the paper prints them (51.9, 226), deltas likewise (-4.8)."""
+    if v is None:
+        return "—"
+    return f"{round(v, 2):+g}" if signed else f"{round(v, 2):g}"
 
 
 def fmt(v: Optional[float], metric: str, signed: bool = False) -> str:
@@ -154,6 +167,13 @@ def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metri
     if "memory_GB" in metrics:
         lines.append(f"- **Memory:** ours = peak of the whole training run ({', '.join(map(str, mem))}; batch "
                      f"{', '.join(map(str, batch))}); the paper's = training memory per image (GPU)")
+    if "FLOPs_G" in metrics:
+        sizes = _distinct(records, lambda r: "x".join(map(str, (r.get("flops") or {}).get("size") or [])) or None)
+        skipped = sorted({k for r in records for k in ((r.get("flops") or {}).get("skipped_ops") or {})
+                          if k.split("::")[-1] not in _TRIVIAL_OPS})
+        lines.append(f"- **FLOPs:** ours = fvcore, one image of {', '.join(str(x) for x in sizes if x) or '?'} px"
+                     + (f" (ops fvcore does not count: {', '.join(skipped)})" if skipped else "")
+                     + "; the paper's = fvcore averaged over COCO val images")
     tasks = first.get("data", {}).get("task") if first else None
     if scale != "paper":
         lines.append(f"- **Honesty:** every number of ours comes from ONE {tasks or 'panoptic'}-trained model per "
@@ -182,7 +202,7 @@ def render_markdown(spec: AblationSpec, scale: str, records: List[Dict[str, Any]
         for m in metrics:
             cells = [m] + [fmt_ours(agg[r.name][m]["n"], agg[r.name][m]["mean"], agg[r.name][m]["std"], m)
                            for r in trained]
-            cells.append(fmt(spec.base.paper.get(m), m) if spec.base.paper.get(m) is not None else "n/a")
+            cells.append(fmt_paper(spec.base.paper.get(m)) if spec.base.paper.get(m) is not None else "n/a")
             lines.append("| " + " | ".join(cells) + " |")
     else:
         head = ["row"]
@@ -199,7 +219,7 @@ def render_markdown(spec: AblationSpec, scale: str, records: List[Dict[str, Any]
             for m in metrics:
                 r = by[(row.name, m)]
                 cells += [fmt_ours(r["n"], r["mean"], r["std"], m), fmt(r["delta"], m, signed=True),
-                          fmt(r["paper"], m), fmt(r["paper_delta"], m, signed=True), r["agree"]]
+                          fmt_paper(r["paper"]), fmt_paper(r["paper_delta"], signed=True), r["agree"]]
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)

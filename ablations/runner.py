@@ -405,7 +405,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
         if s.get("iter") and result.get("wall_seconds"):  # observed / estimated wall time of a whole run
             ratio_obs.append(result["wall_seconds"] / max(1e-9, estimate_seconds(plan.cfg, sc)))
         m = rec["metrics"]
-        shown = " ".join(f"{k} {m[k]:.2f}" for k in (spec.primary_metric, "PQ", "AP", "mIoU") if k in m)
+        shown = " ".join(f"{k} {m[k]:.2f}" for k in dict.fromkeys((spec.primary_metric, "PQ", "AP", "mIoU")) if k in m)
         left = total - counter["n"]
         ratio = (sum(ratio_obs) / len(ratio_obs)) if ratio_obs else 1.0
         eta = ratio * sum(estimate_seconds(p.cfg, sc) for p in todo[-left:]) / max(1, min(n_jobs, left)) if left else 0

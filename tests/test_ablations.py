@@ -191,16 +191,16 @@ def test_render_table_csv_and_plot(tmp_path):
     md = Path(res["table"]).read_text()
     assert "51.00 ± 1.41 (n=2)" in md  # base PQ
     assert "46.00 ± 0.00 (n=2)" in md
-    assert "-5.00" in md and "-4.80" in md  # our delta and the paper's delta for "- masked attention"
+    assert "-5.00" in md and "-4.8" in md  # our delta and the paper's delta for "- masked attention"
     assert "Scale:** `cpu`" in md and "object_mask_threshold 0.5" in md and "seeds:** 0, 1" in md
     assert "panoptic-trained model" in md  # honesty label
     lines = [l for l in md.splitlines() if l.startswith("| - masked attention")]
     assert len(lines) == 1
     cells = [c.strip() for c in lines[0].strip("|").split("|")]
     # columns: row, then per metric (PQ, AP, mIoU, FLOPs_G): ours, delta, paper, delta paper, agree
-    assert cells[1:6] == ["46.00 ± 0.00 (n=2)", "-5.00", "47.10", "-4.80", "yes"]
-    assert cells[6:11] == ["41.50 ± 0.71 (n=2)", "+1.50", "37.80", "-5.90", "no"]
-    assert cells[16:21] == ["1.80 ± 0.00 (n=2)", "-0.20", "213.00", "-13.00", "yes"]
+    assert cells[1:6] == ["46.00 ± 0.00 (n=2)", "-5.00", "47.1", "-4.8", "yes"]
+    assert cells[6:11] == ["41.50 ± 0.71 (n=2)", "+1.50", "37.8", "-5.9", "no"]
+    assert cells[16:21] == ["1.800 ± 0.000 (n=2)", "-0.200", "213", "-13", "yes"]
 
     rows = list(csv.DictReader(open(res["csv"])))
     by = {(r["row"], r["metric"]): r for r in rows}
@@ -227,7 +227,7 @@ def test_render_point_loss_memory_chart(tmp_path):
     row = [l for l in md.splitlines() if l.startswith("| mask -> mask")][0]
     cells = [c.strip() for c in row.strip("|").split("|")]
     i = 1 + 5 * res["metrics"].index("memory_GB")
-    assert cells[i:i + 5] == ["2.00 (n=1)", "+1.00", "18.00", "+12.00", "yes"]
+    assert cells[i:i + 5] == ["2.00 (n=1)", "+1.00", "18", "+12", "yes"]
     assert Path(res["memory"]).read_bytes()[:8] == PNG_MAGIC
     assert Path(res["convergence"]).read_bytes()[:8] == PNG_MAGIC  # loss fallback (no periodic evals)
 
@@ -337,6 +337,7 @@ def test_proposals_ablation_with_mocked_evaluation(tmp_path, fake_train, monkeyp
     assert res["metrics"][:10] == [f"AR@100_layer{l}" for l in range(10)]  # numeric order (layer10 after layer9)
     md = Path(res["table"]).read_text()
     assert "| AR@100_layer9 | 29.00 (n=1) | n/a |" in md
+    assert "| PQ | 30.00 (n=1) | n/a |" in md
     assert Path(res["proposals"]).read_bytes()[:8] == PNG_MAGIC
 
 
