@@ -191,7 +191,7 @@ def test_registered_synth_and_tasks(tmp_path, monkeypatch):
     va = get_dataset("synth_val", "val", _cfg(**ov))
     assert len(tr) == 3 and len(va) == 2 and tr.metadata.sem_seg_dir and va.metadata.instances_json
     inst = get_dataset("synth", "train", _cfg("instance", **ov))
-    assert inst.metadata.num_classes == 6 and all(bool(inst[(i, 0)]["is_thing"].all()) for i in range(3))
+    assert inst.metadata.num_classes == 6 and all(bool(inst[(i, 0)]["is_thing"].all()) for i in range(len(inst)))
     sem = get_dataset("synth_val", "val", _cfg("semantic", **ov))
     for i in range(2):
         x = sem[i]
@@ -215,6 +215,11 @@ def test_instances_polygons_and_crowd(copy):
     assert it["labels"][-1] == ds.metadata.id_to_contiguous[7] == 4
     poly = it["masks"][-1]
     assert poly[3:12, 3:12].all() and not poly[14:].any() and not poly[:, 14:].any()
+    # training split drops images without a non-crowd annotation
+    d["annotations"] = [a for a in d["annotations"] if a["image_id"] != d["images"][0]["id"]]
+    (tr / "instances.json").write_text(json.dumps(d))
+    assert len(CocoInstancesDataset(tr / "instances.json", tr / "images", filter_empty=True)) == 9
+    assert len(get_dataset(f"coco_instances:{tr}/instances.json:{tr}/images", "val", _cfg("instance"))) == 10
     crowd = mask_util.decode(dict(first["segmentation"], counts=first["segmentation"]["counts"].encode())).astype(bool)
     assert (it["sem_seg"][torch.from_numpy(crowd) & ~poly] == 255).all()
 

@@ -20,8 +20,8 @@
       coco_instances:ANN.json:IMAGE_DIR
       semantic:IMAGE_DIR:LABEL_DIR:NUM_CLASSES[:reduce_zero_label]
 
-``split == "train"`` applies the training augmentation of ``cfg.data.task``; any other split the
-test-time resize.  ``register_dataset(name, fn)`` adds a name; ``fn(split, cfg)`` returns the dataset.
+``split == "train"`` applies the training augmentation of ``cfg.data.task`` (and, for COCO instances,
+drops images without non-crowd annotations, as detectron2); any other split the test-time resize.  ``register_dataset(name, fn)`` adds a name; ``fn(split, cfg)`` returns the dataset.
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def get_dataset(spec: str, split: str, cfg):
     if kind == "coco_panoptic" and len(parts) == 3:
         return CocoPanopticDataset(*parts, task=task, transform=tf, name=spec)
     if kind == "coco_instances" and len(parts) == 2:
-        return CocoInstancesDataset(*parts, task=task, transform=tf, name=spec)
+        return CocoInstancesDataset(*parts, task=task, transform=tf, name=spec, filter_empty=split == "train")
     if kind == "semantic" and len(parts) in (3, 4):
         try:
             k = int(parts[2])
@@ -115,7 +115,7 @@ def _synth(which: str):
         name = "synth" if which == "train" else "synth_val"
         if d.task == "instance":  # thing classes only (6), as a COCO instance model
             return CocoInstancesDataset(root / "instances.json", root / "images", task="instance", transform=tf,
-                                        name=name)
+                                        name=name, filter_empty=split == "train")
         return CocoPanopticDataset(root / "panoptic.json", root / "panoptic", root / "images", task=d.task,
                                    transform=tf, name=name, sem_seg_dir=root / "semantic",
                                    instances_json=root / "instances.json")
@@ -144,7 +144,8 @@ def _coco_instances(s: str):
 
         c = datasets_root() / "coco"
         return CocoInstancesDataset(c / "annotations" / f"instances_{s}2017.json", c / f"{s}2017", task="instance",
-                                    transform=_transform(cfg, split, "instance"), name=f"coco_2017_{s}")
+                                    transform=_transform(cfg, split, "instance"), name=f"coco_2017_{s}",
+                                    filter_empty=split == "train")
 
     return fn
 

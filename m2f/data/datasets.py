@@ -289,9 +289,11 @@ class CocoPanopticDataset(SegmentationDataset):
 class CocoInstancesDataset(SegmentationDataset):
     """COCO instances JSON (polygon or RLE segmentations) + image dir.  Every category is a thing;
     crowd annotations are excluded from the targets (their pixels are 255 in ``sem_seg``).
+    ``filter_empty`` drops images without a non-crowd annotation (used for training splits).
     ``sem_seg`` holds the thing classes painted in annotation order, 255 elsewhere."""
 
-    def __init__(self, json_file, image_dir, task: str = "instance", transform=None, name: str = ""):
+    def __init__(self, json_file, image_dir, task: str = "instance", transform=None, name: str = "",
+                 filter_empty: bool = False):
         jf = Path(json_file)
         d = _load_json(jf, "instances")
         image_dir = _check_dir(image_dir, "image")
@@ -319,6 +321,10 @@ class CocoInstancesDataset(SegmentationDataset):
         records = [{"image_id": iid, "file_name": str(image_dir / im["file_name"]), "height": im.get("height"),
                     "width": im.get("width"), "ann_file": str(jf), "annotations": per_image[iid]}
                    for iid, im in images.items()]
+        if filter_empty:  # detectron2's FILTER_EMPTY_ANNOTATIONS for training: drop crowd-only / empty images
+            records = [r for r in records if any(not a.get("iscrowd", 0) for a in r["annotations"])]
+            if not records:
+                raise InputError(f"{jf}: no image has a non-crowd annotation")
         super().__init__(records, md, task, transform, md.name)
 
     def _decode(self, rec, ann, hw) -> np.ndarray:
