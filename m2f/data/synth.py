@@ -115,21 +115,24 @@ def _stuff_layer(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, np.nd
     labels[sky] = _ID["sky"]
 
     img = np.zeros((s, s, 3), np.float64)
-    # Sky: light blue vertical gradient + soft clouds.
-    c_top = _hsv(rng.uniform(0.55, 0.62), rng.uniform(0.35, 0.6), rng.uniform(0.8, 1.0))
-    c_bot = _hsv(rng.uniform(0.53, 0.60), rng.uniform(0.1, 0.3), rng.uniform(0.85, 1.0))
+    # Sky: light blue (sometimes grey, overcast) vertical gradient + soft clouds.
+    overcast = rng.random() < 0.3
+    c_top = _hsv(rng.uniform(0.52, 0.64), rng.uniform(0.0, 0.15) if overcast else rng.uniform(0.3, 0.6),
+                 rng.uniform(0.6, 1.0))
+    c_bot = _hsv(rng.uniform(0.50, 0.62), rng.uniform(0.0, 0.3), rng.uniform(0.7, 1.0))
     t = (yy / s)[..., None]
     clouds = np.clip(_smooth_noise(rng, s, s, 5), 0, None)[..., None]
     sky_img = c_top * (1 - t) + c_bot * t + 60.0 * clouds
     # Grass: green with vertical streaks (high-frequency in x, stretched in y).
-    c_grass = _hsv(rng.uniform(0.25, 0.36), rng.uniform(0.55, 0.9), rng.uniform(0.35, 0.7))
+    # (grass and water colours overlap in the teal range: texture then tells them apart)
+    c_grass = _hsv(rng.uniform(0.2, 0.45), rng.uniform(0.4, 0.9), rng.uniform(0.3, 0.7))
     streak = rng.normal(size=(1, s)).repeat(s, 0) * 0.5 + rng.normal(size=(s, s)) * 0.5
-    grass_img = c_grass * (1.0 + 0.25 * streak[..., None])
+    grass_img = c_grass * (1.0 + rng.uniform(0.12, 0.3) * streak[..., None])
     # Water: dark blue/teal with horizontal waves.
-    c_water = _hsv(rng.uniform(0.52, 0.63), rng.uniform(0.6, 0.95), rng.uniform(0.3, 0.55))
+    c_water = _hsv(rng.uniform(0.42, 0.64), rng.uniform(0.45, 0.95), rng.uniform(0.3, 0.6))
     freq = rng.uniform(0.5, 1.2)
     waves = np.sin(yy * freq + 2.0 * _smooth_noise(rng, s, s, 4) + rng.uniform(0, 2 * np.pi))
-    water_img = c_water * (1.0 + 0.25 * waves[..., None])
+    water_img = c_water * (1.0 + rng.uniform(0.1, 0.3) * waves[..., None])
     img = np.where((labels == _ID["sky"])[..., None], sky_img,
                    np.where((labels == _ID["water"])[..., None], water_img, grass_img))
     return labels, img
