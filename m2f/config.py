@@ -229,6 +229,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     },
     # CPU scale: ResNet-18, hidden 128, 50 queries, 3 encoder layers, on the embedded synthetic data.
     "tiny": {
+        "num_classes": 9,  # the embedded synthetic dataset: 6 thing + 3 stuff classes
         "backbone.kind": "resnet18",
         "backbone.norm": "bn",
         "pixel_decoder.conv_dim": 128,
@@ -254,6 +255,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "solver.checkpoint_period": 250,
         "solver.eval_period": 0,
         "solver.warmup_iters": 50,
+        "solver.warmup_factor": 0.01,
         "inference.object_mask_threshold": 0.5,
     },
 }

@@ -258,6 +258,10 @@ def train(cfg: Config, out_dir, resume: bool = False, device: Optional[str] = No
             model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
 
     train_set = get_dataset(cfg.data.train, "train", cfg)
+    n_data = train_set.metadata.num_classes
+    if n_data != cfg.num_classes:
+        raise InputError(f"num_classes={cfg.num_classes} but the training data {cfg.data.train!r} has {n_data} "
+                         f"classes (task {cfg.data.task}); pass --set num_classes={n_data}")
     sampler = ResumableBatchSampler(len(train_set), micro, s.grad_accum, s.seed, start_iter, rank, world)
     loader = torch.utils.data.DataLoader(
         SeededItems(train_set), batch_sampler=sampler, num_workers=cfg.data.num_workers,
