@@ -1,0 +1,269 @@
+"""Multi-scale deformable attention: reference semantics, Triton parity, dispatcher, benchmark smoke.
+
+The Triton parity tests run on CUDA when there is a GPU.  Without one they run on CPU tensors through
+Triton's interpreter, which must be switched on (TRITON_INTERPRET=1) before triton is imported; other
+test modules may import triton first in the same process, so ``test_triton_parity_interpreter`` re-runs
+the parity tests of this file in a subprocess with the variable set.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels.ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+
+try:
+    from kernels.ms_deform_attn_triton import _HAS_TRITON as HAS_TRITON
+    from kernels.ms_deform_attn_triton import _interpreter_active, ms_deform_attn_triton, triton_available
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
+
+def _triton_device():
+    """Where the Triton kernels can run in this process: 'cuda', 'cpu' (interpreter) or None."""
+    if not HAS_TRITON or not triton_available():
+        return None
+    return "cpu" if _interpreter_active() else "cuda"
+
+
+# (name, spatial_shapes, batch, heads, Dh, queries, points): odd shapes on purpose
+CASES = [
+    ("odd5", [(3, 5), (2, 2), (1, 4), (4, 1), (2, 3)], 2, 2, 24, 3, 3),  # 5 levels, non-square, Dh=24, P=3
+    ("one_query", [(4, 6), (2, 3), (1, 1)], 1, 3, 8, 1, 4),  # 1 query, a 1x1 level
+    ("many_queries", [(5, 7), (3, 4)], 1, 1, 5, 37, 2),  # several query blocks with a ragged tail, Dh=5
+]
+
+
+def _inputs(shapes, B, nH, Dh, Q, P, dtype, device, seed=0, loc_dtype=None, attn_dtype=None):
+    g = torch.Generator().manual_seed(seed)
+    L = len(shapes)
+    S = sum(h * w for h, w in shapes)
+    value = torch.randn(B, S, nH, Dh, generator=g)
+    # locations spill outside [0, 1] so zero padding and the borders are exercised
+    loc = torch.rand(B, Q, nH, L, P, 2, generator=g) * 1.5 - 0.25
+    # some points a quarter pixel right of a pixel centre (not on a kink: the gradient there depends on
+    # rounding), at the top/bottom border of the map (normalised 0 and 1)
+    for lvl, (h, w) in enumerate(shapes):
+        loc[..., lvl, 0, 0] = (torch.randint(-1, w + 1, (B, Q, nH), generator=g) + 0.75) / w
+        loc[..., lvl, 0, 1] = 0.0 if lvl % 2 else 1.0
+    attn = torch.rand(B, Q, nH, L, P, generator=g)
+    attn = attn / attn.sum((-1, -2), keepdim=True)
+    return (value.to(device, dtype), loc.to(device, loc_dtype or dtype), attn.to(device, attn_dtype or dtype))
+
+
+def _fwd_bwd(fn, value, shapes, loc, attn, grad_out):
+    value, loc, attn = (t.detach().clone().requires_grad_() for t in (value, loc, attn))
+    out = fn(value, shapes, loc, attn)
+    grads = torch.autograd.grad(out, (value, loc, attn), grad_out.to(out.dtype))
+    return (out,) + grads
+
+
+def _rel_err(x, ref):
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+# ------------------------------------------------------------------------------------------- reference
+
+
+def _naive(value, shapes, loc, attn):
+    """Loop-by-loop bilinear sampling (align_corners=False, zero padding): an independent semantics check."""
+    B, S, nH, Dh = value.shape
+    _, Q, _, L, P, _ = loc.shape
+    out = torch.zeros(B, Q, nH, Dh, dtype=value.dtype)
+    starts = [0]
+    for h, w in shapes:
+        starts.append(starts[-1] + h * w)
+    for b in range(B):
+        for q in range(Q):
+            for hd in range(nH):
+                for lvl, (H, W) in enumerate(shapes):
+                    for p in range(P):
+                        x = loc[b, q, hd, lvl, p, 0].item() * W - 0.5
+                        y = loc[b, q, hd, lvl, p, 1].item() * H - 0.5
+                        x0, y0 = math.floor(x), math.floor(y)
+                        for yy, xx in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
+                            wgt = (1 - abs(x - xx)) * (1 - abs(y - yy))
+                            if 0 <= xx < W and 0 <= yy < H:
+                                out[b, q, hd] += attn[b, q, hd, lvl, p] * wgt * value[b, starts[lvl] + yy * W + xx, hd]
+    return out.reshape(B, Q, nH * Dh)
+
+
+def test_reference_matches_naive_loops():
+    shapes = [(3, 5), (2, 1)]
+    value, loc, attn = _inputs(shapes, 1, 2, 3, 4, 2, torch.float64, "cpu")
+    ref = ms_deform_attn_reference(value, shapes, loc, attn)
+    torch.testing.assert_close(ref, _naive(value, shapes, loc, attn), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_zero_outside_maps():
+    shapes = [(2, 3), (1, 2)]
+    value, loc, attn = _inputs(shapes, 1, 1, 4, 2, 2, torch.float64, "cpu")
+    loc = torch.full_like(loc, -0.6)  # one pixel (or more) beyond the left/top border on every level
+    assert ms_deform_attn_reference(value, shapes, loc, attn).abs().max().item() == 0.0
+
+
+def test_reference_gradcheck_float64():
+    shapes = [(3, 2), (1, 3)]
+    value, loc, attn = _inputs(shapes, 1, 2, 3, 2, 2, torch.float64, "cpu", seed=3)
+    loc = torch.rand(loc.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 1.2 - 0.1
+    inputs = tuple(t.clone().requires_grad_() for t in (value, loc, attn))
+    assert torch.autograd.gradcheck(lambda v, l, a: ms_deform_attn_reference(v, shapes, l, a), inputs,
+                                    eps=1e-6, atol=1e-6)
+
+
+def test_reference_rejects_wrong_key_count():
+    value, loc, attn = _inputs([(2, 2)], 1, 1, 2, 1, 1, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="cover 5 keys"):
+        ms_deform_attn_reference(value, [(1, 5)], loc, attn)
+
+
+# ------------------------------------------------------------------------------------- triton parity
+
+TOLS = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_parity(case, dtype):
+    """Forward and the three gradients vs the reference evaluated in float64 on the same rounded inputs."""
+    device = _triton_device()
+    if device is None:
+        pytest.skip("no CUDA device and the Triton interpreter is off here (see test_triton_parity_interpreter)")
+    name, shapes, B, nH, Dh, Q, P = case
+    value, loc, attn = _inputs(shapes, B, nH, Dh, Q, P, dtype, device)
+    grad_out = torch.randn(B, Q, nH * Dh, generator=torch.Generator().manual_seed(1)).to(device)
+    got = _fwd_bwd(ms_deform_attn_triton, value, shapes, loc, attn, grad_out)
+    ref = _fwd_bwd(ms_deform_attn_reference, *(t.cpu().double() for t in (value,)), shapes,
+                   loc.cpu().double(), attn.cpu().double(), grad_out.cpu().double())
+    for what, g, r, inp in zip(("output", "grad_value", "grad_loc", "grad_attn"), got, ref, (value, value, loc, attn)):
+        assert g.dtype == inp.dtype and g.shape == r.shape, what
+        assert torch.isfinite(g).all(), what
+        err = _rel_err(g.cpu(), r)
+        assert err < TOLS[dtype], f"{name} {dtype} {what}: max error {err:.2e} of max |ref|"
+
+
+def test_triton_parity_mixed_dtypes_and_collisions():
+    """fp16 value with fp32 locations/weights; every query samples the same point (atomic-add collisions);
+    a non-contiguous value."""
+    device = _triton_device()
+    if device is None:
+        pytest.skip("no CUDA device and the Triton interpreter is off here (see test_triton_parity_interpreter)")
+    shapes = [(3, 4), (2, 2)]
+    B, nH, Dh, Q, P = 1, 2, 6, 20, 2
+    value, loc, attn = _inputs(shapes, B, nH, Dh, Q, P, torch.float16, device, loc_dtype=torch.float32,
+                               attn_dtype=torch.float32)
+    loc[:] = loc[:, :1].clone()  # all queries share one set of sampling points
+    value = torch.cat([value, value], dim=-1)[..., ::2]  # same values, non-contiguous
+    assert not value.is_contiguous()
+    grad_out = torch.randn(B, Q, nH * Dh, generator=torch.Generator().manual_seed(2)).to(device)
+    got = _fwd_bwd(ms_deform_attn_triton, value, shapes, loc, attn, grad_out)
+    ref = _fwd_bwd(ms_deform_attn_reference, value.cpu().double(), shapes, loc.cpu().double(),
+                   attn.cpu().double(), grad_out.cpu().double())
+    for what, g, r, dt in zip(("output", "grad_value", "grad_loc", "grad_attn"), got, ref,
+                              (torch.float16, torch.float16, torch.float32, torch.float32)):
+        assert g.dtype == dt, what
+        err = _rel_err(g.cpu(), r)
+        assert err < TOLS[torch.float16], f"{what}: max error {err:.2e} of max |ref|"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_pixel_centres_return_pixels(backend):
+    """A point exactly on a pixel centre (power-of-two sizes: exact in binary) reads that pixel unchanged."""
+    device = "cpu" if backend == "reference" else _triton_device()
+    if device is None:
+        pytest.skip("no CUDA device and the Triton interpreter is off here (see test_triton_parity_interpreter)")
+    shapes = [(4, 8), (2, 1)]
+    value, _, _ = _inputs(shapes, 1, 2, 3, 1, 1, torch.float32, device)
+    ys, xs = torch.meshgrid(torch.arange(4), torch.arange(8), indexing="ij")
+    Q = 32
+    loc = torch.zeros(1, Q, 2, 2, 1, 2)
+    loc[0, :, :, 0, 0, 0] = ((xs.flatten() + 0.5) / 8)[:, None]
+    loc[0, :, :, 0, 0, 1] = ((ys.flatten() + 0.5) / 4)[:, None]
+    loc[:, :, :, 1] = 0.5
+    attn = torch.zeros(1, Q, 2, 2, 1)
+    attn[..., 0, 0] = 1.0
+    fn = ms_deform_attn_reference if backend == "reference" else ms_deform_attn_triton
+    out = fn(value, shapes, loc.to(device), attn.to(device))  # [1, 32, 2 * 3]
+    assert torch.equal(out.cpu().view(1, Q, 2, 3), value[:, :32].cpu())
+
+
+def test_triton_rejects_bad_shapes():
+    if not HAS_TRITON:
+        pytest.skip("triton not installed")
+    value, loc, attn = _inputs([(2, 2)], 1, 1, 2, 1, 1, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="attention_weights"):
+        ms_deform_attn_triton(value, [(2, 2)], loc, attn[..., :0])
+    with pytest.raises(ValueError, match="cover 6 keys"):
+        ms_deform_attn_triton(value, [(2, 3)], loc, attn)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="already inside the interpreter run")
+def test_triton_parity_interpreter():
+    """Re-run the Triton parity tests on CPU through TRITON_INTERPRET=1 in a fresh interpreter."""
+    if not HAS_TRITON:
+        pytest.skip("triton not installed")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the parity tests ran on the GPU directly")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+           "-k", "(triton_parity or pixel_centres) and not interpreter"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0 and "not supported in interpreter mode" in log:
+        pytest.skip(f"Triton interpreter cannot run the kernel: {log.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, log[-4000:]
+    assert "skipped" not in log and f"{2 * len(CASES) + 2} passed" in log, log[-2000:]
+
+
+# ------------------------------------------------------------------------------------------ dispatcher
+
+
+def test_dispatcher_auto_on_cpu_is_reference():
+    shapes = [(3, 5), (2, 2)]
+    value, loc, attn = _inputs(shapes, 2, 2, 4, 3, 2, torch.float32, "cpu")
+    ref = ms_deform_attn(value, shapes, loc, attn, backend="reference")
+    assert torch.equal(ms_deform_attn(value, shapes, loc, attn, backend="auto"), ref)
+    assert torch.equal(ms_deform_attn_reference(value, shapes, loc, attn), ref)
+    with pytest.raises(ValueError, match="unknown ms_deform_attn backend"):
+        ms_deform_attn(value, shapes, loc, attn, backend="cuda")
+
+
+def test_dispatcher_triton_on_cpu_without_interpreter_raises():
+    if not HAS_TRITON or _interpreter_active():
+        pytest.skip("needs triton installed and the interpreter off")
+    shapes = [(2, 2)]
+    value, loc, attn = _inputs(shapes, 1, 1, 2, 1, 1, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        ms_deform_attn(value, shapes, loc, attn, backend="triton")
+
+
+# ------------------------------------------------------------------------------------------- benchmark
+
+
+def test_bench_smoke(tmp_path):
+    from kernels import bench
+
+    out = tmp_path / "kernels.json"
+    assert bench.main(["--size", "64", "--batch", "1", "--iters", "1", "--warmup", "0", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["spatial_shapes"] == [[8, 8], [4, 4], [2, 2]]
+    assert report["config"]["num_queries"] == 84
+    rows = {(r["backend"], r["dtype"]): r for r in report["results"]}
+    ref = rows[("reference", "float32")]
+    assert ref["forward_ms"] > 0 and ref["forward_backward_ms"] >= ref["forward_ms"] * 0.5
+    bound = report["bandwidth_bound"]
+    # value 1*84*256*4 B read once, output written once, plus locations / weights
+    assert bound["forward_bytes"] == 84 * 256 * 4 * 2 + 84 * 8 * 3 * 4 * 3 * 4
+    assert bound["forward_seconds"] == pytest.approx(bound["forward_bytes"] / 3.35e12)
+    assert "torch" in report["environment"]
+    if not torch.cuda.is_available():
+        assert "skipped" in rows[("triton", "float32")]
