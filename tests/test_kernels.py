@@ -221,7 +221,7 @@ def test_triton_parity_interpreter():
     if proc.returncode != 0 and "not supported in interpreter mode" in log:
         pytest.skip(f"Triton interpreter cannot run the kernel: {log.strip().splitlines()[-1]}")
     assert proc.returncode == 0, log[-4000:]
-    assert "skipped" not in log and f"{2 * len(CASES) + 2} passed" in log, log[-2000:]
+    assert "skipped" not in log and f"{2 * len(CASES) + 3} passed" in log, log[-2000:]
 
 
 # ------------------------------------------------------------------------------------------ dispatcher

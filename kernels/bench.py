@@ -1,0 +1,280 @@
+"""Benchmark multi-scale deformable attention: reference (grid_sample) vs Triton, forward and
+forward+backward, at Mask2Former's pixel-decoder shapes, beside a memory-bandwidth lower bound.
+
+    python -m kernels.bench                       # CUDA: 1024x1024 input; CPU: reference at --size 256
+    python -m kernels.bench --size 512 --dtypes bfloat16 --iters 50
+    python -m kernels.bench --bandwidth-tbs 4.8   # H200's peak instead of H100's 3.35 TB/s
+
+Shapes (Mask2Former's MSDeformAttn encoder, one layer): batch 2, levels at strides 8, 16, 32 of the input
+(128^2 + 64^2 + 32^2 = 21504 keys at 1024x1024), every key is also a query, 256 channels in 8 heads,
+4 points per level.  Writes ``reports/bench/kernels.json`` atomically (config, environment, one row per
+backend x dtype, the bandwidth bound) and prints a table.
+
+The bound counts compulsory traffic only: every input read once and every output written once (the
+bilinear gathers are assumed to hit in L2); ``fraction_of_bound`` = bound time / measured time.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from kernels.ms_deform_attn import ms_deform_attn_reference
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+H100_TBS = 3.35  # H100 SXM HBM3 peak, TB/s
+
+
+def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=None,
+                   help="square input image side in pixels (default: 1024 on CUDA, 256 on CPU)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--channels", type=int, default=256, help="model width (nH * Dh)")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--points", type=int, default=4, help="sampling points per level and head")
+    p.add_argument("--strides", default="8,16,32", help="comma-separated feature strides, one level each")
+    p.add_argument("--dtypes", default="float32,bfloat16", help=f"comma-separated, from {sorted(DTYPES)}")
+    p.add_argument("--backends", default="reference,triton", help="comma-separated: reference, triton")
+    p.add_argument("--iters", type=int, default=20, help="timed repetitions (the median is reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed repetitions first (compilation, caches)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--bandwidth-tbs", type=float, default=H100_TBS,
+                   help="peak memory bandwidth in TB/s for the lower bound (default: H100 3.35)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="reports/bench/kernels.json", help="JSON report path (written atomically)")
+    args = p.parse_args(argv)
+    try:
+        args.strides = [int(s) for s in args.strides.split(",") if s]
+    except ValueError:
+        p.error(f"--strides must be comma-separated integers, got {args.strides!r}")
+    args.dtypes = [d for d in args.dtypes.split(",") if d]
+    args.backends = [b for b in args.backends.split(",") if b]
+    for d in args.dtypes:
+        if d not in DTYPES:
+            p.error(f"--dtypes: unknown dtype {d!r}; valid: {sorted(DTYPES)}")
+    for b in args.backends:
+        if b not in ("reference", "triton"):
+            p.error(f"--backends: unknown backend {b!r}; valid: ['reference', 'triton']")
+    if args.channels % args.heads:
+        p.error(f"--channels {args.channels} is not divisible by --heads {args.heads}")
+    for name in ("batch", "channels", "heads", "points", "iters"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if not args.strides or min(args.strides) < 1:
+        p.error("--strides must list positive integers")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no CUDA device")
+    if args.size is None:
+        args.size = 1024 if args.device.startswith("cuda") else 256
+    if args.size < max(args.strides):
+        p.error(f"--size {args.size} is smaller than the largest stride {max(args.strides)}")
+    return args
+
+
+def environment(device: str) -> Dict[str, Any]:
+    """Versions and hardware the numbers were taken on."""
+    env: Dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
+                           "cuda": torch.version.cuda, "hostname": platform.node(),
+                           "threads": torch.get_num_threads(),
+                           "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        env["device"] = props.name
+        env["multiprocessors"] = props.multi_processor_count
+    else:
+        env["device"] = f"cpu ({platform.processor() or platform.machine()})"
+    try:
+        root = Path(__file__).resolve().parent.parent
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        env["git_commit"] = (sha + ("-dirty" if dirty else "")) if sha else None
+    except Exception:  # noqa: BLE001 - no git here is fine
+        env["git_commit"] = None
+    return env
+
+
+def bandwidth_bound(B: int, S: int, Q: int, nH: int, Dh: int, L: int, P: int, elt: int, tbs: float) -> Dict[str, Any]:
+    """Compulsory bytes of forward / backward and their time at ``tbs`` TB/s.
+
+    forward reads value, locations, weights and writes the output; backward reads value, locations,
+    weights, grad_out and writes the three gradients (all in the input dtype, ``elt`` bytes each).
+    """
+    value = B * S * nH * Dh * elt
+    rows = B * Q * nH * L * P * elt  # attention weights; locations are twice this
+    out = B * Q * nH * Dh * elt
+    fwd = value + 3 * rows + out
+    bwd = (value + 3 * rows + out) + (value + 3 * rows)
+    bw = tbs * 1e12
+    return {"peak_bandwidth_tbs": tbs, "forward_bytes": fwd, "backward_bytes": bwd,
+            "forward_seconds": fwd / bw, "backward_seconds": bwd / bw,
+            "forward_backward_seconds": (fwd + bwd) / bw}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time_ms(fn: Callable[[], Any], device: str, iters: int, warmup: int) -> float:
+    """Median wall time of ``fn`` in milliseconds (synchronising around each call on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _peak_mib(fn: Callable[[], Any], device: str) -> Optional[float]:
+    """Peak CUDA memory allocated by ``fn`` above what was live before it (None on CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _inputs(B, S, Q, nH, Dh, L, P, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    value = torch.randn(B, S, nH, Dh, generator=g).to(device, dtype)
+    loc = (torch.rand(B, Q, nH, L, P, 2, generator=g) * 1.2 - 0.1).to(device, dtype)
+    attn = torch.rand(B, Q, nH, L * P, generator=g).softmax(-1).view(B, Q, nH, L, P).to(device, dtype)
+    grad_out = torch.randn(B, Q, nH * Dh, generator=g).to(device, dtype)
+    return value, loc, attn, grad_out
+
+
+def _triton_skip_reason(device: str) -> Optional[str]:
+    try:
+        from kernels.ms_deform_attn_triton import triton_available
+    except ImportError as exc:
+        return f"triton not importable: {exc}"
+    if not device.startswith("cuda"):
+        return "triton backend is timed on CUDA only (the CPU interpreter is for correctness tests)"
+    if not triton_available():
+        return "triton not available"
+    return None
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    B, nH, P = args.batch, args.heads, args.points
+    Dh = args.channels // nH
+    shapes = [(math.ceil(args.size / s), math.ceil(args.size / s)) for s in args.strides]
+    L = len(shapes)
+    S = Q = sum(h * w for h, w in shapes)
+    device = args.device
+    report: Dict[str, Any] = {
+        "config": {"size": args.size, "batch": B, "channels": args.channels, "heads": nH, "head_dim": Dh,
+                   "points": P, "strides": args.strides, "spatial_shapes": [list(s) for s in shapes],
+                   "num_keys": S, "num_queries": Q, "iters": args.iters, "warmup": args.warmup,
+                   "device": device, "timing": "median wall ms, synchronised"},
+        "environment": environment(device),
+        "bandwidth_bound": bandwidth_bound(B, S, Q, nH, Dh, L, P, 4, args.bandwidth_tbs),
+        "bandwidth_bound_by_dtype": {},
+        "results": [],
+    }
+    fns = {"reference": ms_deform_attn_reference}
+    skip = _triton_skip_reason(device) if "triton" in args.backends else None
+    if "triton" in args.backends and skip is None:
+        from kernels.ms_deform_attn_triton import ms_deform_attn_triton
+
+        fns["triton"] = ms_deform_attn_triton
+    for dname in args.dtypes:
+        dtype = DTYPES[dname]
+        elt = torch.empty((), dtype=dtype).element_size()
+        bound = bandwidth_bound(B, S, Q, nH, Dh, L, P, elt, args.bandwidth_tbs)
+        report["bandwidth_bound_by_dtype"][dname] = bound
+        value, loc, attn, grad_out = _inputs(B, S, Q, nH, Dh, L, P, dtype, device, args.seed)
+        outputs = {}
+        for backend in args.backends:
+            row: Dict[str, Any] = {"backend": backend, "dtype": dname}
+            if backend not in fns:
+                row["skipped"] = skip
+                report["results"].append(row)
+                continue
+            fn = fns[backend]
+            with torch.no_grad():
+                outputs[backend] = fn(value, shapes, loc, attn).float()
+            leaves = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
+
+            def forward():
+                with torch.no_grad():
+                    return fn(value, shapes, loc, attn)
+
+            def forward_backward():
+                for t in leaves:
+                    t.grad = None
+                fn(leaves[0], shapes, leaves[1], leaves[2]).backward(grad_out)
+
+            row["forward_ms"] = _time_ms(forward, device, args.iters, args.warmup)
+            row["forward_backward_ms"] = _time_ms(forward_backward, device, args.iters, args.warmup)
+            row["peak_memory_mib"] = _peak_mib(forward_backward, device)
+            row["fraction_of_bound"] = {
+                "forward": bound["forward_seconds"] * 1e3 / row["forward_ms"],
+                "forward_backward": bound["forward_backward_seconds"] * 1e3 / row["forward_backward_ms"]}
+            report["results"].append(row)
+            del leaves
+        if "reference" in outputs and "triton" in outputs:
+            ref = outputs["reference"]
+            err = ((outputs["triton"] - ref).abs().max() / ref.abs().max()).item()
+            report.setdefault("parity_max_rel_error", {})[dname] = err
+        del value, loc, attn, grad_out, outputs
+    return report
+
+
+def _print_table(report: Dict[str, Any]) -> None:
+    c = report["config"]
+    print(f"ms_deform_attn  B={c['batch']} levels={c['spatial_shapes']} Q=S={c['num_queries']} "
+          f"C={c['channels']} heads={c['heads']} points={c['points']}  on {report['environment']['device']}")
+    print(f"{'backend':<10} {'dtype':<9} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>9} {'bound fwd+bwd':>14}")
+    for r in report["results"]:
+        if "skipped" in r:
+            print(f"{r['backend']:<10} {r['dtype']:<9} skipped: {r['skipped']}")
+            continue
+        peak = "-" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}"
+        bound_ms = report["bandwidth_bound_by_dtype"][r["dtype"]]["forward_backward_seconds"] * 1e3
+        print(f"{r['backend']:<10} {r['dtype']:<9} {r['forward_ms']:>9.3f} {r['forward_backward_ms']:>11.3f} "
+              f"{peak:>9} {bound_ms:>10.3f} ms ({100 * r['fraction_of_bound']['forward_backward']:.1f}%)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parse_args(argv)
+    torch.manual_seed(args.seed)
+    report = run(args)
+    from m2f.checkpoint import atomic_write_json
+
+    atomic_write_json(args.out, report)
+    _print_table(report)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
