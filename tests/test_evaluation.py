@@ -550,3 +550,30 @@ def test_synth_engines_agree(tmp_path):
     for k in PQ_KEYS:
         assert _close(r_h[k], r_r[k]), k
     assert 10 < r_h["PQ"] < 100
+
+
+# ----------------------------------------------------------------------------------------------
+def test_overlays():
+    from m2f.viz import overlay_instances, overlay_panoptic, overlay_semantic
+
+    md = _meta({"pan_json": None, "pan_dir": None, "inst_json": None, "sem_dir": None})
+    md.colors = tuple(tuple(c["color"]) for c in CATS)
+    img = np.full((60, 80, 3), 100, np.uint8)
+    seg = np.zeros((60, 80), np.int32)
+    seg[:20] = 1
+    seg[30:58, 5:60] = 2
+    info = [{"id": 1, "category_id": 2, "isthing": False}, {"id": 2, "category_id": 0, "isthing": True, "score": 0.87}]
+    out = np.asarray(overlay_panoptic(img, torch.from_numpy(seg), info, md))
+    assert out.shape == (60, 80, 3) and out.dtype == np.uint8
+    sky = np.asarray(CATS[2]["color"], np.float32)
+    assert np.allclose(out[5, 2], 0.5 * 100 + 0.5 * sky, atol=1)  # blended stuff colour
+    assert (out[19, 40] == 255).all() and (out[30, 30] == 255).all()  # contours
+    assert (out[25, 70] == 100).all()  # void untouched
+    centre = out[38:50, 15:50]
+    assert (centre == 0).all(-1).any() and (centre > 200).all(-1).any()  # black label box with light text
+    inst = {"masks": torch.from_numpy(np.stack([seg == 2, seg == 1])), "scores": torch.tensor([0.9, 0.3]),
+            "labels": torch.tensor([1, 0])}
+    out = np.asarray(overlay_instances(img, inst, md))
+    assert (out[5, 2] == 100).all() and not (out[35, 8] == 100).all()  # low score not drawn
+    out = np.asarray(overlay_semantic(img, seg.astype(np.int64), md))
+    assert not (out[25, 70] == 100).all()  # class 0 region drawn
