@@ -120,12 +120,14 @@ def eval_metric(ev: Dict[str, Any], name: str) -> Optional[float]:
     """One named metric from an evaluation dict ``{task: {key: value}}`` (None if absent)."""
     if not isinstance(ev, dict):
         return None
+    v = None
     if name in EVAL_METRICS:
         task, key = EVAL_METRICS[name]
-        return _num((ev.get(task) or {}).get(key))
-    if name.startswith("AR@"):
-        return _num((ev.get("proposals") or {}).get(name))
-    return None
+        v = _num((ev.get(task) or {}).get(key))
+    elif name.startswith("AR@"):
+        v = _num((ev.get("proposals") or {}).get(name))
+    # Metrics are on the 0-100 scale; COCOeval marks "undefined" as -1 (-100 scaled), NaN elsewhere.
+    return v if v is not None and v >= 0 else None
 
 
 def flat_metrics(record: Dict[str, Any]) -> Dict[str, float]:
@@ -136,9 +138,10 @@ def flat_metrics(record: Dict[str, Any]) -> Dict[str, float]:
         v = eval_metric(ev, name)
         if v is not None:
             out[name] = v
-    for k, v in (ev.get("proposals") or {}).items():
-        if _num(v) is not None:
-            out[k] = _num(v)
+    for k in (ev.get("proposals") or {}):
+        v = eval_metric(ev, k)
+        if v is not None:
+            out[k] = v
     flops = record.get("flops") or {}
     if _num(flops.get("gflops")) is not None:
         out["FLOPs_G"] = _num(flops["gflops"])
