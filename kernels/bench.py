@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                    "num_keys": S, "num_queries": Q, "iters": args.iters, "warmup": args.warmup,
                    "device": device, "timing": "median wall ms, synchronised"},
         "environment": environment(device),
-        "bandwidth_bound": bandwidth_bound(B, S, Q, nH, Dh, L, P, 4, args.bandwidth_tbs),
+        "bandwidth_bound": dict(bandwidth_bound(B, S, Q, nH, Dh, L, P, 4, args.bandwidth_tbs), dtype="float32"),
         "bandwidth_bound_by_dtype": {},
         "results": [],
     }

@@ -299,7 +299,7 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         out = torch.empty(B, Q, nH, Dh, device=value.device, dtype=value.dtype)
         block_q, block_d, warps = _launch_params(Q, Dh)
         grid = (triton.cdiv(Q, block_q), nH, B)
-        if Q > 0:
+        if Q > 0 and B > 0:
             _ms_deform_attn_fwd_kernel[grid](value, levels, loc, attn, out, Q, S, NH=nH, DH=Dh, L=L, P=P,
                                              BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=warps)
         ctx.save_for_backward(value, levels, loc, attn)
@@ -316,7 +316,7 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         grad_attn = torch.empty(attn.shape, device=attn.device, dtype=torch.float32)
         block_q, block_d, warps = _launch_params(Q, Dh)
         grid = (triton.cdiv(Q, block_q), nH, B)
-        if Q > 0:
+        if Q > 0 and B > 0:
             _ms_deform_attn_bwd_kernel[grid](value, levels, loc, attn, grad_out, grad_value, grad_loc, grad_attn,
                                              Q, S, NH=nH, DH=Dh, L=L, P=P, BLOCK_Q=block_q, BLOCK_D=block_d,
                                              num_warps=warps)
