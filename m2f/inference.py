@@ -157,12 +157,15 @@ def postprocess(
     output: :class:`m2f.models.outputs.Mask2FormerOutput` (``class_logits [B, Q, K+1]``,
     ``mask_logits [B, Q, Hp/4, Wp/4]``); image_sizes: valid (h, w) of each image inside the padded
     input; orig_sizes: (H, W) to produce results at; cfg: :class:`m2f.config.InferenceCfg` (None =
-    defaults); is_thing: bool [K]; padded_size: padded input (Hp, Wp), default 4x the mask size.
+    defaults); is_thing: bool [K] (or a metadata object with ``is_thing``; None: no thing/stuff
+    distinction, nothing merged, no instance filtering); padded_size: padded input (Hp, Wp), default 4x the mask size.
 
     Returns one dict per image with the requested keys:
     ``"sem_seg"`` float [K, H, W]; ``"panoptic_seg"`` ``(int32 [H, W], segments_info)``;
     ``"instances"`` ``{"masks" bool [n, H, W], "scores" [n], "labels" [n]}``.
     """
+    if is_thing is not None and hasattr(is_thing, "is_thing"):  # a dataset metadata object
+        is_thing = torch.as_tensor(list(is_thing.is_thing), dtype=torch.bool)
     if cfg is None:
         from m2f.config import InferenceCfg
 

@@ -6,7 +6,7 @@ a "class score" label at each segment (PIL ImageDraw default font).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Sequence, Tuple
 
 import numpy as np
 

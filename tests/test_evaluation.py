@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -16,9 +16,21 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from m2f.errors import InputError
-from m2f.evaluation import (AP_KEYS, PQ_KEYS, InstanceEvaluator, PanopticEvaluator, SemanticEvaluator,
-                            evaluate_instances, evaluate_panoptic, evaluate_semantic, instances_to_coco_results,
-                            panoptic_to_png, proposal_recall, rgb2id, write_panoptic_predictions)
+from m2f.evaluation import (
+    AP_KEYS,
+    PQ_KEYS,
+    InstanceEvaluator,
+    PanopticEvaluator,
+    SemanticEvaluator,
+    evaluate_instances,
+    evaluate_panoptic,
+    evaluate_semantic,
+    instances_to_coco_results,
+    panoptic_to_png,
+    proposal_recall,
+    rgb2id,
+    write_panoptic_predictions,
+)
 from m2f.evaluation.score import add_score_args, run, score
 
 CATS = [{"id": 1, "name": "cat", "isthing": 1, "color": [220, 20, 60]},
@@ -122,7 +134,7 @@ def write_gt(root: Path, n: int = 4) -> Dict[str, Path]:
 
 
 def write_pred(root: Path, n: int = 4) -> Dict[str, Path]:
-    pan_dir, sem_dir = root / "pred_pan", root / "pred_sem"
+    sem_dir = root / "pred_sem"
     sem_dir.mkdir(parents=True)
     preds, results = [], []
     rng = np.random.default_rng(0)

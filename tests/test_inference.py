@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
@@ -209,7 +208,7 @@ def test_panoptic_random_vs_loop_reference_with_fusion(seed):
 @pytest.mark.parametrize("seed", range(4))
 def test_instance_random_vs_hf(hf, seed):
     cls, masks = random_logits(seed + 10)
-    Q, K = cls.shape[0], cls.shape[1] - 1
+    Q = cls.shape[0]
     ours = instance_inference(cls, masks, top_k=Q)  # HF uses top-num_queries
     ref = hf.post_process_instance_segmentation(_hf_out(cls, masks), threshold=0.0, target_sizes=[(S, S)],
                                                 return_binary_maps=True)[0]

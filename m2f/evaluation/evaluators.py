@@ -70,7 +70,7 @@ class _Base:
     def __del__(self):  # temp files do not outlive the evaluator
         try:
             self.cleanup()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001, S110 - best effort at interpreter exit
             pass
 
 

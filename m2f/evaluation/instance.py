@@ -6,12 +6,12 @@ Numbers on the 0-100 scale like detectron2.  Inputs are validated first (InputEr
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from m2f.errors import InputError
-from m2f.evaluation._io import PathLike, check_keys, load_json, quiet, short_list
+from m2f.evaluation._io import check_keys, load_json, quiet, short_list
 from m2f.evaluation.panoptic import check_engine
 
 __all__ = ["evaluate_instances", "proposal_recall", "instances_to_coco_results", "AP_KEYS"]

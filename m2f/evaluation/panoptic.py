@@ -8,17 +8,27 @@ file gives an :class:`~m2f.errors.InputError` naming it, not a deep library trac
 """
 from __future__ import annotations
 
-import copy
 import json
-import math
+import multiprocessing
+import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from m2f.errors import InputError
-from m2f.evaluation._io import (PathLike, check_keys, image_size, load_json, panoptic_to_png, quiet,
-                                read_panoptic_png, require_dir, short_list, write_png)
+from m2f.evaluation._io import (
+    PathLike,
+    check_keys,
+    image_size,
+    load_json,
+    panoptic_to_png,
+    quiet,
+    read_panoptic_png,
+    require_dir,
+    short_list,
+    write_png,
+)
 
 __all__ = ["evaluate_panoptic", "validate_panoptic", "write_panoptic_predictions", "PQ_KEYS", "ENGINES"]
 
@@ -159,17 +169,26 @@ def _engine_hotcoco(gt: Dict, pred: Dict, gt_dir: str, pred_dir: str) -> Dict:
 
 
 def _engine_reference(gt: Dict, pred: Dict, gt_dir: str, pred_dir: str) -> Dict:
-    from panopticapi.evaluation import pq_compute_multi_core, pq_compute_single_core
+    from panopticapi.evaluation import PQStat, pq_compute_single_core
 
     categories = {int(c["id"]): c for c in gt["categories"]}
     pred_by = {a["image_id"]: a for a in pred["annotations"]}
     matched = [(g, pred_by[g["image_id"]]) for g in gt["annotations"]]
+    # panopticapi's own per-image matcher; chunks over a process pool like its pq_compute_multi_core,
+    # but the pool is closed afterwards (theirs is left open) and small sets stay in-process.
+    n_proc = min(os.cpu_count() or 1, max(1, len(matched) // 64))
+    chunks = [matched[i::n_proc] for i in range(n_proc)]
     try:
         with quiet():
-            if len(matched) <= 64:  # a process pool costs more than it saves on small sets
+            if n_proc == 1:
                 stat = pq_compute_single_core(0, matched, str(gt_dir), str(pred_dir), categories)
             else:
-                stat = pq_compute_multi_core(matched, str(gt_dir), str(pred_dir), categories)
+                with multiprocessing.get_context("fork").Pool(n_proc) as pool:
+                    parts = pool.starmap(pq_compute_single_core,
+                                         [(i, c, str(gt_dir), str(pred_dir), categories) for i, c in enumerate(chunks)])
+                stat = PQStat()
+                for part in parts:
+                    stat += part
     except Exception as e:  # noqa: BLE001 - panopticapi raises bare Exception/KeyError
         raise InputError(f"panoptic evaluation of {pred_dir} against {gt_dir} failed: {e}") from None
     splits = {}

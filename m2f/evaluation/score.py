@@ -10,7 +10,6 @@ import argparse
 import json
 import math
 import time
-from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from m2f.errors import InputError
