@@ -24,7 +24,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -104,9 +104,9 @@ def environment(device: str) -> Dict[str, Any]:
         env["device"] = f"cpu ({platform.processor() or platform.machine()})"
     try:
         root = Path(__file__).resolve().parent.parent
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=root, capture_output=True, text=True,
                              timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False, cwd=root,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         env["git_commit"] = (sha + ("-dirty" if dirty else "")) if sha else None
     except Exception:  # noqa: BLE001 - no git here is fine
@@ -183,6 +183,28 @@ def _triton_skip_reason(device: str) -> Optional[str]:
     return None
 
 
+def _bench_backend(fn, value, shapes, loc, attn, grad_out, bound, device, iters, warmup) -> Dict[str, Any]:
+    """Forward (no grad) and forward+backward timings, peak memory and the fraction of the bound."""
+    leaves = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
+
+    def forward():
+        with torch.no_grad():
+            return fn(value, shapes, loc, attn)
+
+    def forward_backward():
+        for t in leaves:
+            t.grad = None
+        fn(leaves[0], shapes, leaves[1], leaves[2]).backward(grad_out)
+
+    row: Dict[str, Any] = {"forward_ms": _time_ms(forward, device, iters, warmup),
+                           "forward_backward_ms": _time_ms(forward_backward, device, iters, warmup),
+                           "peak_memory_mib": _peak_mib(forward_backward, device)}
+    row["fraction_of_bound"] = {
+        "forward": bound["forward_seconds"] * 1e3 / row["forward_ms"],
+        "forward_backward": bound["forward_backward_seconds"] * 1e3 / row["forward_backward_ms"]}
+    return row
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     B, nH, P = args.batch, args.heads, args.points
     Dh = args.channels // nH
@@ -219,28 +241,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 row["skipped"] = skip
                 report["results"].append(row)
                 continue
-            fn = fns[backend]
             with torch.no_grad():
-                outputs[backend] = fn(value, shapes, loc, attn).float()
-            leaves = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
-
-            def forward():
-                with torch.no_grad():
-                    return fn(value, shapes, loc, attn)
-
-            def forward_backward():
-                for t in leaves:
-                    t.grad = None
-                fn(leaves[0], shapes, leaves[1], leaves[2]).backward(grad_out)
-
-            row["forward_ms"] = _time_ms(forward, device, args.iters, args.warmup)
-            row["forward_backward_ms"] = _time_ms(forward_backward, device, args.iters, args.warmup)
-            row["peak_memory_mib"] = _peak_mib(forward_backward, device)
-            row["fraction_of_bound"] = {
-                "forward": bound["forward_seconds"] * 1e3 / row["forward_ms"],
-                "forward_backward": bound["forward_backward_seconds"] * 1e3 / row["forward_backward_ms"]}
+                outputs[backend] = fns[backend](value, shapes, loc, attn).float()
+            row.update(_bench_backend(fns[backend], value, shapes, loc, attn, grad_out, bound, device,
+                                      args.iters, args.warmup))
             report["results"].append(row)
-            del leaves
         if "reference" in outputs and "triton" in outputs:
             ref = outputs["reference"]
             err = ((outputs["triton"] - ref).abs().max() / ref.abs().max()).item()
