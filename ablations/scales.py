@@ -31,11 +31,6 @@ from m2f.errors import InputError
 #   3 x (CPU_ITERS x 0.75 + (CPU_ITERS / CPU_EVAL_PERIOD) x 10 + ~15 s start-up and FLOPs)
 #   = 3 x (300 + 20 + 15) s = 17 min  (<= 20 min)
 # --------------------------------------------------------------------------------------------
-CPU_SECONDS_PER_ITER = 0.75 (re-measure with `python -m ablations run ... --scale smoke` logs).
-# One evaluation on CPU_EVAL_LIMIT val images costs about CPU_SECONDS_PER_EVAL s.
-# Budget for masked_attention (3 rows x CPU_SEEDS seeds = 6 runs, CPU_JOBS = 2 -> 3 rounds):
-#   3 x (CPU_ITERS x 0.75 + (CPU_ITERS / CPU_EVAL_PERIOD) x 20) = 3 x (300 + 40) s = 17 min  (<= 20 min)
-# --------------------------------------------------------------------------------------------
 CPU_SECONDS_PER_ITER = 0.75
 CPU_SECONDS_PER_EVAL = 10.0
 CPU_ITERS = 400
