@@ -207,7 +207,11 @@ def execute_run(job: Dict[str, Any]) -> Dict[str, Any]:
     if job.get("need_flops"):
         h, w = job["flops_size"]
         try:
-            flops = m2f_flops.count_flops(cfg, h, w)
+            import warnings
+
+            with warnings.catch_warnings():  # fvcore's torch.jit deprecation noise
+                warnings.simplefilter("ignore", FutureWarning)
+                flops = m2f_flops.count_flops(cfg, h, w)
         except Exception as e:  # noqa: BLE001 - FLOPs are a report column, not worth losing a run over
             flops = {"error": f"{type(e).__name__}: {e}"}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB

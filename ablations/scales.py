@@ -87,7 +87,7 @@ PAPER_OVERRIDES: Dict[str, Any] = {
 
 SCALES: Dict[str, Scale] = {
     "smoke": Scale("smoke", "tiny preset, 16 synthetic 64px images, 10 iterations (pipeline check only)",
-                   "tiny", SMOKE_OVERRIDES, seeds=1, jobs=1, eval_limit=8, flops_size=(64, 64),
+                   "tiny", SMOKE_OVERRIDES, seeds=1, jobs=2, eval_limit=8, flops_size=(64, 64),
                    seconds_per_iter=0.3, seconds_per_eval=3.0),
     "cpu": Scale("cpu", f"tiny preset, embedded synthetic data (128px), {CPU_ITERS} iterations",
                  "tiny", CPU_OVERRIDES, seeds=CPU_SEEDS, jobs=CPU_JOBS, eval_limit=CPU_EVAL_LIMIT,
