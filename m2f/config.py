@@ -392,6 +392,18 @@ def _paths(cfg_cls, prefix: str = "") -> list[str]:
     return out
 
 
+def get_args_choices(path: str) -> tuple:
+    """The valid values of a Literal-typed field, e.g. ``get_args_choices("decoder.cross_attention")``."""
+    cls: Any = Config
+    parts = path.split(".")
+    for part in parts[:-1]:
+        cls = _type_hints(cls)[part]
+    tp = _type_hints(cls)[parts[-1]]
+    if get_origin(tp) is not Literal:
+        raise ConfigError(f"{path} is not a field with fixed choices")
+    return get_args(tp)
+
+
 def all_paths() -> list[str]:
     """Every overridable dotted path."""
     return _paths(Config)
