@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 
@@ -55,9 +56,13 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def scale_shift(self) -> tuple[Tensor, Tensor]:
+        """The affine map this layer applies: y = x * scale + shift, scale/shift [C]."""
         scale = self.weight * (self.running_var + self.eps).rsqrt()  # [C]
-        shift = self.bias - self.running_mean * scale
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, shift = self.scale_shift()
         return x * scale[None, :, None, None].to(x.dtype) + shift[None, :, None, None].to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -80,6 +85,30 @@ class FrozenBatchNorm2d(nn.Module):
             if new is not child:
                 setattr(module, name, new)
         return module
+
+
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
+    """``norm(conv(x))``; a FrozenBatchNorm2d is folded into the convolution (weight * scale, bias
+    shift): one conv instead of conv + two full-size elementwise passes, same function (gradients
+    still reach ``conv.weight``)."""
+    if isinstance(norm, FrozenBatchNorm2d):
+        scale, shift = norm.scale_shift()  # [C_out] each
+        weight = conv.weight * scale.to(conv.weight.dtype)[:, None, None, None]
+        bias = shift if conv.bias is None else conv.bias * scale + shift
+        return F.conv2d(x, weight, bias.to(weight.dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
+    return norm(conv(x))
+
+
+def _block_forward(block: nn.Module, x: Tensor) -> Tensor:
+    """torchvision Bottleneck / BasicBlock forward with :func:`conv_norm` (same parameters)."""
+    out = F.relu(conv_norm(block.conv1, block.bn1, x))
+    if hasattr(block, "conv3"):  # bottleneck
+        out = F.relu(conv_norm(block.conv2, block.bn2, out))
+        out = conv_norm(block.conv3, block.bn3, out)
+    else:
+        out = conv_norm(block.conv2, block.bn2, out)
+    identity = x if block.downsample is None else conv_norm(block.downsample[0], block.downsample[1], x)
+    return F.relu(out + identity)
 
 
 def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
@@ -168,11 +197,16 @@ class ResNetBackbone(nn.Module):
                 setattr(self, name, FrozenBatchNorm2d.convert(getattr(self, name)))
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # [B, 64, H/4, W/4]
-        res2 = self.layer1(x)  # [B, C2, H/4, W/4]
-        res3 = self.layer2(res2)  # [B, C3, H/8, W/8]
-        res4 = self.layer3(res3)  # [B, C4, H/16, W/16]
-        res5 = self.layer4(res4)  # [B, C5, H/32, W/32]
+        # channels_last: oneDNN (CPU) and cuDNN (tensor cores) convolutions run without layout
+        # reorders; the outputs are channels_last views of the usual [B, C, H, W] tensors.
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = self.maxpool(F.relu(conv_norm(self.conv1, self.bn1, x)))  # [B, 64, H/4, W/4]
+        feats = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                x = _block_forward(block, x)
+            feats.append(x)
+        res2, res3, res4, res5 = feats  # [B, C_i, H/s_i, W/s_i], s = 4, 8, 16, 32
         return {"res2": res2, "res3": res3, "res4": res4, "res5": res5}
 
 

@@ -8,6 +8,13 @@ with sine positional encodings plus a learnable embedding per level.  One FPN st
 
 ``forward(features) -> (mask_features [B, mask_dim, H/4, W/4],
 [1/32, 1/16, 1/8] maps with conv_dim channels)`` (low resolution first).
+
+Speed (see reports/bench/README.md): with ``backend="reference"`` the attention runs
+:func:`ms_deform_attn_gather`, a pure-PyTorch formulation of the same function as
+``kernels.ms_deform_attn.ms_deform_attn_reference`` (the grid_sample spec) that folds the bilinear
+and attention weights into one ``embedding_bag`` gather-and-sum (no [B*nH, Dh, Q, L*P] sample
+tensor, no per-level grid_sample, no stack); the sine positional encodings and reference points
+depend only on the level shapes and are cached per shape.
 """
 from __future__ import annotations
 
@@ -40,11 +47,55 @@ def _c2_xavier_fill(conv: nn.Conv2d) -> None:
         nn.init.zeros_(conv.bias)
 
 
+def ms_deform_attn_gather(value: Tensor, spatial_shapes: Sequence[Tuple[int, int]], sampling_locations: Tensor,
+                          attention_weights: Tensor) -> Tensor:
+    """Multi-scale deformable attention as one weighted gather (``F.embedding_bag``, mode "sum").
+
+    Same shapes and semantics as ``kernels.ms_deform_attn.ms_deform_attn_reference``:
+    value [B, S, nH, Dh]; sampling_locations [B, Q, nH, L, P, 2] normalised (x, y);
+    attention_weights [B, Q, nH, L, P] -> [B, Q, nH * Dh].  Bilinear, zero outside each map,
+    align_corners=False (pixel coordinate = loc * size - 0.5).
+
+    Each of the L*P samples reads its 4 bilinear corners: the corner's row index in ``value``
+    viewed as [B*S*nH, Dh] and its weight (bilinear weight x attention weight, 0 outside the map).
+    The weights are differentiable in the locations and attention weights (through the fractional
+    part of the pixel coordinate, as grid_sample's gradient), embedding_bag's backward gives the
+    gradients of ``value`` and of the weights.  No host synchronisation.
+    """
+    B, S, nH, Dh = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    dev, itype = value.device, torch.int32  # int32 indices: B*S*nH stays far below 2**31
+    size = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=sampling_locations.dtype, device=dev)
+    lim = torch.tensor([[w - 1, h - 1] for h, w in spatial_shapes], dtype=itype, device=dev)
+    width = torch.tensor([w for _, w in spatial_shapes], dtype=itype, device=dev)
+    starts = torch.tensor([0] + [h * w for h, w in spatial_shapes][:-1], dtype=itype, device=dev).cumsum(0)
+    # Row of key 0 of level l for (batch b, head h) in value.view(B*S*nH, Dh): [B, 1, nH, L, 1]
+    base = ((torch.arange(B, dtype=itype, device=dev).view(B, 1, 1, 1, 1) * S + starts.view(1, 1, 1, L, 1)) * nH
+            + torch.arange(nH, dtype=itype, device=dev).view(1, 1, nH, 1, 1))
+    pix = sampling_locations * size.view(L, 1, 2) - 0.5  # [B, Q, nH, L, P, 2] (x, y) pixel coordinates
+    p0 = pix.detach().floor()
+    frac = pix - p0  # [B, Q, nH, L, P, 2] in [0, 1)
+    corner = p0.to(itype)[..., None] + torch.tensor([0, 1], dtype=itype, device=dev)  # [..., 2 (xy), 2 (lo/hi)]
+    lim = lim.view(L, 1, 2, 1)
+    inside = (corner >= 0) & (corner <= lim)  # [B, Q, nH, L, P, 2, 2]
+    corner = torch.minimum(corner.clamp(min=0), lim)  # any in-range row; its weight is 0
+    wts = torch.stack((1 - frac, frac), -1) * inside  # [B, Q, nH, L, P, 2 (xy), 2 (lo/hi)]
+    # [B, Q, nH, L, P, 2 (y), 2 (x)]
+    w = wts[..., 1, :, None] * wts[..., 0, None, :] * attention_weights[..., None, None]
+    idx = base[..., None, None] + (corner[..., 1, :, None] * width.view(L, 1, 1, 1) + corner[..., 0, None, :]) * nH
+    out = F.embedding_bag(idx.reshape(B * Q * nH, L * P * 4), value.reshape(B * S * nH, Dh),
+                          per_sample_weights=w.reshape(B * Q * nH, L * P * 4).to(value.dtype), mode="sum")
+    return out.view(B, Q, nH * Dh)
+
+
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention (Zhu et al., Deformable DETR).
 
     forward(query [B,Q,C], reference_points [B,Q,L,2] in [0,1] (x,y), value_in [B,S,C],
     spatial_shapes [(H_l, W_l)] * L) -> [B,Q,C]
+
+    backend "reference" runs :func:`ms_deform_attn_gather` (pure PyTorch, any device); "triton" /
+    "auto" dispatch through ``kernels.ms_deform_attn.ms_deform_attn``.
     """
 
     def __init__(self, dim: int, num_heads: int, num_levels: int, num_points: int, backend: str = "reference"):
@@ -87,7 +138,10 @@ class MSDeformAttn(nn.Module):
         # Offsets are in pixels of each level: normalise by (W_l, H_l).
         normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
         loc = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        out = ms_deform_attn(value, spatial_shapes, loc, weights, backend=self.backend)  # [B, Q, C]
+        if self.backend == "reference":
+            out = ms_deform_attn_gather(value, spatial_shapes, loc, weights)  # [B, Q, C]
+        else:
+            out = ms_deform_attn(value, spatial_shapes, loc, weights, backend=self.backend)  # [B, Q, C]
         return self.output_proj(out)
 
 
@@ -174,20 +228,32 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=1)
         _c2_xavier_fill(self.mask_features)
         self.conv_dim, self.mask_dim = conv_dim, mask_dim
+        # (shapes, batch, device, dtype) -> (sine encodings [B, S, D], reference points [B, S, L, 2])
+        self._shape_cache: Dict[tuple, Tuple[Tensor, Tensor]] = {}
+
+    def _shape_constants(self, shapes: List[Tuple[int, int]], batch: int, like: Tensor) -> Tuple[Tensor, Tensor]:
+        """Sine positional encodings of every level, flattened [B, S, D], and the encoder reference
+        points [B, S, L, 2]; both depend only on the shapes, so they are computed once per shape."""
+        key = (tuple(shapes), batch, like.device, like.dtype)
+        hit = self._shape_cache.get(key)
+        if hit is None:
+            with torch.no_grad():
+                pe = [self.pe_layer(like.new_empty(batch, 1, h, w)).flatten(2).transpose(1, 2) for h, w in shapes]
+                hit = (torch.cat(pe, 1), encoder_reference_points(shapes, batch, like.device, like.dtype))
+            if len(self._shape_cache) >= 16:  # many input sizes (multi-scale test): bounded
+                self._shape_cache.clear()
+            self._shape_cache[key] = hit
+        return hit
 
     def forward(self, features: Dict[str, Tensor]) -> Tuple[Tensor, List[Tensor]]:
-        srcs, pos = [], []
-        for lvl, name in enumerate(self.trans_names):
-            x = features[name]
-            src = self.input_proj[lvl](x)  # [B, D, H_l, W_l]
-            p = self.pe_layer(src) + self.level_embed[lvl].view(1, -1, 1, 1).to(src.dtype)
-            srcs.append(src)
-            pos.append(p)
+        srcs = [proj(features[name]) for proj, name in zip(self.input_proj, self.trans_names)]  # [B, D, H_l, W_l]
         B = srcs[0].shape[0]
         shapes = [(int(s.shape[2]), int(s.shape[3])) for s in srcs]  # python ints from shapes: no sync
         x = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # [B, S, D]
-        pos_flat = torch.cat([p.flatten(2).transpose(1, 2) for p in pos], 1)  # [B, S, D]
-        ref = encoder_reference_points(shapes, B, x.device, x.dtype)  # [B, S, L, 2]
+        sine, ref = self._shape_constants(shapes, B, x)  # [B, S, D], [B, S, L, 2]
+        level = torch.cat([self.level_embed[lvl].to(x.dtype).expand(h * w, -1)
+                           for lvl, (h, w) in enumerate(shapes)], 0)  # [S, D]
+        pos_flat = sine + level  # [B, S, D]
         for layer in self.layers:
             x = layer(x, pos_flat, ref, shapes)
         outs = [
