@@ -9,17 +9,18 @@ with sine positional encodings plus a learnable embedding per level.  One FPN st
 ``forward(features) -> (mask_features [B, mask_dim, H/4, W/4],
 [1/32, 1/16, 1/8] maps with conv_dim channels)`` (low resolution first).
 
-Speed (see reports/bench/README.md): with ``backend="reference"`` the attention runs
-:func:`ms_deform_attn_gather`, a pure-PyTorch formulation of the same function as
-``kernels.ms_deform_attn.ms_deform_attn_reference`` (the grid_sample spec) that folds the bilinear
-and attention weights into one ``embedding_bag`` gather-and-sum (no [B*nH, Dh, Q, L*P] sample
-tensor, no per-level grid_sample, no stack); the sine positional encodings and reference points
-depend only on the level shapes and are cached per shape.
+Speed (see reports/bench/README.md): ``backend="reference"`` runs pure-PyTorch formulations of
+the same function as ``kernels.ms_deform_attn.ms_deform_attn_reference`` (the grid_sample spec):
+without autograd :func:`ms_deform_attn_gather` folds the bilinear and attention weights into one
+``embedding_bag`` gather-and-sum (no [B*nH, Dh, Q, L*P] sample tensor); with autograd
+:func:`ms_deform_attn_levels` accumulates the weighted sum level by level (no stack of the
+levels' samples; embedding_bag's backward sorts its indices and is slower there).  The sine
+positional encodings and reference points depend only on the level shapes: cached per shape.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -88,14 +89,33 @@ def ms_deform_attn_gather(value: Tensor, spatial_shapes: Sequence[Tuple[int, int
     return out.view(B, Q, nH * Dh)
 
 
+def ms_deform_attn_levels(value: Tensor, spatial_shapes: Sequence[Tuple[int, int]], sampling_locations: Tensor,
+                          attention_weights: Tensor) -> Tensor:
+    """The grid_sample formulation, accumulated per level (shapes as :func:`ms_deform_attn_gather`)."""
+    B, S, nH, Dh = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    grids = 2.0 * sampling_locations - 1.0  # grid_sample's [-1, 1]
+    out: Optional[Tensor] = None
+    levels = value.split([h * w for h, w in spatial_shapes], dim=1)
+    for lvl, (v, (h, w)) in enumerate(zip(levels, spatial_shapes)):
+        v = v.flatten(2).transpose(1, 2).reshape(B * nH, Dh, h, w)  # [B*nH, Dh, H_l, W_l]
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # [B*nH, Q, P, 2]
+        s = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # [B*nH, Dh, Q, P]
+        a = attention_weights[:, :, :, lvl].transpose(1, 2).reshape(B * nH, 1, Q, P)
+        o = (s * a).sum(-1)  # [B*nH, Dh, Q]
+        out = o if out is None else out + o
+    return out.view(B, nH * Dh, Q).transpose(1, 2)  # [B, Q, nH*Dh]
+
+
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention (Zhu et al., Deformable DETR).
 
     forward(query [B,Q,C], reference_points [B,Q,L,2] in [0,1] (x,y), value_in [B,S,C],
     spatial_shapes [(H_l, W_l)] * L) -> [B,Q,C]
 
-    backend "reference" runs :func:`ms_deform_attn_gather` (pure PyTorch, any device); "triton" /
-    "auto" dispatch through ``kernels.ms_deform_attn.ms_deform_attn``.
+    backend "reference" runs :func:`ms_deform_attn_gather` (no autograd) or
+    :func:`ms_deform_attn_levels` (pure PyTorch, any device); "triton" / "auto" dispatch through
+    ``kernels.ms_deform_attn.ms_deform_attn``.
     """
 
     def __init__(self, dim: int, num_heads: int, num_levels: int, num_points: int, backend: str = "reference"):
@@ -139,7 +159,9 @@ class MSDeformAttn(nn.Module):
         normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
         loc = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         if self.backend == "reference":
-            out = ms_deform_attn_gather(value, spatial_shapes, loc, weights)  # [B, Q, C]
+            needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (value, loc, weights))
+            impl = ms_deform_attn_levels if needs_grad else ms_deform_attn_gather
+            out = impl(value, spatial_shapes, loc, weights)  # [B, Q, C]
         else:
             out = ms_deform_attn(value, spatial_shapes, loc, weights, backend=self.backend)  # [B, Q, C]
         return self.output_proj(out)

@@ -1,0 +1,515 @@
+"""Benchmarks: training memory per image and speed / FLOPs side by side with HF transformers.
+
+    python -m m2f.bench memory --sizes 512,1024 --device cpu --out reports/bench
+    python -m m2f.bench speed --preset r50_coco_panoptic --size 512 --iters 5 --out reports/bench
+
+``memory``: peak training memory (forward + loss + backward, batch 1, ``--num-masks`` target
+masks) for each paper Table 5 variant (``loss.matching`` x ``loss.loss`` in {mask, point}), each
+variant in a FRESH subprocess.  CUDA: ``torch.cuda.max_memory_allocated`` (+ NVML process memory
+when nvidia-ml-py is installed).  CPU (a measured stand-in, not the paper's GPU number): peak RSS
+of the worker (``ru_maxrss``) minus its resident set just before the step.  Ratios
+full-mask / point are computed from those measured values.
+
+``speed``: m2f and HF's ``Mask2FormerForUniversalSegmentation`` built with the same config, HF's
+random weights converted with :func:`m2f.convert.from_hf` (both compute the same function), timed
+in ONE process, interleaved (A, B, A, B, ...; median and min): training iterations/s
+(forward + own loss + backward + AdamW step) and inference images/s (batch 1, eval, panoptic
+post-processing included as the paper's fps: :func:`m2f.inference.postprocess` / HF's
+``post_process_panoptic_segmentation``).  FLOPs with fvcore (:func:`m2f.flops.count_flops`).
+
+Results: ``<out>/<name>.json`` (atomic) with the environment, and ``<out>/README.md`` re-rendered
+from every JSON there (the profile notes in ``<out>/NOTES.md`` are kept above the tables).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from m2f.checkpoint import atomic_write_json, atomic_write_text
+from m2f.config import Config, apply_overrides, get_preset, list_presets, to_dict
+from m2f.errors import InputError
+
+VARIANTS: List[Tuple[str, str]] = [("mask", "mask"), ("mask", "point"), ("point", "mask"), ("point", "point")]
+PAPER_MEMORY_GB = {("mask", "mask"): 18, ("mask", "point"): 6, ("point", "mask"): 18, ("point", "point"): 6}
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment, inputs
+# ----------------------------------------------------------------------------------------------
+def environment(device: str) -> Dict[str, Any]:
+    env: Dict[str, Any] = {
+        "device": device, "torch": torch.__version__, "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                           cwd=Path(__file__).resolve().parent.parent, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    return env
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def synthetic_targets(num_masks: int, num_classes: int, height: int, width: int, device: str,
+                      seed: int = 0) -> Dict[str, torch.Tensor]:
+    """One image's targets: ``num_masks`` random ellipses (labels [N] int64, masks bool [N, H, W])."""
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.arange(height, dtype=torch.float32)[:, None]
+    xs = torch.arange(width, dtype=torch.float32)[None, :]
+    masks = []
+    for _ in range(num_masks):
+        cy, cx = torch.rand(2, generator=g) * torch.tensor([height, width])
+        ry, rx = (0.05 + 0.3 * torch.rand(2, generator=g)) * torch.tensor([height, width])
+        masks.append(((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2 <= 1.0)
+    masks_t = torch.stack(masks) if masks else torch.zeros(0, height, width, dtype=torch.bool)
+    labels = torch.randint(0, num_classes, (num_masks,), generator=g)
+    return {"labels": labels.to(device), "masks": masks_t.to(device)}
+
+
+def _check_device(device: str) -> str:
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InputError(f"--device: expected cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available here")
+    return device
+
+
+def _parse_sizes(text: str) -> List[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise InputError(f"--sizes: expected comma-separated integers, got {text!r}") from None
+    if not sizes or any(s < 32 or s % 32 for s in sizes):
+        raise InputError(f"--sizes: expected positive multiples of 32, got {text!r}")
+    return sizes
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _nvml_process_bytes() -> Optional[int]:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        idx = torch.cuda.current_device()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(idx)
+        for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if p.pid == os.getpid():
+                return int(p.usedGpuMemory or 0)
+    except Exception:  # noqa: BLE001 - NVML is optional; report nothing rather than fail
+        return None
+    return None
+
+
+def memory_worker(preset: str, size: int, matching: str, loss: str, device: str, num_masks: int,
+                  overrides: Sequence[str] = (), threads: int = 0) -> Dict[str, Any]:
+    """One variant, measured in THIS process (call it in a fresh one): peak training memory of one
+    forward + loss + backward at batch 1.  Returns a dict of measured bytes."""
+    from m2f.loss import build_criterion
+    from m2f.models.build import build_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = get_preset(preset, list(overrides) + [f"loss.matching={matching}", f"loss.loss={loss}"])
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device).train()
+    criterion = build_criterion(cfg.loss, cfg.num_classes).to(device)
+    x = torch.randn(1, 3, size, size, device=device)
+    targets = [synthetic_targets(num_masks, cfg.num_classes, size, size, device)]
+    gc.collect()
+    out: Dict[str, Any] = {"matching": matching, "loss": loss, "size": size, "num_masks": num_masks}
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    t0 = time.perf_counter()
+    losses = criterion(model(x), targets)
+    total = sum(losses.values())
+    total.backward()
+    _sync(device)
+    out["step_s"] = time.perf_counter() - t0
+    out["loss"] = loss
+    out["total_loss"] = float(total.detach())
+    if device.startswith("cuda"):
+        out["method"] = "cuda max_memory_allocated - allocated before the step"
+        out["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        out["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        nv = _nvml_process_bytes()
+        if nv is not None:
+            out["nvml_process_bytes"] = nv
+    else:
+        out["method"] = "cpu stand-in: peak RSS (ru_maxrss) - RSS before the step, fresh process"
+        out["peak_bytes"] = _maxrss_bytes() - base
+        out["rss_before_bytes"] = base
+    return out
+
+
+def _run_worker(args: Dict[str, Any], timeout: float) -> Dict[str, Any]:
+    cmd = [sys.executable, "-m", "m2f.bench", "_memory_worker", json.dumps(args)]
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"memory worker {args} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def memory_ratios(rows: Sequence[Dict[str, Any]]) -> Dict[str, float]:
+    """full-mask / point ratios from the measured ``peak_bytes`` of one size's four variants."""
+    by = {(r["matching"], r["loss"]): r["peak_bytes"] for r in rows}
+    out: Dict[str, float] = {}
+    if ("mask", "mask") in by and ("point", "point") in by:
+        out["mask_mask_over_point_point"] = by[("mask", "mask")] / max(by[("point", "point")], 1)
+    if ("point", "mask") in by and ("point", "point") in by:
+        out["loss_mask_over_point@point_matching"] = by[("point", "mask")] / max(by[("point", "point")], 1)
+    if ("mask", "mask") in by and ("mask", "point") in by:
+        out["loss_mask_over_point@mask_matching"] = by[("mask", "mask")] / max(by[("mask", "point")], 1)
+    return out
+
+
+def run_memory(preset: str, sizes: Sequence[int], device: str, num_masks: int, overrides: Sequence[str] = (),
+               threads: int = 0, timeout: float = 3600.0) -> Dict[str, Any]:
+    results: Dict[str, Any] = {"kind": "memory", "preset": preset, "overrides": list(overrides),
+                               "num_masks": num_masks, "sizes": {}, "environment": environment(device)}
+    for size in sizes:
+        rows = []
+        for matching, loss in VARIANTS:
+            r = _run_worker({"preset": preset, "size": size, "matching": matching, "loss": loss, "device": device,
+                             "num_masks": num_masks, "overrides": list(overrides), "threads": threads}, timeout)
+            r["paper_gb"] = PAPER_MEMORY_GB[(matching, loss)]
+            rows.append(r)
+            print(f"memory {size}px matching={matching} loss={loss}: {r['peak_bytes'] / 2**30:.3f} GiB "
+                  f"({r['step_s']:.1f} s)", flush=True)
+        results["sizes"][str(size)] = {"variants": rows, "ratios": memory_ratios(rows)}
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed (m2f vs HF)
+# ----------------------------------------------------------------------------------------------
+_HF_RESNETS = {
+    "resnet18": ([2, 2, 2, 2], [64, 128, 256, 512], "basic"),
+    "resnet34": ([3, 4, 6, 3], [64, 128, 256, 512], "basic"),
+    "resnet50": ([3, 4, 6, 3], [256, 512, 1024, 2048], "bottleneck"),
+    "resnet101": ([3, 4, 23, 3], [256, 512, 1024, 2048], "bottleneck"),
+}
+
+
+def hf_model_for(cfg: Config):
+    """HF Mask2FormerForUniversalSegmentation with ``cfg``'s architecture (random weights, offline)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
+
+    if cfg.backbone.kind not in _HF_RESNETS:
+        raise InputError(f"bench speed: backbone.kind={cfg.backbone.kind!r}; the HF comparison supports "
+                         f"{sorted(_HF_RESNETS)}")
+    depths, widths, layer_type = _HF_RESNETS[cfg.backbone.kind]
+    bc = ResNetConfig(depths=depths, hidden_sizes=widths, layer_type=layer_type,
+                      out_features=["stage1", "stage2", "stage3", "stage4"],
+                      downsample_in_bottleneck=not cfg.backbone.stride_in_3x3)
+    d, p, l = cfg.decoder, cfg.pixel_decoder, cfg.loss
+    hcfg = Mask2FormerConfig(
+        backbone_config=bc, num_labels=cfg.num_classes, use_pretrained_backbone=False, feature_size=p.conv_dim,
+        mask_feature_size=p.mask_dim, hidden_dim=d.hidden_dim, encoder_layers=p.num_encoder_layers,
+        encoder_feedforward_dim=p.ffn_dim, dim_feedforward=d.ffn_dim, num_queries=d.num_queries,
+        decoder_layers=d.num_layers + 1, num_attention_heads=d.num_heads, dropout=0.0, pre_norm=d.pre_norm,
+        train_num_points=l.num_points, oversample_ratio=l.oversample_ratio,
+        importance_sample_ratio=l.importance_sample_ratio, class_weight=l.class_weight, mask_weight=l.mask_weight,
+        dice_weight=l.dice_weight, no_object_weight=l.no_object_weight)
+    torch.manual_seed(0)
+    return Mask2FormerForUniversalSegmentation(hcfg)
+
+
+def _freeze_hf_batchnorm(hf) -> None:
+    """Frozen BN as the official / m2f backbone: BN modules in eval mode, affine not trained."""
+    for m in hf.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+            for prm in m.parameters():
+                prm.requires_grad_(False)
+
+
+def _time(fn: Callable[[], Any], device: str) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def interleaved(fns: Dict[str, Callable[[], Any]], iters: int, device: str, warmup: int = 1) -> Dict[str, Dict]:
+    """Time each callable ``iters`` times, interleaved (A, B, A, B; the starting one alternates so
+    neither always runs first).  Returns per name {median_s, min_s, times_s}."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            _time(fns[n], device)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for i in range(iters):
+        for n in (names if i % 2 == 0 else names[::-1]):
+            times[n].append(_time(fns[n], device))
+    return {n: {"median_s": statistics.median(v), "min_s": min(v), "times_s": v} for n, v in times.items()}
+
+
+def run_speed(preset: str, size: int, device: str, iters: int, num_masks: int, overrides: Sequence[str] = (),
+              flops: bool = True, train: bool = True, infer: bool = True) -> Dict[str, Any]:
+    from m2f.convert import from_hf
+    from m2f.loss import build_criterion
+
+    cfg0 = get_preset(preset, list(overrides))
+    hf = hf_model_for(cfg0)
+    model, cfg = from_hf(hf)
+    # from_hf fixes the architecture; keep the preset's non-architectural switches (backends).
+    cfg = apply_overrides(cfg, {"decoder.attention_backend": cfg0.decoder.attention_backend,
+                                "pixel_decoder.deform_attn_backend": cfg0.pixel_decoder.deform_attn_backend})
+    model.transformer_decoder.layers.apply(
+        lambda m: setattr(m, "backend", cfg.decoder.attention_backend) if hasattr(m, "head_dim") else None)
+    model.pixel_decoder.layers.apply(
+        lambda m: setattr(m, "backend", cfg.pixel_decoder.deform_attn_backend) if hasattr(m, "num_points") else None)
+    hf, model = hf.to(device), model.to(device)
+    x = torch.randn(1, 3, size, size, device=device, generator=None)
+    tgt = synthetic_targets(num_masks, cfg.num_classes, size, size, device)
+    res: Dict[str, Any] = {"kind": "speed", "preset": preset, "overrides": list(overrides), "size": size,
+                           "iters": iters, "num_masks": num_masks, "environment": environment(device),
+                           "m2f_config": to_dict(cfg)}
+    # Same function check (eval, the final prediction).
+    model.eval(), hf.eval()
+    with torch.no_grad():
+        diff = (model(x).mask_logits - hf(pixel_values=x).masks_queries_logits).abs().max()
+    res["max_abs_diff_mask_logits"] = float(diff)
+
+    if infer:
+        from m2f.inference import postprocess
+        from transformers import Mask2FormerImageProcessor
+
+        n_thing = max(1, int(round(cfg.num_classes * 80 / 133)))  # COCO's thing share
+        is_thing = torch.arange(cfg.num_classes) < n_thing
+        stuff = set(range(n_thing, cfg.num_classes))
+        proc = Mask2FormerImageProcessor()
+        ic = cfg.inference
+        kept: Dict[str, int] = {}
+
+        def m2f_infer():
+            with torch.no_grad():
+                r = postprocess(model(x), [(size, size)], [(size, size)], ic, is_thing, tasks=("panoptic",))
+            kept["m2f"] = len(r[0]["panoptic_seg"][1])
+
+        def hf_infer():
+            with torch.no_grad():
+                r = proc.post_process_panoptic_segmentation(
+                    hf(pixel_values=x), threshold=ic.object_mask_threshold, mask_threshold=0.5,
+                    overlap_mask_area_threshold=ic.overlap_threshold, label_ids_to_fuse=stuff,
+                    target_sizes=[(size, size)])
+            kept["hf"] = len(r[0]["segments_info"])
+
+        t = interleaved({"m2f": m2f_infer, "hf": hf_infer}, iters, device)
+        res["inference"] = {
+            **{k: {**v, "images_per_s": 1.0 / v["median_s"]} for k, v in t.items()},
+            "ratio_m2f_over_hf": t["hf"]["median_s"] / t["m2f"]["median_s"],
+            "ratio_min_m2f_over_hf": t["hf"]["min_s"] / t["m2f"]["min_s"],
+            "segments_kept": kept,
+            "postprocess": "m2f.inference.postprocess(panoptic) / HF post_process_panoptic_segmentation",
+        }
+        print(f"inference {size}px: m2f {t['m2f']['median_s']:.3f} s, HF {t['hf']['median_s']:.3f} s "
+              f"-> m2f/HF speed {res['inference']['ratio_m2f_over_hf']:.2f}x", flush=True)
+
+    if train:
+        criterion = build_criterion(cfg.loss, cfg.num_classes).to(device)
+        model.train(), hf.train()
+        _freeze_hf_batchnorm(hf)
+        opt_m = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
+        opt_h = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
+
+        def m2f_step():
+            losses = criterion(model(x), [tgt])
+            sum(losses.values()).backward()
+            opt_m.step()
+            opt_m.zero_grad(set_to_none=True)
+
+        def hf_step():
+            out = hf(pixel_values=x, mask_labels=[tgt["masks"].float()], class_labels=[tgt["labels"]])
+            out.loss.backward()
+            opt_h.step()
+            opt_h.zero_grad(set_to_none=True)
+
+        t = interleaved({"m2f": m2f_step, "hf": hf_step}, iters, device)
+        res["train"] = {
+            **{k: {**v, "iters_per_s": 1.0 / v["median_s"]} for k, v in t.items()},
+            "ratio_m2f_over_hf": t["hf"]["median_s"] / t["m2f"]["median_s"],
+            "ratio_min_m2f_over_hf": t["hf"]["min_s"] / t["m2f"]["min_s"],
+            "step": "forward + own loss + backward + AdamW step (HF: its loss via mask_labels/class_labels)",
+        }
+        print(f"train step {size}px: m2f {t['m2f']['median_s']:.3f} s, HF {t['hf']['median_s']:.3f} s "
+              f"-> m2f/HF speed {res['train']['ratio_m2f_over_hf']:.2f}x", flush=True)
+
+    if flops:
+        from m2f.flops import count_flops
+
+        f = count_flops(cfg, size, size)
+        res["flops"] = {"gflops": f["gflops"], "params": f["params"], "gflops_by_part": f["gflops_by_part"],
+                        "skipped_ops": f["skipped_ops"]}
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.3f}"
+
+
+def render_readme(out_dir: Path) -> str:
+    """Markdown from every result JSON in ``out_dir`` (NOTES.md, if present, goes first)."""
+    out_dir = Path(out_dir)
+    parts = ["# Benchmarks (generated by `python -m m2f.bench`; do not edit, edit NOTES.md)\n"]
+    notes = out_dir / "NOTES.md"
+    if notes.exists():
+        parts.append(notes.read_text().rstrip() + "\n")
+    for path in sorted(out_dir.glob("*.json")):
+        r = json.loads(path.read_text())
+        env = r.get("environment", {})
+        envs = (f"device {env.get('device')}, torch {env.get('torch')}, CUDA {env.get('cuda')}, "
+                f"threads {env.get('threads')}, transformers {env.get('transformers')}, commit "
+                f"{str(env.get('git_commit', ''))[:10]}")
+        if r.get("kind") == "speed":
+            parts.append(f"## Speed `{path.name}`: {r['preset']} {r['size']}x{r['size']}, "
+                         f"{r['iters']} interleaved reps\n\n{envs}; max |m2f - HF| mask logit "
+                         f"{r.get('max_abs_diff_mask_logits', float('nan')):.1e}\n")
+            parts.append("| measure | m2f median (min) s | HF median (min) s | m2f / HF speed (median; min) |")
+            parts.append("|---|---|---|---|")
+            for key, unit in (("inference", "images/s"), ("train", "iters/s")):
+                if key in r:
+                    m, h = r[key]["m2f"], r[key]["hf"]
+                    parts.append(f"| {key} ({unit}: m2f {1 / m['median_s']:.3f}, HF {1 / h['median_s']:.3f}) | "
+                                 f"{m['median_s']:.3f} ({m['min_s']:.3f}) | {h['median_s']:.3f} ({h['min_s']:.3f}) | "
+                                 f"**{r[key]['ratio_m2f_over_hf']:.2f}x**; {r[key]['ratio_min_m2f_over_hf']:.2f}x |")
+            if "flops" in r:
+                f = r["flops"]
+                parts.append(f"\nFLOPs (fvcore, m2f): {f['gflops']:.1f} G, params {f['params'] / 1e6:.1f} M; by part "
+                             + ", ".join(f"{k} {v:.1f}G" for k, v in f["gflops_by_part"].items())
+                             + f"; not counted: {sorted(f['skipped_ops'])}")
+            parts.append("")
+        elif r.get("kind") == "memory":
+            parts.append(f"## Training memory `{path.name}`: {r['preset']}, batch 1, {r['num_masks']} target "
+                         f"masks\n\n{envs}\n")
+            parts.append("| size | matching -> loss | measured GiB | method | paper (V100, per image) |")
+            parts.append("|---|---|---|---|---|")
+            for size, s in r["sizes"].items():
+                for v in s["variants"]:
+                    parts.append(f"| {size} | {v['matching']} -> {v['loss']} | {_gib(v['peak_bytes'])} | "
+                                 f"{v['method']} | {v['paper_gb']} GB |")
+            for size, s in r["sizes"].items():
+                rs = ", ".join(f"{k} = {v:.2f}" for k, v in s["ratios"].items())
+                parts.append(f"\n{size}px ratios (full-mask / point, paper 3.0): {rs}")
+            parts.append("")
+    return "\n".join(parts) + "\n"
+
+
+def write_result(out_dir: Path, name: str, result: Dict[str, Any]) -> Path:
+    out_dir = Path(out_dir)
+    path = out_dir / f"{name}.json"
+    atomic_write_json(path, result)
+    atomic_write_text(out_dir / "README.md", render_readme(out_dir))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_memory_worker"]:  # internal: one memory variant in a fresh process
+        a = json.loads(argv[1])
+        print(json.dumps(memory_worker(**a)))
+        return 0
+    ap = argparse.ArgumentParser(prog="python -m m2f.bench", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("memory", "speed"):
+        p = sub.add_parser(name, help=f"{name} benchmark")
+        p.add_argument("--preset", default="r50_coco_panoptic", help=f"one of {list_presets()}")
+        p.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
+        p.add_argument("--out", default="reports/bench", help="output folder (JSON + README.md)")
+        p.add_argument("--name", default=None, help="result file stem (default: kind_preset_device[_size])")
+        p.add_argument("--num-masks", type=int, default=20, help="target masks per image (default 20)")
+        p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                       help="config override (repeatable)")
+    pm = sub.choices["memory"]
+    pm.add_argument("--sizes", default="512,1024", help="comma-separated square sizes (default 512,1024)")
+    pm.add_argument("--timeout", type=float, default=3600.0, help="seconds per variant")
+    ps = sub.choices["speed"]
+    ps.add_argument("--size", type=int, default=512)
+    ps.add_argument("--iters", type=int, default=5, help="interleaved repetitions (after 1 warm-up)")
+    ps.add_argument("--no-flops", action="store_true")
+    ps.add_argument("--no-train", action="store_true")
+    ps.add_argument("--no-inference", action="store_true")
+    args = ap.parse_args(argv)
+    device = _check_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.num_masks < 0:
+        raise InputError(f"--num-masks: expected >= 0, got {args.num_masks}")
+    get_preset(args.preset, args.overrides)  # validate early
+    if args.cmd == "memory":
+        sizes = _parse_sizes(args.sizes)
+        res = run_memory(args.preset, sizes, device, args.num_masks, args.overrides, args.threads, args.timeout)
+        name = args.name or f"memory_{args.preset}_{device.replace(':', '')}"
+    else:
+        if args.size < 32 or args.size % 32:
+            raise InputError(f"--size: expected a positive multiple of 32, got {args.size}")
+        if args.iters < 1:
+            raise InputError(f"--iters: expected >= 1, got {args.iters}")
+        res = run_speed(args.preset, args.size, device, args.iters, args.num_masks, args.overrides,
+                        flops=not args.no_flops, train=not args.no_train, infer=not args.no_inference)
+        name = args.name or f"speed_{args.preset}_{device.replace(':', '')}_{args.size}"
+    path = write_result(Path(args.out), name, res)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

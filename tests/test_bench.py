@@ -1,0 +1,102 @@
+"""Benchmark CLI smoke tests (tiny preset, 64 px) and the fast deformable-attention paths' parity."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from kernels.ms_deform_attn import ms_deform_attn_reference  # noqa: E402
+from m2f import bench  # noqa: E402
+from m2f.errors import InputError  # noqa: E402
+from m2f.models.pixel_decoders.msdeform import ms_deform_attn_gather, ms_deform_attn_levels  # noqa: E402
+
+
+def _deform_inputs(dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5, 2), (2, 3)]
+    S = sum(h * w for h, w in shapes)
+    value = torch.randn(2, S, 2, 3, generator=g, dtype=dtype)
+    loc = torch.rand(2, 7, 2, 3, 2, 2, generator=g, dtype=dtype) * 1.4 - 0.2  # some samples outside the maps
+    attn = torch.rand(2, 7, 2, 3, 2, generator=g, dtype=dtype)
+    return shapes, value, loc, attn
+
+
+@pytest.mark.parametrize("impl", [ms_deform_attn_gather, ms_deform_attn_levels], ids=["gather", "levels"])
+def test_fast_deform_attn_matches_reference_and_gradcheck(impl):
+    shapes, value, loc, attn = _deform_inputs()
+    ref = ms_deform_attn_reference(value, shapes, loc, attn)
+    out = impl(value, shapes, loc, attn)
+    assert out.shape == ref.shape == (2, 7, 6)
+    assert ref.abs().max() > 0.1 and (out - ref).abs().max() < 1e-12
+    inputs = tuple(t.clone().requires_grad_() for t in (value, loc, attn))
+    assert torch.autograd.gradcheck(lambda v, l, a: impl(v, shapes, l, a), inputs, atol=1e-7)
+    # gradients equal the reference's
+    g_ref = torch.autograd.grad(ms_deform_attn_reference(inputs[0], shapes, *inputs[1:]).sum(), inputs)
+    g_out = torch.autograd.grad(impl(inputs[0], shapes, *inputs[1:]).sum(), inputs)
+    for a, b in zip(g_out, g_ref):
+        assert (a - b).abs().max() < 1e-10
+
+
+def test_gather_zero_outside():
+    shapes, value, loc, attn = _deform_inputs()
+    assert ms_deform_attn_gather(value, shapes, loc + 2.0, attn).abs().max() == 0.0
+
+
+def test_memory_ratios_from_measured_values():
+    rows = [{"matching": m, "loss": l, "peak_bytes": b}
+            for (m, l), b in zip(bench.VARIANTS, [900, 400, 600, 300])]
+    r = bench.memory_ratios(rows)
+    assert r["mask_mask_over_point_point"] == pytest.approx(3.0)
+    assert r["loss_mask_over_point@point_matching"] == pytest.approx(2.0)
+    assert r["loss_mask_over_point@mask_matching"] == pytest.approx(2.25)
+
+
+def test_synthetic_targets():
+    t = bench.synthetic_targets(5, 9, 32, 48, "cpu")
+    assert t["masks"].shape == (5, 32, 48) and t["masks"].dtype == torch.bool
+    assert t["labels"].shape == (5,) and int(t["labels"].max()) < 9
+    assert (t["masks"].flatten(1).sum(1) > 0).all()
+
+
+def test_cli_rejects_bad_input(tmp_path):
+    with pytest.raises(InputError, match="--sizes"):
+        bench.main(["memory", "--preset", "tiny", "--sizes", "50", "--out", str(tmp_path)])
+    with pytest.raises(InputError, match="--device"):
+        bench.main(["speed", "--preset", "tiny", "--device", "tpu", "--out", str(tmp_path)])
+
+
+def test_memory_cli_tiny(tmp_path):
+    assert bench.main(["memory", "--preset", "tiny", "--sizes", "64", "--num-masks", "3", "--threads", "1",
+                       "--out", str(tmp_path), "--name", "mem"]) == 0
+    r = json.loads((tmp_path / "mem.json").read_text())
+    assert r["kind"] == "memory" and r["environment"]["device"] == "cpu"
+    rows = r["sizes"]["64"]["variants"]
+    assert [(v["matching"], v["loss"]) for v in rows] == bench.VARIANTS
+    for v in rows:
+        assert v["peak_bytes"] > 0 and v["step_s"] > 0 and v["size"] == 64
+    ratios = r["sizes"]["64"]["ratios"]
+    assert ratios == pytest.approx(bench.memory_ratios(rows))  # computed from the measured values
+    assert ratios["mask_mask_over_point_point"] > 0
+    assert "Training memory" in (tmp_path / "README.md").read_text()
+
+
+def test_speed_cli_tiny(tmp_path):
+    pytest.importorskip("transformers")
+    assert bench.main(["speed", "--preset", "tiny", "--size", "64", "--iters", "1", "--num-masks", "3",
+                       "--threads", "1", "--out", str(tmp_path), "--name", "spd"]) == 0
+    r = json.loads((tmp_path / "spd.json").read_text())
+    assert r["kind"] == "speed" and r["size"] == 64
+    assert r["max_abs_diff_mask_logits"] < 1e-3  # converted weights: the same function
+    for key, rate in (("inference", "images_per_s"), ("train", "iters_per_s")):
+        for impl in ("m2f", "hf"):
+            assert r[key][impl]["median_s"] > 0 and r[key][impl][rate] > 0
+        assert r[key]["ratio_m2f_over_hf"] == pytest.approx(r[key]["hf"]["median_s"] / r[key]["m2f"]["median_s"])
+    assert r["flops"]["gflops"] > 0 and r["flops"]["params"] > 0
+    for k in ("device", "torch", "cuda", "threads"):
+        assert k in r["environment"]
+    md = (tmp_path / "README.md").read_text()
+    assert "| inference" in md and "| train" in md
