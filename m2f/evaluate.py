@@ -170,7 +170,7 @@ def predict_images(ckpt, images: Sequence[str], out_dir, device=None, task: str 
         if not p.is_file():
             raise InputError(f"{p}: no such image file")
         try:
-            img = np.asarray(Image.open(p).convert("RGB"))
+            img = np.array(Image.open(p).convert("RGB"))
         except Exception as e:  # noqa: BLE001
             raise InputError(f"{p}: cannot be read as an image ({e})") from None
         t = torch.from_numpy(img).permute(2, 0, 1).contiguous()

@@ -1,0 +1,97 @@
+"""The m2f command line end to end: info, data synth, train -> eval -> predict, score, errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from m2f.cli import main
+
+SMALL = ["data.synth_images=8", "data.synth_val_images=3", "data.synth_size=64", "data.image_size=64",
+         "solver.batch_size=2", "solver.max_iters=2", "loss.num_points=256", "decoder.num_layers=3",
+         "pixel_decoder.num_encoder_layers=1", "inference.object_mask_threshold=0.0"]
+
+
+def _sets(items):
+    out = []
+    for s in items:
+        out += ["--set", s]
+    return out
+
+
+def test_info_json_reports_params_and_resolved_config(capsys):
+    assert main(["info", "--preset", "tiny", "--set", "decoder.cross_attention=standard", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert isinstance(out["params"], int) and 10e6 < out["params"] < 20e6
+    assert out["config"]["decoder"]["cross_attention"] == "standard"
+    assert out["overrides_vs_default"]["decoder.cross_attention"] == "standard"
+
+
+def test_bad_override_is_rejected_with_path_and_choices(capsys):
+    assert main(["info", "--preset", "tiny", "--set", "decoder.cross_attention=sparse"]) == 2
+    err = capsys.readouterr().err
+    assert "decoder.cross_attention" in err and "masked" in err and "smca" in err
+    assert main(["info", "--preset", "tiny", "--set", "decoder.nope=1"]) == 2
+    assert "decoder.nope" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "--preset", "tiny", *_sets(SMALL), "--out", str(out), "--no-progress", "--no-eval"]) == 0
+    return out
+
+
+def test_train_writes_checkpoint_metrics_and_config(trained):
+    assert (trained / "last.pth").is_file() and (trained / "config.json").is_file()
+    lines = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in lines if "loss" in r] == [1, 2]
+
+
+def test_eval_checkpoint_all_tasks(trained, capsys):
+    assert main(["eval", "--ckpt", str(trained / "last.pth"), "--task", "all", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res) == {"panoptic", "instance", "semantic"}
+    assert 0 <= res["panoptic"]["PQ"] <= 100 and 0 <= res["semantic"]["mIoU"] <= 100
+    assert "AP" in res["instance"]
+
+
+def test_predict_writes_coco_predictions_and_overlays(trained, tmp_path, capsys):
+    imgs = sorted((Path.home() / ".cache").glob("m2f/synth*/val/images/*.png"))[:2]
+    if not imgs:  # cache elsewhere (XDG_CACHE_HOME)
+        from m2f.data.synth import write_synth
+
+        paths = write_synth(tmp_path / "s", images=2, val_images=2, size=64, seed=0)
+        imgs = sorted(Path(paths["val_images"]).glob("*.png"))[:2]
+    out = tmp_path / "pred"
+    assert main(["predict", "--ckpt", str(trained / "last.pth"), *map(str, imgs), "--out", str(out)]) == 0
+    capsys.readouterr()
+    pred = json.loads((out / "panoptic_predictions.json").read_text())
+    assert len(pred["annotations"]) == 2
+    for rec in pred["annotations"]:
+        png = np.asarray(Image.open(out / rec["file_name"])).astype(np.int64)
+        ids = png[..., 0] + 256 * png[..., 1] + 65536 * png[..., 2]
+        assert set(np.unique(ids)) - {0} == {s["id"] for s in rec["segments_info"]}
+    ov = Image.open(out / f"{imgs[0].stem}_overlay.png")
+    assert ov.size == Image.open(imgs[0]).size
+
+
+def test_predict_missing_image_is_a_clear_error(trained, tmp_path, capsys):
+    assert main(["predict", "--ckpt", str(trained / "last.pth"), str(tmp_path / "nope.png"), "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "nope.png" in capsys.readouterr().err
+
+
+def test_eval_of_a_missing_checkpoint_names_the_file(tmp_path, capsys):
+    assert main(["eval", "--ckpt", str(tmp_path / "missing.pth")]) == 2
+    assert "missing.pth" in capsys.readouterr().err
+
+
+def test_train_with_wrong_num_classes_names_the_fix(tmp_path, capsys):
+    assert main(["train", "--preset", "tiny", *_sets(SMALL + ["num_classes=5"]), "--out", str(tmp_path / "r"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "num_classes=9" in err
