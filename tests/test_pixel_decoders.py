@@ -127,7 +127,7 @@ def test_bifpn_fusion_weights_nonnegative_and_normalised():
         w = f.normalized_weights()
         assert (w >= 0).all()
         assert float(w.detach().sum()) == pytest.approx(1.0, abs=1e-3)
-    assert float(fusions[0].normalized_weights()[0]) == 0.0  # negative raw weight -> ignored
+    assert float(fusions[0].normalized_weights()[0].detach()) == 0.0  # negative raw weight -> ignored
     # The forward is the normalised weighted sum.
     f = FastFusion(3)
     with torch.no_grad():
