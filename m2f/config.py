@@ -66,8 +66,9 @@ class PixelDecoderCfg:
     num_points: int = 4
     ffn_dim: int = 1024
     dropout: float = 0.0
-    # Multi-scale deformable attention implementation: "reference" (PyTorch grid_sample, runs
-    # everywhere), "triton" (kernels/), "auto" (triton when a CUDA device and Triton exist).
+    # Multi-scale deformable attention implementation: "reference" (pure PyTorch, runs everywhere:
+    # per-level grid_sample under autograd, one embedding_bag gather without; both equal
+    # kernels.ms_deform_attn_reference), "triton" (kernels/), "auto" (triton on CUDA when available).
     deform_attn_backend: Literal["reference", "triton", "auto"] = "reference"
     # BiFPN repeats (only for kind=bifpn)
     bifpn_repeats: int = 2
