@@ -1,43 +1,80 @@
 """Point sampling (PointRend): sample per-mask values at continuous points, and choose points by
-uncertainty.  Coordinates are normalised ``(x, y)`` in ``[0, 1]`` (pixel centres at
-``(i + 0.5) / size``, i.e. grid_sample with ``align_corners=False``)."""
+uncertainty.
+
+Coordinates are normalised ``(x, y)`` in ``[0, 1]`` over the whole map: pixel ``(row i, col j)`` of an
+``H x W`` map has its centre at ``((j + 0.5) / W, (i + 0.5) / H)`` (``grid_sample`` with
+``align_corners=False``).  Because they are normalised, the same coordinates address the same place
+in a 1/4-resolution prediction and in a full-resolution target mask.
+
+Randomness: every draw uses ``generator`` when one is given, else the global torch RNG (the trainer
+seeds it per iteration, so a resumed run draws the same points).  A generator may live on another
+device than the tensors (e.g. a CPU generator for CUDA logits): the numbers are drawn on the
+generator's device and moved, so a CPU generator gives the same points on every device.
+
+All functions here are pure (no module state), so they can be timed directly with pytest-benchmark.
+"""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
+def uniform_coords(shape: Sequence[int], device: torch.device,
+                   generator: Optional[torch.Generator] = None) -> Tensor:
+    """Uniform random numbers in [0, 1) of ``shape`` (float32) on ``device``; drawn with ``generator``
+    (on the generator's own device) when given, else with the global RNG of ``device``."""
+    if generator is None:
+        return torch.rand(*shape, device=device)
+    return torch.rand(*shape, device=generator.device, generator=generator).to(device)
+
+
 def point_sample(input: Tensor, coords: Tensor) -> Tensor:
-    """input [N, C, H, W], coords [N, P, 2] in [0, 1] -> [N, C, P] (bilinear, zero padding)."""
-    grid = (2.0 * coords - 1.0).unsqueeze(2)  # [N, P, 1, 2]
-    return F.grid_sample(input, grid.to(input.dtype), mode="bilinear", align_corners=False).squeeze(3)
+    """Bilinear values of ``input`` at ``coords`` (zero outside the map).
+
+    input [N, C, H, W] (any dtype; non-floating inputs such as bool masks are read as float32),
+    coords [N, P, 2] (x, y) in [0, 1] -> [N, C, P] (dtype of ``input`` if floating, else float32).
+    """
+    if not input.is_floating_point():
+        input = input.float()
+    grid = (2.0 * coords - 1.0).unsqueeze(2)  # [N, P, 1, 2] in [-1, 1]
+    out = F.grid_sample(input, grid.to(input.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.squeeze(3)  # [N, C, P, 1] -> [N, C, P]
 
 
 def calculate_uncertainty(logits: Tensor) -> Tensor:
-    """-|logit|: highest at the decision boundary.  logits [N, 1, ...] -> same shape."""
+    """-|logit|: highest (0) at the decision boundary.  logits [N, 1, ...] -> same shape."""
     return -logits.abs()
 
 
 def uncertainty_point_coords(logits: Tensor, uncertainty_fn: Callable[[Tensor], Tensor], num_points: int,
                              oversample_ratio: float, importance_sample_ratio: float,
                              generator: Optional[torch.Generator] = None) -> Tensor:
-    """Choose ``num_points`` points per mask as PointRend's training sampler.
+    """Choose ``num_points`` points per mask as PointRend's training sampler (no Python loop over masks).
 
-    Draw ``oversample_ratio * num_points`` uniform points, keep the ``importance_sample_ratio``
-    fraction with the highest uncertainty (``uncertainty_fn`` of the logits sampled there), then add
-    uniform points for the rest.  logits [N, 1, H, W] -> coords [N, num_points, 2].
+    Draw ``int(oversample_ratio * num_points)`` uniform points, keep the
+    ``int(importance_sample_ratio * num_points)`` with the highest uncertainty (``uncertainty_fn`` of
+    the logits sampled there; -|logit| in Mask2Former), then append uniform points up to
+    ``num_points``.  With ``importance_sample_ratio = 0`` the result is ``num_points`` uniform points.
+
+    logits [N, 1, H, W] -> coords [N, num_points, 2] (x, y) in [0, 1], float32.  Call under
+    ``torch.no_grad()``: the choice of points is not differentiated.
     """
-    n = logits.shape[0]
+    if oversample_ratio < 1 or not 0 <= importance_sample_ratio <= 1:
+        raise ValueError(f"need oversample_ratio >= 1 and 0 <= importance_sample_ratio <= 1, got "
+                         f"{oversample_ratio} and {importance_sample_ratio}")
+    n, dev = logits.shape[0], logits.device
     n_sampled = int(num_points * oversample_ratio)
-    coords = torch.rand(n, n_sampled, 2, device=logits.device, generator=generator)
-    unc = uncertainty_fn(point_sample(logits, coords))  # [N, 1, n_sampled]
     n_imp = int(importance_sample_ratio * num_points)
     n_rand = num_points - n_imp
-    idx = unc[:, 0].topk(n_imp, dim=1).indices  # [N, n_imp]
-    chosen = coords.gather(1, idx.unsqueeze(-1).expand(-1, -1, 2))
+    if n_imp == 0:  # plain uniform sampling: skip the oversampled draw and its grid_sample
+        return uniform_coords((n, num_points, 2), dev, generator)
+    coords = uniform_coords((n, n_sampled, 2), dev, generator)  # [N, S, 2]
+    unc = uncertainty_fn(point_sample(logits, coords))[:, 0]  # [N, S]
+    idx = unc.topk(n_imp, dim=1).indices  # [N, n_imp]
+    chosen = coords.gather(1, idx.unsqueeze(-1).expand(-1, -1, 2))  # [N, n_imp, 2]
     if n_rand > 0:
-        chosen = torch.cat([chosen, torch.rand(n, n_rand, 2, device=logits.device, generator=generator)], dim=1)
-    return chosen
+        chosen = torch.cat([chosen, uniform_coords((n, n_rand, 2), dev, generator)], dim=1)
+    return chosen  # [N, num_points, 2]
