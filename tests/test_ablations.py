@@ -400,3 +400,21 @@ def test_real_smoke_run_produces_table_and_plot(tmp_path):
     assert main(argv) == 0
     assert len(read_jsonl(out / "masked_attention" / "runs.jsonl")) == 2
     print(f"smoke run wall time: {time.perf_counter() - t0:.1f}s")
+
+
+def test_splice_into_readme_copies_generated_tables_between_markers(tmp_path):
+    from ablations.render import README_BEGIN, README_END, splice_into_readme
+
+    out = tmp_path / "reports"
+    (out / "masked_attention").mkdir(parents=True)
+    (out / "masked_attention" / "table.md").write_text("# Paper Table 4a: X\n\n| a |\n|---|\n\n![convergence](convergence.png)\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nstale\n{README_END}\noutro\n")
+    assert splice_into_readme(out, readme) == readme
+    text = readme.read_text()
+    assert "stale" not in text and "### Paper Table 4a: X" in text
+    assert "](reports/masked_attention/convergence.png)" in text
+    assert text.startswith("intro\n") and text.endswith("outro\n")
+    no_markers = tmp_path / "OTHER.md"
+    no_markers.write_text("nothing")
+    assert splice_into_readme(out, no_markers) is None and no_markers.read_text() == "nothing"
