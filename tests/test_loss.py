@@ -23,7 +23,7 @@ from m2f.config import LossCfg
 from m2f.errors import InputError
 from m2f.loss import HungarianMatcher, SetCriterion, build_criterion, build_matcher, hungarian_match
 from m2f.loss.matcher import pairwise_cost
-from m2f.loss.point_sampling import point_sample, uncertainty_point_coords, uniform_coords
+from m2f.loss.point_sampling import point_sample, point_sample_masks, uncertainty_point_coords, uniform_coords
 from m2f.models.outputs import Mask2FormerOutput, MaskPrediction
 
 
@@ -150,6 +150,20 @@ def test_point_sample_reads_pixel_centres_at_any_resolution():
     coords = centres.view(1, 64, 2).expand(2, -1, -1)
     torch.testing.assert_close(point_sample(high, coords), point_sample(low.float(), coords))
     assert point_sample(high, coords).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.float32])
+def test_point_sample_masks_equals_grid_sample(dtype):
+    """The gather-based target sampler = grid_sample on float masks, including points outside the map."""
+    g = torch.Generator().manual_seed(0)
+    masks = (torch.rand(5, 37, 53, generator=g) > 0.5).to(dtype)
+    per_mask = torch.rand(5, 700, 2, generator=g) * 1.1 - 0.05  # some points beyond the border
+    shared = per_mask[:1]
+    ref = point_sample(masks[:, None].float(), per_mask)[:, 0]
+    torch.testing.assert_close(point_sample_masks(masks, per_mask), ref, rtol=0, atol=1e-5)
+    ref_shared = point_sample(masks[None].float(), shared)[0]  # masks as channels: one shared grid
+    torch.testing.assert_close(point_sample_masks(masks, shared), ref_shared, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ref_shared, point_sample(masks[:, None].float(), shared.expand(5, -1, -1))[:, 0])
 
 
 def test_uncertainty_points_are_the_top_uncertain_candidates_plus_uniform():

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from m2f.errors import InputError
 from m2f.loss.matcher import HungarianMatcher, Indices, check_targets
-from m2f.loss.point_sampling import calculate_uncertainty, point_sample, uncertainty_point_coords
+from m2f.loss.point_sampling import calculate_uncertainty, point_sample, point_sample_masks, uncertainty_point_coords
 
 LOSS_MODES = ("point", "mask")
 
@@ -134,7 +134,7 @@ class SetCriterion(nn.Module):
                 coords = uncertainty_point_coords(src[:, None], calculate_uncertainty, self.num_points,
                                                   self.oversample_ratio, self.importance_sample_ratio,
                                                   generator)  # [M, P, 2]
-                labels = point_sample(tgt[:, None], coords)[:, 0]  # [M, P] (bool read as float32)
+                labels = point_sample_masks(tgt, coords)  # [M, P] float32, no float copy of the masks
             logits = point_sample(src[:, None], coords)[:, 0]  # [M, P]
         else:
             logits = F.interpolate(src[:, None], size=tgt.shape[-2:], mode="bilinear", align_corners=False)

@@ -31,7 +31,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from m2f.errors import InputError
-from m2f.loss.point_sampling import point_sample, uniform_coords
+from m2f.loss.point_sampling import point_sample, point_sample_masks, uniform_coords
 
 Indices = List[Tuple[Tensor, Tensor]]
 MODES = ("point", "mask")
@@ -46,13 +46,11 @@ def batch_dice_cost(inputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def batch_bce_cost(inputs: Tensor, targets: Tensor) -> Tensor:
-    """inputs [Q, P] logits, targets [N, P] in [0, 1] -> [Q, N] mean BCE over the P points, via two
-    matrix products instead of a [Q, N, P] tensor:
-    BCE(x, t) = t * softplus(-x) + (1 - t) * softplus(x)."""
+    """inputs [Q, P] logits, targets [N, P] in [0, 1] -> [Q, N] mean BCE over the P points, with ONE
+    matrix product instead of a [Q, N, P] tensor:
+    BCE(x, t) = t * softplus(-x) + (1 - t) * softplus(x) = softplus(x) - t * x."""
     P = inputs.shape[1]
-    pos = F.softplus(-inputs)  # [Q, P]: loss if the target is 1
-    neg = F.softplus(inputs)  # [Q, P]: loss if the target is 0
-    return (pos @ targets.T + neg @ (1 - targets).T) / P  # [Q, N]
+    return (F.softplus(inputs).sum(-1)[:, None] - inputs @ targets.T) / P  # [Q, N]
 
 
 def pairwise_cost(class_logits: Tensor, mask_logits: Tensor, labels: Tensor, masks: Tensor, cost_class: float,
@@ -72,14 +70,14 @@ def pairwise_cost(class_logits: Tensor, mask_logits: Tensor, labels: Tensor, mas
         labels = labels.to(prob.device).clamp(0, prob.shape[-1] - 1)
         c_class = -prob[:, labels]  # [Q, N]
         out_m = mask_logits.float()  # [Q, h, w]
-        tgt_m = masks.to(device=dev, dtype=torch.float32)  # [N, H, W]
+        masks = masks.to(dev)  # [N, H, W]
         if mode == "point":
             coords = uniform_coords((1, num_points, 2), dev, generator)  # shared by all masks of the image
-            tgt = point_sample(tgt_m[:, None], coords.expand(tgt_m.shape[0], -1, -1))[:, 0]  # [N, P]
-            out = point_sample(out_m[:, None], coords.expand(out_m.shape[0], -1, -1))[:, 0]  # [Q, P]
+            tgt = point_sample_masks(masks, coords)  # [N, P], no float copy of the full masks
+            out = point_sample(out_m[None], coords)[0]  # [1, Q, h, w] -> [Q, P] (masks as channels)
         else:
-            out = F.interpolate(out_m[:, None], size=tgt_m.shape[-2:], mode="bilinear", align_corners=False)
-            out, tgt = out.flatten(1), tgt_m.flatten(1)  # [Q, H*W], [N, H*W]
+            out = F.interpolate(out_m[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False)
+            out, tgt = out.flatten(1), masks.flatten(1).float()  # [Q, H*W], [N, H*W]
         cost = cost_mask * batch_bce_cost(out, tgt) + cost_dice * batch_dice_cost(out, tgt)
         return cost_class * c_class.to(cost.device) + cost  # [Q, N]
 

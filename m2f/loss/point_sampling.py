@@ -50,6 +50,32 @@ def point_sample(input: Tensor, coords: Tensor, padding_mode: str = "zeros") -> 
     return out.squeeze(3)  # [N, C, P, 1] -> [N, C, P]
 
 
+def point_sample_masks(masks: Tensor, coords: Tensor) -> Tensor:
+    """``point_sample`` for (binary) target masks without converting them to float: the same bilinear
+    weights (``align_corners=False``, zero padding) applied to 4 gathered pixels per point.
+
+    masks [N, H, W] (bool / uint8 / float), coords [N, P, 2] or [1, P, 2] (shared points) (x, y) in
+    [0, 1] -> [N, P] float32.  Equals ``point_sample(masks[:, None].float(), coords)[:, 0]``, but
+    reads 4 * N * P pixels instead of writing an N * H * W float copy (a [N, 1024, 1024] mask stack is
+    4 MiB per mask in float32).  Not differentiable (targets need no gradient).
+    """
+    N, H, W = masks.shape
+    x = coords[..., 0].float() * W - 0.5  # [n, P] pixel coordinates (pixel centres at integers)
+    y = coords[..., 1].float() * H - 0.5
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0  # weights of the right / lower neighbours
+    flat = masks.reshape(N, H * W)
+    out = None
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            xi, yi = x0 + dx, y0 + dy
+            inside = (xi >= 0) & (xi <= W - 1) & (yi >= 0) & (yi <= H - 1)  # zero padding outside
+            lin = (yi.clamp(0, H - 1) * W + xi.clamp(0, W - 1)).long().expand(N, -1)  # [N, P]
+            val = flat.gather(1, lin).float() * (wx * wy * inside).expand(N, -1)
+            out = val if out is None else out + val
+    return out  # [N, P]
+
+
 def calculate_uncertainty(logits: Tensor) -> Tensor:
     """-|logit|: highest (0) at the decision boundary.  logits [N, 1, ...] -> same shape."""
     return -logits.abs()
