@@ -2,12 +2,15 @@
 full-mask losses (stated tolerances), empty images, perfect predictions, deep supervision keys,
 class cost weight, input errors, determinism, autocast, DDP normalisation.
 
-Measured (this file's fixed seeds; 4 masks, 32x32 predictions, 128x128 targets, importance ratio 0),
-relative error of the point loss vs the full-mask loss:
-    K = 1k: BCE 0.3-6%, dice 0.5-2%;  K = 10k: BCE ~1-2%, dice <0.7%;  K = 100k: BCE ~1.2%, dice <0.3%.
+Measured (this file's fixed seeds 0-2; 4 masks, 32x32 predictions, 128x128 targets, importance ratio
+0), relative error of the point loss vs the full-mask loss:
+    K = 1k:   BCE 0.6-2.7%, dice 0.9-2.2%
+    K = 10k:  BCE 0.7-1.7%, dice 0.1-0.7%
+    K = 100k: BCE 0.9-1.5%, dice 0.01-0.08%
 BCE levels off at ~1.2% because grid_sample's zero padding (official behaviour) pulls logits and
-targets within half a pixel of the border towards 0; with padding_mode="border" the BCE error at 100k
-is ~0.1%.  Asserted tolerances: 10% / 4% / 2% (zero padding), 0.5% at 100k with border padding.
+targets within half a pixel of the map border towards 0; with padding_mode="border" the BCE error at
+100k is 0.07-0.16%.  Asserted: < 10% / 4% / 2% at 1k / 10k / 100k (zero padding), < 0.5% at 100k with
+border padding; matching costs (point, 100k) vs (mask): max relative error 1.8%, asserted < 2.5%.
 """
 from __future__ import annotations
 
@@ -231,7 +234,7 @@ def test_point_matching_cost_approaches_mask_matching_cost():
     cls, lab = torch.zeros(4, 5), torch.arange(4)
     Cm = pairwise_cost(cls, pred, lab, tgt, 2.0, 5.0, 5.0, 0, "mask")
     Cp = pairwise_cost(cls, pred, lab, tgt, 2.0, 5.0, 5.0, 100_000, "point", torch.Generator().manual_seed(0))
-    assert ((Cp - Cm).abs() / Cm.abs()).max() < 0.02
+    assert ((Cp - Cm).abs() / Cm.abs()).max() < 0.025  # measured 1.8% (border bias)
 
 
 # ---------------------------------------------------------------------------------------------
