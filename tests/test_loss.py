@@ -212,7 +212,7 @@ def test_point_losses_approach_full_mask_losses(seed):
     pred, tgt = _smooth_problem(seed)
     out = Mask2FormerOutput(torch.zeros(1, 4, 5), pred[None])
     targets = [{"labels": torch.arange(4), "masks": tgt}]
-    kw = dict(importance_sample_ratio=0.0, deep_supervision=False)
+    kw = {"importance_sample_ratio": 0.0, "deep_supervision": False}
     full = SetCriterion(4, _identity, loss_mode="mask", **kw)(out, targets, weighted=False)
     tol = {1000: 0.10, 10_000: 0.04, 100_000: 0.02}
     for K, rel in tol.items():
@@ -275,7 +275,7 @@ def test_mixed_batch_weights_no_object_and_normalises_by_all_masks():
     crit = SetCriterion(K, HungarianMatcher(mode="mask"), 2.0, 5.0, 3.0, no_object_weight=0.1, loss_mode="mask",
                         deep_supervision=False)
     losses = crit(Mask2FormerOutput(cls, msk), [_empty(), t1], weighted=False)
-    (r0, c0), (r1, c1) = crit.matcher(cls, msk, [_empty(), t1])
+    (r0, _c0), (r1, c1) = crit.matcher(cls, msk, [_empty(), t1])
     assert r0.numel() == 0 and len(r1) == 3
     num = den = 0.0
     for b in range(2):

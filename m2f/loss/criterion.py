@@ -27,7 +27,7 @@ global torch RNG; the trainer seeds the global RNG per iteration, so a resumed r
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -54,7 +54,7 @@ def dice_loss(logits: Tensor, targets: Tensor, num_masks: Tensor) -> Tensor:
     return (1 - (num + 1) / (den + 1)).sum() / num_masks
 
 
-def matched_index(indices: Indices, device: torch.device) -> Tuple[Tensor, Tensor]:
+def matched_index(indices: Indices, device: torch.device) -> tuple[Tensor, Tensor]:
     """Per-image (pred_idx, tgt_idx) -> flat (batch_idx [M], query_idx [M]) on ``device``."""
     b = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
     q = torch.cat([src for src, _ in indices])
@@ -91,7 +91,7 @@ class SetCriterion(nn.Module):
         self.register_buffer("empty_weight", empty_weight, persistent=False)  # [K+1]
 
     @property
-    def weight_dict(self) -> Dict[str, float]:
+    def weight_dict(self) -> dict[str, float]:
         """Weight of each base key; ``key_{i}`` (auxiliary prediction i) has the weight of ``key``."""
         return {"loss_ce": self.class_weight, "loss_mask": self.mask_weight, "loss_dice": self.dice_weight}
 
@@ -120,7 +120,7 @@ class SetCriterion(nn.Module):
         return F.cross_entropy(class_logits.float().transpose(1, 2), target_classes, self.empty_weight.to(dev))
 
     def loss_masks(self, mask_logits: Tensor, indices: Indices, targets, num_masks: Tensor,
-                   generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """mask_logits [B, Q, h, w] -> (BCE, dice), each summed over matched masks / num_masks."""
         dev = mask_logits.device
         b_idx, q_idx = matched_index(indices, dev)
@@ -149,22 +149,22 @@ class SetCriterion(nn.Module):
             n = n / dist.get_world_size()
         return n.clamp(min=1.0)
 
-    def predictions(self, output) -> List[Tuple[str, Tensor, Tensor]]:
+    def predictions(self, output) -> list[tuple[str, Tensor, Tensor]]:
         """(key suffix, class_logits, mask_logits) of every supervised prediction, final first."""
         preds = [("", output.class_logits, output.mask_logits)]
         if self.deep_supervision:
             preds += [(f"_{i}", p.class_logits, p.mask_logits) for i, p in enumerate(output.aux)]
         return preds
 
-    def match(self, preds: Sequence[Tuple[Tensor, Tensor]], targets,
-              generator: Optional[torch.Generator] = None) -> List[Indices]:
+    def match(self, preds: Sequence[tuple[Tensor, Tensor]], targets,
+              generator: torch.Generator | None = None) -> list[Indices]:
         """Matching of each prediction; one host sync for all when the matcher supports it."""
         if hasattr(self.matcher, "match_many"):
             return self.matcher.match_many(preds, targets, generator=generator)
         return [self.matcher(c, m, targets, generator=generator) for c, m in preds]
 
-    def forward(self, output, targets: Sequence[Dict[str, Tensor]], generator: Optional[torch.Generator] = None,
-                weighted: bool = True) -> Dict[str, Tensor]:
+    def forward(self, output, targets: Sequence[dict[str, Tensor]], generator: torch.Generator | None = None,
+                weighted: bool = True) -> dict[str, Tensor]:
         """output: m2f.models.outputs.Mask2FormerOutput; targets[b] = {"labels": int64 [N],
         "masks": bool [N, H, W]} (N = 0 allowed).  Returns {"loss_ce", "loss_mask", "loss_dice",
         and "..._{i}" for output.aux[i]}: 0-d float32 tensors, multiplied by their weight unless
@@ -178,7 +178,7 @@ class SetCriterion(nn.Module):
         preds = self.predictions(output)
         all_indices = self.match([(c, m) for _, c, m in preds], targets, generator)
         w = self.weight_dict if weighted else {k: 1.0 for k in self.weight_dict}
-        losses: Dict[str, Tensor] = {}
+        losses: dict[str, Tensor] = {}
         for (suffix, cls, msk), indices in zip(preds, all_indices):
             ce = self.loss_labels(cls, indices, targets)
             bce, dice = self.loss_masks(msk, indices, targets, num_masks, generator)

@@ -23,7 +23,7 @@ Pure functions for benchmarks: :func:`pairwise_cost` (one image's cost matrix) a
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from m2f.errors import InputError
 from m2f.loss.point_sampling import point_sample, point_sample_masks, uniform_coords
 
-Indices = List[Tuple[Tensor, Tensor]]
+Indices = list[tuple[Tensor, Tensor]]
 MODES = ("point", "mask")
 
 
@@ -55,7 +55,7 @@ def batch_bce_cost(inputs: Tensor, targets: Tensor) -> Tensor:
 
 def pairwise_cost(class_logits: Tensor, mask_logits: Tensor, labels: Tensor, masks: Tensor, cost_class: float,
                   cost_mask: float, cost_dice: float, num_points: int, mode: str,
-                  generator: Optional[torch.Generator] = None) -> Tensor:
+                  generator: torch.Generator | None = None) -> Tensor:
     """One image's cost matrix [Q, N] in float32 (autocast disabled).
 
     class_logits [Q, K+1], mask_logits [Q, h, w], labels [N] int64 in [0, K), masks [N, H, W]
@@ -82,7 +82,7 @@ def pairwise_cost(class_logits: Tensor, mask_logits: Tensor, labels: Tensor, mas
         return cost_class * c_class.to(cost.device) + cost  # [Q, N]
 
 
-def check_targets(targets: Sequence[Dict[str, Tensor]], batch_size: int, name: str = "targets") -> None:
+def check_targets(targets: Sequence[dict[str, Tensor]], batch_size: int, name: str = "targets") -> None:
     """Shape checks (no device sync): one dict per image with labels [N] and masks [N, H, W]."""
     if len(targets) != batch_size:
         raise InputError(f"{name}: expected one target dict per image ({batch_size}), got {len(targets)}")
@@ -96,7 +96,7 @@ def check_targets(targets: Sequence[Dict[str, Tensor]], batch_size: int, name: s
             raise InputError(f"{name}[{b}]['masks']: expected [N={lab.shape[0]}, H, W], got {tuple(m.shape)}")
 
 
-def linear_assignment(cost: Tensor) -> Tuple[Tensor, Tensor]:
+def linear_assignment(cost: Tensor) -> tuple[Tensor, Tensor]:
     """cost [Q, N] (CPU) -> (rows, cols) int64 of the minimum-cost assignment, sorted by row.
     Non-finite costs (e.g. from NaN logits) are replaced by large finite ones so scipy never fails."""
     c = torch.nan_to_num(cost.double(), nan=1e8, posinf=1e8, neginf=-1e8).numpy()
@@ -105,10 +105,10 @@ def linear_assignment(cost: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def hungarian_match(predictions: Sequence[Tuple[Tensor, Tensor]], targets: Sequence[Dict[str, Tensor]],
+def hungarian_match(predictions: Sequence[tuple[Tensor, Tensor]], targets: Sequence[dict[str, Tensor]],
                     cost_class: float = 2.0, cost_mask: float = 5.0, cost_dice: float = 5.0,
                     num_points: int = 12544, mode: str = "point",
-                    generator: Optional[torch.Generator] = None) -> List[Indices]:
+                    generator: torch.Generator | None = None) -> list[Indices]:
     """Match several predictions of one batch (e.g. the final and every auxiliary one) to ``targets``.
 
     predictions: list of (class_logits [B, Q, K+1], mask_logits [B, Q, h, w]);
@@ -116,11 +116,10 @@ def hungarian_match(predictions: Sequence[Tuple[Tensor, Tensor]], targets: Seque
     Returns, per prediction, a list over images of (pred_idx, tgt_idx) int64 CPU tensors.
     One host transfer for all cost matrices (and the label range check).
     """
-    costs: List[List[Optional[Tensor]]] = []
+    costs: list[list[Tensor | None]] = []
     for class_logits, mask_logits in predictions:
-        B, Q, K1 = class_logits.shape
-        check_targets(targets, B)
-        per_image: List[Optional[Tensor]] = []
+        check_targets(targets, class_logits.shape[0])
+        per_image: list[Tensor | None] = []
         for b, t in enumerate(targets):
             if t["labels"].shape[0] == 0:
                 per_image.append(None)
@@ -145,7 +144,7 @@ def hungarian_match(predictions: Sequence[Tuple[Tensor, Tensor]], targets: Seque
             if lo < 0 or hi > K1 - 2:
                 raise InputError(f"targets[{b}]['labels']: class ids must lie in [0, {K1 - 2}] "
                                  f"(num_classes = {K1 - 1}; {K1 - 1} is 'no object'), got [{lo:.0f}, {hi:.0f}]")
-    out: List[Indices] = []
+    out: list[Indices] = []
     offset = 0
     empty = torch.empty(0, dtype=torch.int64)
     for per_image in costs:
@@ -181,14 +180,14 @@ class HungarianMatcher(nn.Module):
         return (f"cost_class={self.cost_class}, cost_mask={self.cost_mask}, cost_dice={self.cost_dice}, "
                 f"mode={self.mode!r}, num_points={self.num_points}")
 
-    def match_many(self, predictions: Sequence[Tuple[Tensor, Tensor]], targets: Sequence[Dict[str, Tensor]],
-                   generator: Optional[torch.Generator] = None) -> List[Indices]:
+    def match_many(self, predictions: Sequence[tuple[Tensor, Tensor]], targets: Sequence[dict[str, Tensor]],
+                   generator: torch.Generator | None = None) -> list[Indices]:
         """Several predictions [(class_logits, mask_logits), ...] at once (one host sync)."""
         return hungarian_match(predictions, targets, self.cost_class, self.cost_mask, self.cost_dice,
                                self.num_points, self.mode, generator)
 
-    def forward(self, class_logits: Tensor, mask_logits: Tensor, targets: Sequence[Dict[str, Tensor]],
-                generator: Optional[torch.Generator] = None) -> Indices:
+    def forward(self, class_logits: Tensor, mask_logits: Tensor, targets: Sequence[dict[str, Tensor]],
+                generator: torch.Generator | None = None) -> Indices:
         """class_logits [B, Q, K+1], mask_logits [B, Q, h, w]; targets[b] = {labels [N], masks [N, H, W]}.
         Returns per image (pred_idx, tgt_idx), int64 on CPU, sorted by pred_idx."""
         return self.match_many([(class_logits, mask_logits)], targets, generator)[0]

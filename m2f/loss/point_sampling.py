@@ -15,7 +15,7 @@ All functions here are pure (no module state), so they can be timed directly wit
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from torch import Tensor
 
 
 def uniform_coords(shape: Sequence[int], device: torch.device,
-                   generator: Optional[torch.Generator] = None) -> Tensor:
+                   generator: torch.Generator | None = None) -> Tensor:
     """Uniform random numbers in [0, 1) of ``shape`` (float32) on ``device``; drawn with ``generator``
     (on the generator's own device) when given, else with the global RNG of ``device``."""
     if generator is None:
@@ -83,7 +83,7 @@ def calculate_uncertainty(logits: Tensor) -> Tensor:
 
 def uncertainty_point_coords(logits: Tensor, uncertainty_fn: Callable[[Tensor], Tensor], num_points: int,
                              oversample_ratio: float, importance_sample_ratio: float,
-                             generator: Optional[torch.Generator] = None) -> Tensor:
+                             generator: torch.Generator | None = None) -> Tensor:
     """Choose ``num_points`` points per mask as PointRend's training sampler (no Python loop over masks).
 
     Draw ``int(oversample_ratio * num_points)`` uniform points, keep the
