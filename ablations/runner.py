@@ -102,7 +102,16 @@ def runs_path(out: Path | str, ablation: str) -> Path:
 
 
 def finished_keys(path: Path) -> set:
-    return {(r.get("row"), r.get("seed"), r.get("scale"), r.get("config_hash")) for r in read_jsonl(path)}
+    """(row, seed, scale, config hash) of the runs finished ON THIS MACHINE: recorded in runs.jsonl and
+    with their run directory still holding its result.  Records that came with a clone (committed
+    reports) do not count, so the main job on a fresh machine trains every run; the renderer then
+    shows the latest record per (row, seed)."""
+    keys = set()
+    for r in read_jsonl(path):
+        run_dir = r.get("run_dir")
+        if run_dir and (Path(run_dir) / RESULT_NAME).is_file():
+            keys.add((r.get("row"), r.get("seed"), r.get("scale"), r.get("config_hash")))
+    return keys
 
 
 # ---------------------------------------------------------------------------------------------

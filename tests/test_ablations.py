@@ -418,3 +418,18 @@ def test_splice_into_readme_copies_generated_tables_between_markers(tmp_path):
     no_markers = tmp_path / "OTHER.md"
     no_markers.write_text("nothing")
     assert splice_into_readme(out, no_markers) is None and no_markers.read_text() == "nothing"
+
+
+def test_records_from_another_machine_do_not_count_as_finished(tmp_path):
+    """A fresh clone carries reports/<ablation>/runs.jsonl: the main job must still train there."""
+    from ablations.runner import RESULT_NAME, finished_keys
+
+    here = tmp_path / "runs" / "a" / "seed0_h"
+    here.mkdir(parents=True)
+    (here / RESULT_NAME).write_text("{}")
+    path = tmp_path / "runs.jsonl"
+    recs = [{"row": "full model", "seed": 0, "scale": "cpu", "config_hash": "h", "run_dir": str(here)},
+            {"row": "full model", "seed": 1, "scale": "cpu", "config_hash": "h2",
+             "run_dir": str(tmp_path / "elsewhere" / "seed1_h2")}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert finished_keys(path) == {("full model", 0, "cpu", "h")}
