@@ -10,16 +10,13 @@
 """
 from __future__ import annotations
 
-import math
 import os
-import random
 import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -27,6 +24,7 @@ from torch import nn
 from m2f.checkpoint import (append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint, read_jsonl,
                             rewrite_jsonl)
 from m2f.config import Config, config_hash, from_dict, to_dict
+from m2f.data.collate import mix_seed
 from m2f.errors import InputError, NonFiniteLossError
 
 CKPT_NAME = "last.pth"
@@ -65,70 +63,10 @@ def resolve_device(device: Optional[str]) -> torch.device:
 # ---------------------------------------------------------------------------------------------
 # Deterministic data order
 # ---------------------------------------------------------------------------------------------
-def _mix(*xs: int) -> int:
-    """A 63-bit integer hash of a tuple of ints (stable across processes and machines)."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h ^= (int(x) + 0x9E3779B97F4A7C15 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
-        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-class ResumableBatchSampler:
-    """Yields, for iterations ``start_iter, start_iter+1, ...``, this rank's micro-batches as lists
-    of ``(dataset_index, item_seed)``.  The global sample stream is a sequence of per-epoch
-    permutations seeded by ``(seed, epoch)``; position ``p`` of the stream is used by exactly one
-    (iteration, rank, micro-step, slot), so the data a run sees does not depend on restarts."""
-
-    def __init__(self, size: int, micro_batch: int, grad_accum: int, seed: int, start_iter: int = 0,
-                 rank: int = 0, world_size: int = 1):
-        if size < 1:
-            raise InputError("training dataset is empty")
-        self.size, self.micro, self.accum = size, micro_batch, grad_accum
-        self.seed, self.start_iter, self.rank, self.world = seed, start_iter, rank, world_size
-        self._perm_cache: Dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perm_cache:
-            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 1))
-            self._perm_cache = {epoch: torch.randperm(self.size, generator=g)}
-        return self._perm_cache[epoch]
-
-    def batch_for(self, it: int, micro: int) -> List[Tuple[int, int]]:
-        per_iter = self.micro * self.accum * self.world
-        base = it * per_iter + (micro * self.world + self.rank) * self.micro
-        out = []
-        for j in range(self.micro):
-            p = base + j
-            epoch, pos = divmod(p, self.size)
-            out.append((int(self._perm(epoch)[pos]), _mix(self.seed, p, 2)))
-        return out
-
-    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
-        it = self.start_iter
-        while True:
-            for m in range(self.accum):
-                yield self.batch_for(it, m)
-            it += 1
-
-
-class SeededItems(torch.utils.data.Dataset):
-    """Wraps a dataset so that item ``(index, seed)`` is produced with all RNGs seeded by ``seed``:
-    augmentation is a function of the item seed only (workers or not, restarts or not)."""
-
-    def __init__(self, base):
-        self.base = base
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, key):
-        idx, seed = key
-        random.seed(seed)
-        np.random.seed(seed % (2**32))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.base[idx]
+# Batches come from m2f.data.collate.TrainingSampler, stepped once per MICRO-batch: micro-step
+# ``it * grad_accum + m`` of this rank.  Its stream position, and with it the dataset index and the
+# item's augmentation seed, depend only on (seed, iteration, micro-step, rank, world size), so the
+# data a run sees does not depend on restarts.  Datasets take ``(index, item_seed)`` keys.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +154,7 @@ def train(cfg: Config, out_dir, resume: bool = False, device: Optional[str] = No
     peak memory).  ``stop_after`` stops (with a checkpoint) after that many iterations of this call
     (for tests and time-sliced jobs)."""
     from m2f.data.catalog import get_dataset
-    from m2f.data.collate import collate
+    from m2f.data.collate import TrainingSampler, collate
     from m2f.loss import build_criterion
     from m2f.models.build import build_model
 
@@ -262,9 +200,9 @@ def train(cfg: Config, out_dir, resume: bool = False, device: Optional[str] = No
     if n_data != cfg.num_classes:
         raise InputError(f"num_classes={cfg.num_classes} but the training data {cfg.data.train!r} has {n_data} "
                          f"classes (task {cfg.data.task}); pass --set num_classes={n_data}")
-    sampler = ResumableBatchSampler(len(train_set), micro, s.grad_accum, s.seed, start_iter, rank, world)
+    sampler = TrainingSampler(len(train_set), micro, s.seed, start_iter * s.grad_accum, rank, world)
     loader = torch.utils.data.DataLoader(
-        SeededItems(train_set), batch_sampler=sampler, num_workers=cfg.data.num_workers,
+        train_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
         collate_fn=partial(collate, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
                            size_divisibility=cfg.data.size_divisibility),
         persistent_workers=cfg.data.num_workers > 0)
@@ -301,7 +239,7 @@ def train(cfg: Config, out_dir, resume: bool = False, device: Optional[str] = No
     while it < s.max_iters:
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr_factor(it, s)
-        torch.manual_seed(_mix(s.seed, it, rank, 3))  # point sampling / dropout of this iteration
+        torch.manual_seed(mix_seed(s.seed, it, rank, 3))  # point sampling / dropout of this iteration
         optimizer.zero_grad(set_to_none=True)
         comp_sum: Dict[str, torch.Tensor] = {}
         total_sum = torch.zeros((), device=dev)

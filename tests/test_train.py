@@ -1,7 +1,6 @@
 """Trainer: schedules, parameter groups, exact resume (also after kill -9), DDP on gloo, non-finite stop."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import torch
 from m2f.checkpoint import read_jsonl
 from m2f.config import get_preset
 from m2f.errors import InputError, NonFiniteLossError
-from m2f.train import ResumableBatchSampler, lr_factor, param_groups, train
+from m2f.train import lr_factor, param_groups, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,20 +77,14 @@ def test_param_groups_backbone_lr_and_no_decay_on_norms_and_embeddings():
     assert by_param[id(named[convs[0] + ".weight"])][1] == pytest.approx(cfg.solver.weight_decay)
 
 
-def test_sampler_is_a_function_of_seed_and_iteration():
-    a = ResumableBatchSampler(10, 3, 2, seed=1)
-    it = iter(a)
-    seq = [next(it) for _ in range(8)]  # 4 iterations x 2 micro-batches
-    b = iter(ResumableBatchSampler(10, 3, 2, seed=1, start_iter=2))
-    assert [next(b) for _ in range(4)] == seq[4:]
-    # Every epoch is a permutation: the first 10 stream positions cover each index once.
-    flat = [i for batch in seq for i, _ in batch]
-    assert sorted(flat[:10]) == list(range(10))
-    # Ranks see disjoint slices.
-    r0 = ResumableBatchSampler(10, 2, 1, seed=1, rank=0, world_size=2).batch_for(0, 0)
-    r1 = ResumableBatchSampler(10, 2, 1, seed=1, rank=1, world_size=2).batch_for(0, 0)
-    assert not {i for i, _ in r0} & {i for i, _ in r1}
-    assert ResumableBatchSampler(10, 3, 1, seed=2).batch_for(0, 0) != seq[0]
+def test_grad_accumulation_micro_batches_tile_the_same_stream_as_whole_batches():
+    """With grad_accum=2 the trainer steps TrainingSampler per micro-batch; the samples of one
+    iteration are those of the same iteration without accumulation (same stream positions)."""
+    from m2f.data.collate import TrainingSampler
+
+    whole = TrainingSampler(10, 4, seed=3, start_iter=5).batch_at(5)
+    micro = TrainingSampler(10, 2, seed=3, start_iter=10)
+    assert micro.batch_at(10) + micro.batch_at(11) == whole
 
 
 def test_resume_continues_the_identical_loss_curve(tmp_path):
