@@ -175,7 +175,10 @@ class SwinBackbone(nn.Module):
         self.patch_embed = PatchEmbed(img_size=None, patch_size=patch_size, in_chans=3, embed_dim=embed_dim,
                                       norm_layer=nn.LayerNorm, output_fmt="NHWC", strict_img_size=False,
                                       dynamic_img_pad=True)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # construction time only
+        # Stochastic depth rising linearly 0 -> drop_path_rate over all blocks (plain Python, so the
+        # module can also be built under torch.device("meta")).
+        n_blocks = sum(depths)
+        dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
         starts = [sum(depths[:i]) for i in range(4)]
         self.layers = nn.Sequential(*[
             SwinStage(dims[max(i - 1, 0)], dims[i], depths[i], num_heads[i], window_size, downsample=i > 0,
