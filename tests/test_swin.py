@@ -7,8 +7,13 @@ import torch
 
 from m2f.config import BackboneCfg
 from m2f.errors import InputError
-from m2f.models.swin import (SwinBackbone, _normalise_checkpoint_keys, build_swin_from_hf_config,
-                             shifted_window_mask, swin_state_dict_from_hf)
+from m2f.models.swin import (
+    SwinBackbone,
+    _normalise_checkpoint_keys,
+    build_swin_from_hf_config,
+    shifted_window_mask,
+    swin_state_dict_from_hf,
+)
 from m2f.registry import BACKBONES
 
 transformers = pytest.importorskip("transformers")
@@ -157,7 +162,7 @@ def test_timm_checkpoint_loads_and_matches_timm_features(tmp_path):
 def test_bad_weights_raise_input_error(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         SwinBackbone(weights=str(tmp_path / "nope.pth"))
-    small = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
+    small = {"embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8)}
     path = tmp_path / "w7.pth"
     torch.save(SwinBackbone(window_size=7, **small).state_dict(), path)
     with pytest.raises(InputError, match="window_size"):  # window-7 tables into a window-12 model

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models.swin_transformer import PatchMerging, WindowAttention
+from torch import Tensor, nn
 
 from m2f.config import BackboneCfg
 from m2f.errors import InputError
@@ -42,7 +42,7 @@ from m2f.registry import BACKBONES
 
 # kind -> (embed_dim, depths, num_heads).  Window size comes from BackboneCfg.window_size
 # (official Mask2Former: 7 for T/S at 224 pre-training, 12 for B/L at 384).
-SWIN_VARIANTS: Dict[str, Tuple[int, Tuple[int, ...], Tuple[int, ...]]] = {
+SWIN_VARIANTS: dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]] = {
     "swin_t": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
     "swin_s": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
     "swin_b": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
@@ -110,7 +110,7 @@ class SwinBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def _attn(self, x: Tensor) -> Tensor:
-        B, H, W, C = x.shape
+        _B, H, W, _C = x.shape
         ws, s = self.window, self.shift
         # Pad right/bottom to whole windows first, then roll (detection Swin / HF order).
         pad_h, pad_w = (-H) % ws, (-W) % ws
@@ -164,7 +164,7 @@ class SwinBackbone(nn.Module):
     def __init__(self, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7,
                  drop_path_rate: float = 0.3, mlp_ratio: float = 4.0, patch_size: int = 4,
-                 weights: Optional[str] = None):
+                 weights: str | None = None):
         super().__init__()
         if len(depths) != 4 or len(num_heads) != 4:
             raise InputError(f"SwinBackbone: expected 4 stages, got depths={depths}, num_heads={num_heads}")
@@ -186,8 +186,8 @@ class SwinBackbone(nn.Module):
             for i in range(4)
         ])
         self.out_norms = nn.ModuleDict({name: nn.LayerNorm(d) for name, d in zip(_OUT_NAMES, dims)})
-        self.out_channels: Dict[str, int] = dict(zip(_OUT_NAMES, dims))
-        self.out_strides: Dict[str, int] = {name: patch_size * 2 ** i for i, name in enumerate(_OUT_NAMES)}
+        self.out_channels: dict[str, int] = dict(zip(_OUT_NAMES, dims))
+        self.out_strides: dict[str, int] = {name: patch_size * 2 ** i for i, name in enumerate(_OUT_NAMES)}
         self.window_size = window_size
         self.apply(self._init_weights)
         if weights:
@@ -204,10 +204,10 @@ class SwinBackbone(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
         """x: [B, 3, H, W] -> {"res2": [B, C, ceil(H/4), ceil(W/4)], ..., "res5": [B, 8C, ../32]}."""
         h = self.patch_embed(x)  # [B, H/4, W/4, C] (NHWC)
-        out: Dict[str, Tensor] = {}
+        out: dict[str, Tensor] = {}
         for name, stage in zip(_OUT_NAMES, self.layers):
             h = stage(h)  # [B, h, w, C_i]
             out[name] = self.out_norms[name](h).permute(0, 3, 1, 2).contiguous()  # [B, C_i, h, w]
@@ -225,7 +225,7 @@ class SwinBackbone(nn.Module):
             raise InputError(f"backbone.weights: file {path!r} does not exist")
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is a user error
+        except Exception as e:  # any unreadable file is a user error
             raise InputError(f"backbone.weights: cannot read {path!r} as a torch state dict ({e})") from e
         for key in ("state_dict", "model"):
             if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
@@ -247,17 +247,16 @@ class SwinBackbone(nn.Module):
                 f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
 
 
-def _normalise_checkpoint_keys(sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+def _normalise_checkpoint_keys(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """timm / official / detectron2 Swin key names -> this module's names."""
-    out: Dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
     for prefix in ("module.", "backbone.", "bottom_up."):
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     # Official layout: patch merging at the END of stage i (there is a layers.0.downsample).
     official = any(k.startswith("layers.0.downsample.") for k in sd)
     for k, v in sd.items():
-        if k.startswith("head.") or k.startswith("norm.") or k.endswith("relative_position_index") \
-                or k.endswith("attn_mask"):
+        if k.startswith(("head.", "norm.")) or k.endswith(("relative_position_index", "attn_mask")):
             continue
         m = re.fullmatch(r"norm([0-3])\.(weight|bias)", k)
         if m:  # detectron2 D2SwinTransformer out norms
@@ -286,7 +285,7 @@ for _kind in SWIN_VARIANTS:
 # ----------------------------------------------------------------------------------------------
 # HF transformers interop
 # ----------------------------------------------------------------------------------------------
-def build_swin_from_hf_config(hf_swin_config) -> Tuple[SwinBackbone, Dict[str, Any]]:
+def build_swin_from_hf_config(hf_swin_config) -> tuple[SwinBackbone, dict[str, Any]]:
     """HF ``SwinConfig`` -> (randomly initialised :class:`SwinBackbone`, ``BackboneCfg`` kwargs).
 
     The kwargs (``kind``, ``window_size``, ``drop_path_rate``) rebuild the same module through the
@@ -335,7 +334,7 @@ _HF_QKV = {"attention.q_proj": 0, "attention.k_proj": 1, "attention.v_proj": 2,
            "attention.self.query": 0, "attention.self.key": 1, "attention.self.value": 2}
 
 
-def swin_state_dict_from_hf(hf_backbone) -> Dict[str, Tensor]:
+def swin_state_dict_from_hf(hf_backbone) -> dict[str, Tensor]:
     """HF ``SwinBackbone`` (module or its state dict) -> :class:`SwinBackbone` state dict.
 
     * ``swin.embeddings.patch_embeddings.projection`` / ``swin.embeddings.norm`` -> ``patch_embed.proj/norm``
@@ -352,8 +351,8 @@ def swin_state_dict_from_hf(hf_backbone) -> Dict[str, Tensor]:
     """
     sd = hf_backbone.state_dict() if isinstance(hf_backbone, nn.Module) else dict(hf_backbone)
     sd = {k: v.detach().clone() for k, v in sd.items()}
-    out: Dict[str, Tensor] = {}
-    qkv: Dict[str, Dict[Tuple[int, str], Tensor]] = {}
+    out: dict[str, Tensor] = {}
+    qkv: dict[str, dict[tuple[int, str], Tensor]] = {}
     unmapped = []
     for k, v in sd.items():
         if k.endswith("relative_position_index") or k.startswith("swin.layernorm."):
