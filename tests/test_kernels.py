@@ -341,7 +341,10 @@ def test_bench_smoke(tmp_path):
     assert report["config"]["num_queries"] == 84
     rows = {(r["backend"], r["dtype"]): r for r in report["results"]}
     ref = rows[("reference", "float32")]
-    assert ref["forward_ms"] > 0 and ref["forward_backward_ms"] >= ref["forward_ms"] * 0.5
+    # timings are noisy on shared machines (a 1-iteration run with no warm-up can time the backward
+    # faster than the first forward): check they were measured, not how they compare
+    assert math.isfinite(ref["forward_ms"]) and ref["forward_ms"] > 0
+    assert math.isfinite(ref["forward_backward_ms"]) and ref["forward_backward_ms"] > 0
     bound = report["bandwidth_bound"]
     # value 1*84*256*4 B read once, output written once, plus locations / weights
     assert bound["forward_bytes"] == 84 * 256 * 4 * 2 + 84 * 8 * 3 * 4 * 3 * 4
