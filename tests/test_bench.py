@@ -44,6 +44,34 @@ def test_fast_deform_attn_matches_reference_and_gradcheck(impl):
 def test_gather_zero_outside():
     shapes, value, loc, attn = _deform_inputs()
     assert ms_deform_attn_gather(value, shapes, loc + 2.0, attn).abs().max() == 0.0
+    assert ms_deform_attn_gather(value, shapes, loc - 2.0, attn).abs().max() == 0.0
+
+
+def test_gather_borders_and_float32_at_encoder_shapes():
+    """Samples exactly on pixel centres, map edges and half a pixel beyond them (where the padded
+    map's border takes over), and float32 at the R50 512 px encoder's level shapes."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [(4, 6), (3, 3)]
+    S = sum(h * w for h, w in shapes)
+    value = torch.randn(1, S, 2, 4, generator=g, dtype=torch.float64)
+    # x, y in pixels of a 6-wide / 4-high map: -1 .. size (every boundary case), as fractions
+    px = torch.tensor([-1.5, -1.0, -0.5, -0.25, 0.0, 0.5, 2.0, 5.5, 5.75, 6.0, 6.5, 7.0], dtype=torch.float64)
+    loc = torch.zeros(1, px.numel(), 2, 2, 1, 2, dtype=torch.float64)
+    loc[..., 0] = (px / 6.0).view(1, -1, 1, 1, 1)
+    loc[..., 1] = (px.flip(0) / 6.0).view(1, -1, 1, 1, 1)
+    attn = torch.rand(1, px.numel(), 2, 2, 1, generator=g, dtype=torch.float64)
+    ref = ms_deform_attn_reference(value, shapes, loc, attn)
+    assert (ms_deform_attn_gather(value, shapes, loc, attn) - ref).abs().max() < 1e-12
+
+    shapes = [(16, 16), (32, 32), (64, 64)]
+    S = sum(h * w for h, w in shapes)
+    value = torch.randn(1, S, 8, 32, generator=g)
+    loc = torch.rand(1, S, 8, 3, 4, 2, generator=g) * 1.2 - 0.1
+    attn = torch.rand(1, S, 8, 3, 4, generator=g).softmax(-1)
+    with torch.no_grad():
+        ref = ms_deform_attn_reference(value, shapes, loc, attn)
+        out = ms_deform_attn_gather(value, shapes, loc, attn)
+    assert ref.abs().max() > 0.5 and (out - ref).abs().max() < 2e-5
 
 
 def test_memory_ratios_from_measured_values():

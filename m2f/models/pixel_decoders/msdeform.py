@@ -57,35 +57,50 @@ def ms_deform_attn_gather(value: Tensor, spatial_shapes: Sequence[Tuple[int, int
     attention_weights [B, Q, nH, L, P] -> [B, Q, nH * Dh].  Bilinear, zero outside each map,
     align_corners=False (pixel coordinate = loc * size - 0.5).
 
-    Each of the L*P samples reads its 4 bilinear corners: the corner's row index in ``value``
-    viewed as [B*S*nH, Dh] and its weight (bilinear weight x attention weight, 0 outside the map).
-    The weights are differentiable in the locations and attention weights (through the fractional
-    part of the pixel coordinate, as grid_sample's gradient), embedding_bag's backward gives the
-    gradients of ``value`` and of the weights.  No host synchronisation.
+    Each level's map gets a zero border (1 pixel before, 2 after), so clamping a sample's
+    coordinate into [-1, size] gives the same bilinear value as the unpadded map with zero padding
+    (a sample at or beyond the border reads only zeros) and no validity masks are needed.  Each of
+    the L*P samples reads its 4 corners: the corner's row in the padded ``value`` viewed as
+    [B*S'*nH, Dh] and its weight (bilinear weight x attention weight).  Everything is computed on
+    contiguous [B, Q, nH, P] tensors per level (broadcasts over size-2 inner dimensions are slow on
+    CPU).  The weights are differentiable in the locations and attention weights (through the
+    fractional part of the coordinate, as grid_sample's gradient; zero where clamped, where the
+    function is 0); embedding_bag's backward gives the gradients of ``value`` and of the weights.
+    No host synchronisation.
     """
     B, S, nH, Dh = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
-    dev, itype = value.device, torch.int32  # int32 indices: B*S*nH stays far below 2**31
-    size = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=sampling_locations.dtype, device=dev)
-    lim = torch.tensor([[w - 1, h - 1] for h, w in spatial_shapes], dtype=itype, device=dev)
-    width = torch.tensor([w for _, w in spatial_shapes], dtype=itype, device=dev)
-    starts = torch.tensor([0] + [h * w for h, w in spatial_shapes][:-1], dtype=itype, device=dev).cumsum(0)
-    # Row of key 0 of level l for (batch b, head h) in value.view(B*S*nH, Dh): [B, 1, nH, L, 1]
-    base = ((torch.arange(B, dtype=itype, device=dev).view(B, 1, 1, 1, 1) * S + starts.view(1, 1, 1, L, 1)) * nH
+    dev, itype = value.device, torch.int32  # int32 indices: B*S'*nH stays far below 2**31
+    if sampling_locations.dtype in (torch.float16, torch.bfloat16):  # pixel coordinates need float32
+        sampling_locations = sampling_locations.float()
+    padded, starts, offset = [], [], 0
+    for v, (h, w) in zip(value.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes):
+        padded.append(F.pad(v.reshape(B, h, w, nH * Dh), (0, 0, 1, 2, 1, 2)).reshape(B, -1, nH, Dh))
+        starts.append(offset)
+        offset += (h + 3) * (w + 3)
+    rows = torch.cat(padded, 1).reshape(-1, Dh)  # [B*S'*nH, Dh]
+    # row of (batch b, head h) at padded position 0 of level 0: [B, 1, nH, 1, 1]
+    base = (torch.arange(B, dtype=itype, device=dev).view(B, 1, 1, 1, 1) * (offset * nH)
             + torch.arange(nH, dtype=itype, device=dev).view(1, 1, nH, 1, 1))
-    pix = sampling_locations * size.view(L, 1, 2) - 0.5  # [B, Q, nH, L, P, 2] (x, y) pixel coordinates
-    p0 = pix.detach().floor()
-    frac = pix - p0  # [B, Q, nH, L, P, 2] in [0, 1)
-    corner = p0.to(itype)[..., None] + torch.tensor([0, 1], dtype=itype, device=dev)  # [..., 2 (xy), 2 (lo/hi)]
-    lim = lim.view(L, 1, 2, 1)
-    inside = (corner >= 0) & (corner <= lim)  # [B, Q, nH, L, P, 2, 2]
-    corner = torch.minimum(corner.clamp(min=0), lim)  # any in-range row; its weight is 0
-    wts = torch.stack((1 - frac, frac), -1) * inside  # [B, Q, nH, L, P, 2 (xy), 2 (lo/hi)]
-    # [B, Q, nH, L, P, 2 (y), 2 (x)]
-    w = wts[..., 1, :, None] * wts[..., 0, None, :] * attention_weights[..., None, None]
-    idx = base[..., None, None] + (corner[..., 1, :, None] * width.view(L, 1, 1, 1) + corner[..., 0, None, :]) * nH
-    out = F.embedding_bag(idx.reshape(B * Q * nH, L * P * 4), value.reshape(B * S * nH, Dh),
-                          per_sample_weights=w.reshape(B * Q * nH, L * P * 4).to(value.dtype), mode="sum")
+    idx_levels, w_levels = [], []
+    for lvl, (h, w) in enumerate(spatial_shapes):
+        loc = sampling_locations[:, :, :, lvl]  # [B, Q, nH, P, 2]
+        x = (loc[..., 0] * w + 0.5).clamp(0, w + 1)  # coordinate in the padded map: [0, w + 1]
+        y = (loc[..., 1] * h + 0.5).clamp(0, h + 1)
+        x0, y0 = x.detach().floor(), y.detach().floor()
+        fx, fy = x - x0, y - y0
+        wp = w + 3
+        pos = (y0 * wp + x0).to(itype) + starts[lvl]  # exact: positions < 2**24
+        corners = pos[..., None] + torch.tensor([0, 1, wp, wp + 1], dtype=itype, device=dev)
+        idx_levels.append(corners * nH + base)  # [B, Q, nH, P, 4]
+        a = attention_weights[:, :, :, lvl]
+        ay1 = a * fy
+        ay0 = a - ay1
+        gx = 1 - fx
+        w_levels.append(torch.stack((ay0 * gx, ay0 * fx, ay1 * gx, ay1 * fx), -1))
+    idx = torch.stack(idx_levels, 3).reshape(B * Q * nH, L * P * 4)
+    wts = torch.stack(w_levels, 3).reshape(B * Q * nH, L * P * 4).to(value.dtype)
+    out = F.embedding_bag(idx, rows, per_sample_weights=wts, mode="sum")
     return out.view(B, Q, nH * Dh)
 
 
