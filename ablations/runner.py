@@ -13,13 +13,11 @@ process reports is that run's), each with ``cpu_count // jobs`` torch threads.  
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import shlex
 import subprocess
-import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass

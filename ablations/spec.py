@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from m2f.config import ConfigError, apply_overrides, get_preset, list_presets
+from m2f.config import ConfigError, get_preset, list_presets
 from m2f.errors import InputError
 
 SPEC_DIR = Path(__file__).resolve().parent / "specs"

@@ -11,7 +11,6 @@ An unknown path or a bad value raises :class:`ConfigError` naming the path and t
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import types

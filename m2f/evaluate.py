@@ -2,7 +2,6 @@
 (``m2f predict``)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 

@@ -11,7 +11,7 @@ import pytest
 
 from ablations import runner as ab_runner
 from ablations.render import agreement, render_ablation, render_readme
-from ablations.spec import EVAL_METRICS, PAPER_COLUMNS, list_specs, load_spec
+from ablations.spec import PAPER_COLUMNS, list_specs, load_spec
 from m2f.checkpoint import append_jsonl, read_jsonl
 from m2f.config import all_paths, config_hash, get_preset
 from m2f.errors import InputError

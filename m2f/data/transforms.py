@@ -29,7 +29,6 @@ Instances left without pixels after a crop are dropped (``N = 0`` is allowed).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Optional, Tuple
 
 import torch
