@@ -12,7 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from kernels.ms_deform_attn import ms_deform_attn_reference  # noqa: E402
 from m2f import bench  # noqa: E402
 from m2f.errors import InputError  # noqa: E402
-from m2f.models.pixel_decoders.msdeform import ms_deform_attn_gather, ms_deform_attn_levels  # noqa: E402
+from m2f.models.pixel_decoders.msdeform import (  # noqa: E402
+    ms_deform_attn_gather,
+    ms_deform_attn_levels,
+    ms_deform_attn_recompute,
+)
 
 
 def _deform_inputs(dtype=torch.float64):
@@ -25,7 +29,8 @@ def _deform_inputs(dtype=torch.float64):
     return shapes, value, loc, attn
 
 
-@pytest.mark.parametrize("impl", [ms_deform_attn_gather, ms_deform_attn_levels], ids=["gather", "levels"])
+@pytest.mark.parametrize("impl", [ms_deform_attn_gather, ms_deform_attn_levels, ms_deform_attn_recompute],
+                         ids=["gather", "levels", "recompute"])
 def test_fast_deform_attn_matches_reference_and_gradcheck(impl):
     shapes, value, loc, attn = _deform_inputs()
     ref = ms_deform_attn_reference(value, shapes, loc, attn)
@@ -39,6 +44,22 @@ def test_fast_deform_attn_matches_reference_and_gradcheck(impl):
     g_out = torch.autograd.grad(impl(inputs[0], shapes, *inputs[1:]).sum(), inputs)
     for a, b in zip(g_out, g_ref):
         assert (a - b).abs().max() < 1e-10
+
+
+def test_recompute_mixed_dtypes_and_partial_grads():
+    """Autocast-style inputs (bfloat16 value, float32 locations) are computed in float32 and each
+    gradient comes back in its input's dtype; inputs that need no gradient get none."""
+    shapes, value, loc, attn = _deform_inputs(torch.float32)
+    v = value.to(torch.bfloat16).requires_grad_()
+    l, a = loc.clone().requires_grad_(), attn.clone()
+    out = ms_deform_attn_recompute(v, shapes, l, a)
+    ref = ms_deform_attn_reference(v.detach().float(), shapes, loc, attn)
+    assert out.dtype == torch.float32 and (out - ref).abs().max() < 1e-5
+    gv, gl = torch.autograd.grad(out.square().sum(), (v, l))
+    assert gv.dtype == torch.bfloat16 and gl.dtype == torch.float32
+    lr = loc.clone().requires_grad_()
+    (gl_ref,) = torch.autograd.grad(ms_deform_attn_reference(v.detach().float(), shapes, lr, attn).square().sum(), lr)
+    assert gl.abs().max() > 0.1 and (gl - gl_ref).abs().max() < 1e-4
 
 
 def test_gather_zero_outside():
@@ -128,3 +149,33 @@ def test_speed_cli_tiny(tmp_path):
         assert k in r["environment"]
     md = (tmp_path / "README.md").read_text()
     assert "| inference" in md and "| train" in md
+
+
+def test_msdeform_module_recompute_backend_same_gradients():
+    """backend="reference_recompute" trains the same function as "reference": equal outputs and
+    parameter gradients (float64)."""
+    from m2f.models.pixel_decoders.msdeform import MSDeformAttn
+
+    torch.manual_seed(0)
+    shapes = [(4, 5), (2, 3)]
+    S = sum(h * w for h, w in shapes)
+    mods = []
+    for backend in ("reference", "reference_recompute"):
+        torch.manual_seed(0)
+        m = MSDeformAttn(16, 2, 2, 3, backend=backend).double()
+        torch.nn.init.normal_(m.sampling_offsets.weight, std=0.5)
+        torch.nn.init.normal_(m.attention_weights.weight, std=0.5)
+        mods.append(m)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, S, 16, generator=g, dtype=torch.float64)
+    ref_pts = torch.rand(2, S, 2, 2, generator=g, dtype=torch.float64)
+    outs, grads = [], []
+    for m in mods:
+        out = m(x, ref_pts, x, shapes)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    assert (outs[0] - outs[1]).abs().max() < 1e-12
+    assert grads[0]["sampling_offsets.weight"].abs().max() > 1e-3
+    for name in grads[0]:
+        assert (grads[0][name] - grads[1][name]).abs().max() < 1e-10, name

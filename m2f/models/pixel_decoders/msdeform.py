@@ -11,10 +11,12 @@ with sine positional encodings plus a learnable embedding per level.  One FPN st
 
 Speed (see reports/bench/README.md): ``backend="reference"`` runs pure-PyTorch formulations of
 the same function as ``kernels.ms_deform_attn.ms_deform_attn_reference`` (the grid_sample spec):
-without autograd :func:`ms_deform_attn_gather` folds the bilinear and attention weights into one
-``embedding_bag`` gather-and-sum (no [B*nH, Dh, Q, L*P] sample tensor); with autograd
-:func:`ms_deform_attn_levels` accumulates the weighted sum level by level (no stack of the
-levels' samples; embedding_bag's backward sorts its indices and is slower there).  The sine
+:func:`ms_deform_attn_gather` folds the bilinear and attention weights into one ``embedding_bag``
+gather-and-sum (no [B*nH, Dh, Q, L*P] sample tensor); with autograd
+:func:`ms_deform_attn_levels` accumulates the weighted sum level by level (no stack of the levels'
+samples; embedding_bag's own backward sorts its indices and is slower).  ``"reference_recompute"``
+trades time for memory: the gather runs forward keeping only its inputs and the backward recomputes
+the levels formulation (:func:`ms_deform_attn_recompute`).  The sine
 positional encodings and reference points depend only on the level shapes: cached per shape.
 """
 from __future__ import annotations
@@ -122,6 +124,50 @@ def ms_deform_attn_levels(value: Tensor, spatial_shapes: Sequence[Tuple[int, int
     return out.view(B, nH * Dh, Q).transpose(1, 2)  # [B, Q, nH*Dh]
 
 
+class _DeformAttnRecompute(torch.autograd.Function):
+    """Training path of the reference backend: forward by :func:`ms_deform_attn_gather`, saving
+    only its inputs; backward recomputes :func:`ms_deform_attn_levels` and differentiates it.
+
+    The per-level [B*nH, Dh, Q, P] samples and their products with the attention weights
+    (3 x 88 MB per encoder layer at 1024 px, batch 1) are not kept between forward and backward:
+    training memory falls by about that much per layer for one extra gather per layer.  Mixed
+    input dtypes (autocast) are computed in float32, as grid_sample under autocast does.
+    First-order gradients only.
+    """
+
+    @staticmethod
+    def forward(ctx, value: Tensor, sampling_locations: Tensor, attention_weights: Tensor,
+                spatial_shapes: Tuple[Tuple[int, int], ...]) -> Tensor:
+        ctx.dtypes = (value.dtype, sampling_locations.dtype, attention_weights.dtype)
+        if len(set(ctx.dtypes)) > 1:
+            value, sampling_locations, attention_weights = (
+                t.float() for t in (value, sampling_locations, attention_weights))
+        ctx.spatial_shapes = spatial_shapes
+        ctx.save_for_backward(value, sampling_locations, attention_weights)
+        return ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(n) for t, n in zip(saved, needs)]
+            out = ms_deform_attn_levels(inputs[0], ctx.spatial_shapes, inputs[1], inputs[2])
+            wanted = [t for t in inputs if t.requires_grad]
+            got = iter(torch.autograd.grad(out, wanted, grad_out.to(out.dtype)))
+        grads = [next(got).to(dt) if n else None for n, dt in zip(needs, ctx.dtypes)]
+        return grads[0], grads[1], grads[2], None
+
+
+def ms_deform_attn_recompute(value: Tensor, spatial_shapes: Sequence[Tuple[int, int]], sampling_locations: Tensor,
+                             attention_weights: Tensor) -> Tensor:
+    """Differentiable deformable attention that keeps only its inputs for backward
+    (:class:`_DeformAttnRecompute`); shapes as :func:`ms_deform_attn_gather`."""
+    shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
+    return _DeformAttnRecompute.apply(value, sampling_locations, attention_weights, shapes)
+
+
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention (Zhu et al., Deformable DETR).
 
@@ -129,7 +175,8 @@ class MSDeformAttn(nn.Module):
     spatial_shapes [(H_l, W_l)] * L) -> [B,Q,C]
 
     backend "reference" runs :func:`ms_deform_attn_gather` (no autograd) or
-    :func:`ms_deform_attn_levels` (pure PyTorch, any device); "triton" / "auto" dispatch through
+    :func:`ms_deform_attn_levels` (pure PyTorch, any device); "reference_recompute" trains with
+    :func:`ms_deform_attn_recompute` (less memory, slower); "triton" / "auto" dispatch through
     ``kernels.ms_deform_attn.ms_deform_attn``.
     """
 
@@ -173,9 +220,12 @@ class MSDeformAttn(nn.Module):
         # Offsets are in pixels of each level: normalise by (W_l, H_l).
         normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
         loc = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        if self.backend == "reference":
+        if self.backend in ("reference", "reference_recompute"):
             needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (value, loc, weights))
-            impl = ms_deform_attn_levels if needs_grad else ms_deform_attn_gather
+            if not needs_grad:
+                impl = ms_deform_attn_gather
+            else:
+                impl = ms_deform_attn_recompute if self.backend == "reference_recompute" else ms_deform_attn_levels
             out = impl(value, spatial_shapes, loc, weights)  # [B, Q, C]
         else:
             out = ms_deform_attn(value, spatial_shapes, loc, weights, backend=self.backend)  # [B, Q, C]
