@@ -142,6 +142,29 @@ def resize_mask_logits(
     return x[0]
 
 
+def _needed_queries(class_logits: Tensor, tasks: Sequence[str], cfg) -> Optional[Tensor]:
+    """Indices (ascending) of the queries whose masks ``tasks`` can use, or None for all of them.
+
+    Semantic inference sums over every query.  Panoptic inference uses only the queries it keeps
+    (not "no object", score above ``object_mask_threshold``) and instance inference only the queries
+    of its ``top_k`` (query, class) pairs; the kept subset in query order gives the same results, so
+    the masks of the others need not be upsampled (with a trained model, most of them)."""
+    if "semantic" in tasks:
+        return None
+    Q, K1 = class_logits.shape
+    K = K1 - 1
+    probs = class_logits.softmax(-1)
+    need = torch.zeros(Q, dtype=torch.bool, device=class_logits.device)
+    if "panoptic" in tasks:
+        scores, labels = probs.max(-1)
+        need |= labels.ne(K) & (scores > cfg.object_mask_threshold)
+    if "instance" in tasks:
+        k = min(cfg.top_k, Q * K)
+        flat = probs[:, :-1].flatten().topk(k, sorted=False).indices
+        need[torch.div(flat, K, rounding_mode="floor")] = True
+    return need.nonzero().squeeze(1)
+
+
 @torch.no_grad()
 def postprocess(
     output,
@@ -176,17 +199,24 @@ def postprocess(
     class_logits, mask_logits = output.class_logits, output.mask_logits  # [B, Q, K+1], [B, Q, h, w]
     if padded_size is None:
         padded_size = (mask_logits.shape[-2] * 4, mask_logits.shape[-1] * 4)
-    # One batched upsampling to the padded input size, then per-image crop + resize.
-    up = F.interpolate(mask_logits.float(), size=tuple(padded_size), mode="bilinear", align_corners=False)
     results = []
     for b, (isz, osz) in enumerate(zip(image_sizes, orig_sizes)):
         h, w = int(isz[0]), int(isz[1])
         oh, ow = int(osz[0]), int(osz[1])
-        m = up[b : b + 1, :, :h, :w]  # [1, Q, h, w]
-        if (oh, ow) != (h, w):
-            m = F.interpolate(m, size=(oh, ow), mode="bilinear", align_corners=False)
-        m = m[0]  # [Q, oh, ow]
         c = class_logits[b].float()  # [Q, K+1]
+        # Upsample only the queries the requested tasks can use (all of them for semantic).
+        sel = _needed_queries(c, tasks, cfg)
+        src = mask_logits[b : b + 1] if sel is None else mask_logits[b : b + 1, sel]
+        if src.shape[1] == 0:  # nothing to upsample (interpolate rejects empty inputs)
+            m = src.new_zeros((0, oh, ow), dtype=torch.float32)
+        else:
+            m = F.interpolate(src.float(), size=tuple(padded_size), mode="bilinear", align_corners=False)
+            m = m[:, :, :h, :w]  # [1, Q', h, w]
+            if (oh, ow) != (h, w):
+                m = F.interpolate(m, size=(oh, ow), mode="bilinear", align_corners=False)
+            m = m[0]  # [Q', oh, ow]
+        if sel is not None:
+            c = c[sel]
         r: Dict[str, Any] = {}
         if "semantic" in tasks:
             r["sem_seg"] = semantic_inference(c, m)

@@ -265,3 +265,35 @@ def test_postprocess_resize_crop():
     assert set(only[0]) == {"sem_seg"}
     with pytest.raises(ValueError):
         postprocess(out, sizes, orig, None, None, tasks=("bogus",))
+
+
+@pytest.mark.parametrize("tasks", [("panoptic",), ("instance",), ("panoptic", "instance")])
+def test_postprocess_query_subset_equals_all_queries(tasks):
+    """Without semantic, only the queries panoptic keeps / instance's top-k pairs use are upsampled:
+    the results equal those computed from every query's upsampled mask."""
+    B, Q, K = 2, 30, 6
+    g = torch.Generator().manual_seed(5)
+    cls = torch.randn(B, Q, K + 1, generator=g) * 6
+    ml = torch.randn(B, Q, 16, 16, generator=g) * 4
+    out = Mask2FormerOutput(class_logits=cls, mask_logits=ml)
+    sizes, orig = [(64, 48), (40, 64)], [(128, 96), (40, 64)]
+    cfg = InferenceCfg(object_mask_threshold=0.5, overlap_threshold=0.2, top_k=25)
+    is_thing = torch.tensor([1, 1, 1, 0, 0, 0]).bool()
+    sub = postprocess(out, sizes, orig, cfg, is_thing, tasks=tasks)
+    full = postprocess(out, sizes, orig, cfg, is_thing, tasks=(*tasks, "semantic"))
+    kept = 0
+    for a, b in zip(sub, full):
+        if "panoptic" in tasks:
+            assert torch.equal(a["panoptic_seg"][0], b["panoptic_seg"][0])
+            assert a["panoptic_seg"][1] == b["panoptic_seg"][1]
+            kept += len(a["panoptic_seg"][1])
+        if "instance" in tasks:
+            for key in ("masks", "labels"):
+                assert torch.equal(a["instances"][key], b["instances"][key]), key
+            # mask scores are means over pixels: summation order may differ in the last bit
+            torch.testing.assert_close(a["instances"]["scores"], b["instances"]["scores"], rtol=1e-6, atol=0)
+            kept += len(a["instances"]["labels"])
+    assert kept > 0
+    # nothing kept at all: empty results, no error
+    none = postprocess(out, sizes, orig, InferenceCfg(object_mask_threshold=1.0), is_thing, tasks=("panoptic",))
+    assert none[0]["panoptic_seg"][1] == [] and int(none[0]["panoptic_seg"][0].abs().sum()) == 0
