@@ -105,7 +105,7 @@ def uncertainty_point_coords(logits: Tensor, uncertainty_fn: Callable[[Tensor], 
         return uniform_coords((n, num_points, 2), dev, generator)
     coords = uniform_coords((n, n_sampled, 2), dev, generator)  # [N, S, 2]
     unc = uncertainty_fn(point_sample(logits, coords))[:, 0]  # [N, S]
-    idx = unc.topk(n_imp, dim=1).indices  # [N, n_imp]
+    idx = unc.topk(n_imp, dim=1, sorted=False).indices  # [N, n_imp]: a set (the loss averages over points)
     chosen = coords.gather(1, idx.unsqueeze(-1).expand(-1, -1, 2))  # [N, n_imp, 2]
     if n_rand > 0:
         chosen = torch.cat([chosen, uniform_coords((n, n_rand, 2), dev, generator)], dim=1)
