@@ -11,7 +11,6 @@ Frozen stages also get their BatchNorms replaced by :class:`FrozenBatchNorm2d`.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Dict, Optional
 
 import torch
@@ -22,6 +21,7 @@ from torch import Tensor
 
 from m2f.config import BackboneCfg
 from m2f.errors import InputError
+from m2f.models.weights import is_detectron2_resnet, read_state_dict, resnet_keys_from_detectron2
 from m2f.registry import BACKBONES
 
 # name -> (torchvision constructor, bottleneck?)
@@ -133,7 +133,8 @@ class ResNetBackbone(nn.Module):
         freeze_at: detectron2 FREEZE_AT (0 = train all).
         stride_in_3x3: bottleneck only; True = stride in the 3x3 conv (torchvision, ResNet v1.5),
             False = stride in the first 1x1 conv (original ResNet / MSRA weights).
-        weights: optional local state-dict file (torchvision key names).
+        weights: optional local weights: a torchvision state dict or a detectron2 ``.pkl``
+            (``stem`` / ``res2..res5`` names, e.g. the official configs' ``R-50.pkl``).
     """
 
     def __init__(self, depth_name: str = "resnet50", norm: str = "frozen_bn", freeze_at: int = 0,
@@ -161,20 +162,18 @@ class ResNetBackbone(nn.Module):
         self.freeze(freeze_at)
 
     def load_weights(self, path: str) -> None:
-        """Load a local torchvision-style state dict (``fc.*`` ignored; ``module.`` stripped)."""
-        if not os.path.isfile(path):
-            raise InputError(f"backbone.weights: file {path!r} does not exist")
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is a user error
-            raise InputError(f"backbone.weights: cannot read {path!r} as a torch state dict ({e})") from e
-        for key in ("state_dict", "model"):
-            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-                sd = sd[key]
-        if not isinstance(sd, dict):
-            raise InputError(f"backbone.weights: {path!r} holds a {type(sd).__name__}, expected a state dict")
-        sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+        """Load a local torchvision state dict or a detectron2 pickle (``R-50.pkl``, or a whole
+        detectron2 model whose ``backbone.*`` is taken); ``fc.*`` is ignored, ``module.`` stripped."""
+        sd = read_state_dict(path)
+        if is_detectron2_resnet(sd):
+            sd = resnet_keys_from_detectron2(sd)
         sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+        own = self.state_dict()
+        bad_shape = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+                     if k in own and own[k].shape != v.shape]
+        if bad_shape:
+            raise InputError(f"backbone.weights: {path!r} has tensors of the wrong shape (check "
+                             f"backbone.kind): {bad_shape[:4]}")
         missing, unexpected = self.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]
         if missing or unexpected:

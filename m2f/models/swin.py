@@ -25,7 +25,6 @@ module; :func:`build_swin_from_hf_config` builds the matching module.
 """
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 
 from m2f.config import BackboneCfg
 from m2f.errors import InputError
+from m2f.models.weights import read_state_dict
 from m2f.registry import BACKBONES
 
 # kind -> (embed_dim, depths, num_heads).  Window size comes from BackboneCfg.window_size
@@ -215,23 +215,14 @@ class SwinBackbone(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def load_weights(self, path: str) -> None:
-        """Load a local Swin checkpoint (timm, official Microsoft, or detectron2-converted layout).
+        """Load a local Swin checkpoint (timm, official Microsoft, or detectron2-converted layout;
+        torch files or detectron2 ``.pkl`` pickles such as the official configs' ``swin_tiny_patch4_window7_224.pkl``).
 
         Classification heads and the final ``norm`` are dropped; ``out_norms`` may be absent
         (ImageNet checkpoints) and then keep their unit init.  Anything else missing, unexpected
         or of the wrong shape (e.g. a window-12 checkpoint into a window-7 model) is an InputError.
         """
-        if not os.path.isfile(path):
-            raise InputError(f"backbone.weights: file {path!r} does not exist")
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # any unreadable file is a user error
-            raise InputError(f"backbone.weights: cannot read {path!r} as a torch state dict ({e})") from e
-        for key in ("state_dict", "model"):
-            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-                sd = sd[key]
-        if not isinstance(sd, dict):
-            raise InputError(f"backbone.weights: {path!r} holds a {type(sd).__name__}, expected a state dict")
+        sd = read_state_dict(path)
         sd = _normalise_checkpoint_keys(sd)
         own = self.state_dict()
         bad_shape = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
