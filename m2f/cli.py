@@ -1,6 +1,6 @@
 """The ``m2f`` command line: ``m2f <command> --help`` for each command.
 
-Commands: info, flops, data synth, train, eval, predict, score.
+Commands: info, flops, data synth, train, eval, predict, convert, score.
 """
 from __future__ import annotations
 
@@ -114,6 +114,22 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from m2f.checkpoint import atomic_torch_save
+    from m2f.config import config_hash, diff, to_dict
+    from m2f.convert import from_detectron2
+
+    model, cfg = from_detectron2(args.weights, base=args.preset, overrides=args.overrides)
+    n = sum(p.numel() for p in model.parameters())
+    atomic_torch_save({"model": model.state_dict(), "config": to_dict(cfg), "iter": None,
+                       "source": {"detectron2_checkpoint": str(args.weights)}}, args.out)
+    out = {"out": str(args.out), "params": n, "config_hash": config_hash(cfg), "overrides_vs_default": diff(cfg)}
+    _print(out, True) if args.json else print(f"wrote {args.out}: {n / 1e6:.2f}M parameters, "
+                                               f"{cfg.backbone.kind}, {cfg.num_classes} classes, "
+                                               f"{cfg.decoder.num_queries} queries")
+    return 0
+
+
 def cmd_score(args) -> int:
     from m2f.evaluation.score import run
 
@@ -179,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", default="panoptic", choices=["panoptic", "instance", "semantic"])
     s.add_argument("--device", default=None)
     s.set_defaults(fn=cmd_predict)
+
+    s = sub.add_parser("convert", help="an official (detectron2) Mask2Former checkpoint -> an m2f checkpoint "
+                       "for m2f eval / predict")
+    s.add_argument("weights", help="model_final_*.pkl from the official model zoo (or a .pth state dict)")
+    _add_preset_args(s, default="r50_coco_panoptic")
+    s.add_argument("--out", required=True, help="the m2f checkpoint to write (e.g. r50_official.pth)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("score", help="score prediction files against ground truth (no model)")
     try:

@@ -238,3 +238,189 @@ def from_hf(hf_model) -> Tuple[torch.nn.Module, Config]:
         raise NotImplementedError(
             f"from_hf: weight mapping incomplete; missing {missing[:8]}, unexpected {unexpected[:8]}")
     return model.eval(), cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# detectron2 / official Mask2Former checkpoints
+#
+# The official code (facebookresearch/Mask2Former, a detectron2 project) names its weights
+#   backbone.*                                   detectron2 ResNet (stem, res2..res5) or D2 Swin
+#   sem_seg_head.pixel_decoder.adapter_N / layer_N          FPN lateral / output conv (+ .norm)
+#   sem_seg_head.pixel_decoder.input_proj.i.{0,1}           conv + GroupNorm per encoder level
+#   sem_seg_head.pixel_decoder.transformer.level_embed
+#   sem_seg_head.pixel_decoder.transformer.encoder.layers.i.{self_attn.*,norm1,linear1,linear2,norm2}
+#   sem_seg_head.pixel_decoder.mask_features
+#   sem_seg_head.predictor.transformer_{self,cross}_attention_layers.i.{self_attn,multihead_attn}
+#       (nn.MultiheadAttention: packed in_proj [3C, C], q/k/v in that order) + .norm
+#   sem_seg_head.predictor.transformer_ffn_layers.i.{linear1,linear2,norm}
+#   sem_seg_head.predictor.{query_feat,query_embed,level_embed,input_proj.i,decoder_norm,
+#                           class_embed,mask_embed.layers.i}
+# and carries criterion.empty_weight (dropped).  m2f's modules use the same layouts, so the
+# conversion is a renaming plus the split of the packed attention projections.
+
+_D2_PIXEL_DECODER_RULES = [
+    (r"transformer\.level_embed", r"level_embed"),
+    (r"input_proj\.(\d+)\.([01])\.(\w+)", r"input_proj.\1.\2.\3"),
+    (r"transformer\.encoder\.layers\.(\d+)\.(self_attn\.\w+|norm1|norm2|linear1|linear2)\.(\w+)",
+     r"layers.\1.\2.\3"),
+    (r"mask_features\.(\w+)", r"mask_features.\1"),
+]
+
+_D2_PREDICTOR_RULES = [
+    (r"query_embed\.weight", r"query_pos.weight"),
+    (r"query_feat\.weight", r"query_feat.weight"),
+    (r"level_embed\.weight", r"level_embed.weight"),
+    (r"input_proj\.(\d+)\.(\w+)", r"input_proj.\1.\2"),
+    (r"transformer_self_attention_layers\.(\d+)\.self_attn\.out_proj\.(\w+)", r"layers.\1.self_attn.out_proj.\2"),
+    (r"transformer_self_attention_layers\.(\d+)\.norm\.(\w+)", r"layers.\1.self_norm.\2"),
+    (r"transformer_cross_attention_layers\.(\d+)\.multihead_attn\.out_proj\.(\w+)",
+     r"layers.\1.cross_attn.out_proj.\2"),
+    (r"transformer_cross_attention_layers\.(\d+)\.norm\.(\w+)", r"layers.\1.cross_norm.\2"),
+    (r"transformer_ffn_layers\.(\d+)\.(linear1|linear2)\.(\w+)", r"layers.\1.\2.\3"),
+    (r"transformer_ffn_layers\.(\d+)\.norm\.(\w+)", r"layers.\1.ffn_norm.\2"),
+    (r"decoder_norm\.(\w+)", r"decoder_norm.\1"),
+    (r"class_embed\.(\w+)", r"class_embed.\1"),
+    (r"mask_embed\.layers\.(\d+)\.(\w+)", r"mask_embed.layers.\1.\2"),
+]
+
+_PD = "sem_seg_head.pixel_decoder."
+_PRED = "sem_seg_head.predictor."
+
+
+def _count(sd, pattern: str) -> int:
+    idx = {int(m.group(1)) for k in sd for m in [re.match(pattern, k)] if m}
+    return max(idx) + 1 if idx else 0
+
+
+def config_from_detectron2(d2: Dict[str, Tensor], base: Config) -> Config:
+    """``base`` with the fields the weights determine (backbone kind / window, widths, numbers of
+    layers, queries and classes; FrozenBN for ResNets, as the official models) set from a
+    detectron2 Mask2Former state dict's shapes.  What the
+    weights cannot tell (ResNet stride placement, thresholds, data) stays as in ``base``."""
+    from m2f.models.weights import is_detectron2_resnet
+
+    def need(key: str) -> Tensor:
+        if key not in d2:
+            raise InputError(f"detectron2 checkpoint: no {key!r}; is this a Mask2Former (MSDeformAttn pixel "
+                             "decoder, masked-attention decoder) checkpoint?")
+        return d2[key]
+
+    over: Dict[str, object] = {}
+    if is_detectron2_resnet(d2):
+        depths = tuple(_count(d2, rf"backbone\.res{s}\.(\d+)\.") for s in range(2, 6))
+        kind = _RESNET_KINDS.get((depths, "bottleneck" if "backbone.res2.0.conv3.weight" in d2 else "basic"))
+        if kind is None:
+            raise InputError(f"detectron2 checkpoint: ResNet with blocks per stage {depths} has no m2f kind")
+        over.update({"backbone.kind": kind, "backbone.norm": "frozen_bn"})  # the official RESNETS.NORM
+    elif "backbone.patch_embed.proj.weight" in d2:
+        embed = int(d2["backbone.patch_embed.proj.weight"].shape[0])
+        depths = tuple(_count(d2, rf"backbone\.layers\.{s}\.blocks\.(\d+)\.") for s in range(4))
+        kind = _SWIN_KINDS.get((embed, depths))
+        if kind is None:
+            raise InputError(f"detectron2 checkpoint: Swin with embed dim {embed}, depths {depths} has no m2f kind")
+        table = need("backbone.layers.0.blocks.0.attn.relative_position_bias_table").shape[0]
+        over.update({"backbone.kind": kind, "backbone.window_size": (int(round(table ** 0.5)) + 1) // 2})
+    else:
+        raise InputError("detectron2 checkpoint: backbone is neither a detectron2 ResNet (backbone.stem.*) "
+                         "nor a Swin (backbone.patch_embed.*)")
+    qf = need(_PRED + "query_feat.weight")
+    mf = need(_PD + "mask_features.weight")
+    over.update({
+        "num_classes": int(need(_PRED + "class_embed.weight").shape[0]) - 1,
+        "decoder.num_queries": int(qf.shape[0]),
+        "decoder.hidden_dim": int(qf.shape[1]),
+        "decoder.num_layers": _count(d2, re.escape(_PRED) + r"transformer_cross_attention_layers\.(\d+)\."),
+        "decoder.ffn_dim": int(need(_PRED + "transformer_ffn_layers.0.linear1.weight").shape[0]),
+        "decoder.enforce_input_projection": any(k.startswith(_PRED + "input_proj.") for k in d2),
+        "pixel_decoder.kind": "msdeform",
+        "pixel_decoder.conv_dim": int(mf.shape[1]),
+        "pixel_decoder.mask_dim": int(mf.shape[0]),
+        "pixel_decoder.num_encoder_layers": _count(d2, re.escape(_PD) + r"transformer\.encoder\.layers\.(\d+)\."),
+        "pixel_decoder.ffn_dim": int(need(_PD + "transformer.encoder.layers.0.linear1.weight").shape[0]),
+    })
+    return apply_overrides(base, over)
+
+
+def state_dict_from_detectron2(d2: Dict[str, Tensor], model) -> Dict[str, Tensor]:
+    """detectron2 Mask2Former state dict -> m2f state dict for ``model`` (built from
+    :func:`config_from_detectron2`).  Raises InputError naming the keys it cannot place."""
+    from m2f.models.weights import is_detectron2_resnet, resnet_keys_from_detectron2
+
+    sd: Dict[str, Tensor] = {}
+    pd = model.pixel_decoder
+    fpn_pos = {int(name[3:]) - 2: j for j, name in enumerate(getattr(pd, "fpn_names", []))}  # res2 -> adapter_1
+    backbone = {k[len("backbone."):]: v for k, v in d2.items() if k.startswith("backbone.")}
+    if is_detectron2_resnet(d2):
+        for k, v in resnet_keys_from_detectron2(backbone).items():
+            if not k.startswith("fc."):
+                sd["backbone." + k] = v
+    else:
+        from m2f.models.swin import _normalise_checkpoint_keys
+
+        for k, v in _normalise_checkpoint_keys(backbone).items():
+            sd["backbone." + k] = v
+    unmapped = []
+    for k, v in d2.items():
+        try:
+            if k.startswith("backbone.") or k.startswith("criterion.") or k in ("pixel_mean", "pixel_std"):
+                continue
+            if k.startswith(_PD):
+                rest = k[len(_PD):]
+                m = re.fullmatch(r"(adapter|layer)_(\d+)(\.norm)?\.(weight|bias)", rest)
+                if m:
+                    kind, n, norm, p = m.groups()
+                    j = fpn_pos[int(n) - 1]
+                    mod = "lateral_convs" if kind == "adapter" else "output_convs"
+                    sd[f"pixel_decoder.{mod}.{j}.{1 if norm else 0}.{p}"] = v
+                else:
+                    sd["pixel_decoder." + _apply_rules(rest, _D2_PIXEL_DECODER_RULES)] = v
+            elif k.startswith(_PRED):
+                rest = k[len(_PRED):]
+                m = re.fullmatch(r"transformer_(self|cross)_attention_layers\.(\d+)\.(?:self_attn|multihead_attn)"
+                                 r"\.in_proj_(weight|bias)", rest)
+                if m:
+                    which, i, p = m.groups()
+                    for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+                        sd[f"transformer_decoder.layers.{i}.{which}_attn.{name}.{p}"] = part.clone()
+                else:
+                    sd["transformer_decoder." + _apply_rules(rest, _D2_PREDICTOR_RULES)] = v
+            else:
+                unmapped.append(k)
+        except KeyError:
+            unmapped.append(k)
+    if unmapped:
+        raise InputError(f"detectron2 checkpoint: weights with no m2f equivalent: {unmapped[:8]}"
+                         f"{' ...' if len(unmapped) > 8 else ''}")
+    return sd
+
+
+def from_detectron2(weights, base: Config | str = "r50_coco_panoptic", overrides=()) -> Tuple[torch.nn.Module, Config]:
+    """An official Mask2Former (detectron2) checkpoint -> (m2f model in eval mode, its Config).
+
+    ``weights``: a path (``model_final_*.pkl`` from the official model zoo, or a ``.pth``) or a
+    state dict.  ``base``: preset name or Config giving what the weights cannot (e.g. the
+    ResNet stride placement: the official R50/R101 models use torchvision's, the default).
+    Every tensor must find its place with the right shape, or InputError says which did not.
+    """
+    from m2f.config import get_preset
+    from m2f.models.build import build_model
+    from m2f.models.weights import read_state_dict
+
+    if isinstance(weights, (str, bytes)) or hasattr(weights, "__fspath__"):
+        d2 = read_state_dict(str(weights), field="detectron2 checkpoint")
+    else:
+        d2 = {k: (torch.as_tensor(v) if not isinstance(v, Tensor) else v) for k, v in dict(weights).items()}
+    base_cfg = get_preset(base, list(overrides)) if isinstance(base, str) else apply_overrides(base, list(overrides))
+    cfg = config_from_detectron2(d2, base_cfg)
+    model = build_model(cfg)
+    sd = state_dict_from_detectron2(d2, model)
+    own = model.state_dict()
+    bad = [f"{k}: {tuple(v.shape)} vs m2f {tuple(own[k].shape)}" for k, v in sd.items()
+           if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    if bad or missing or unexpected:
+        raise InputError(f"detectron2 checkpoint does not fit the m2f model: wrong shapes {bad[:4]}, "
+                         f"missing {missing[:6]}, unexpected {unexpected[:6]}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
+    return model.eval(), cfg
