@@ -32,7 +32,7 @@ def cmd_run(args) -> int:
 
     res = run_ablation(args.name, scale=args.scale, seeds=args.seeds, data=args.data, val_data=args.val_data,
                        device=args.device, jobs=args.jobs, out=args.out, runs_root=args.runs,
-                       dry_run=args.dry_run, rows=args.row or None)
+                       dry_run=args.dry_run, rows=args.row or None, share=not args.no_share)
     return 1 if res["failed"] else 0
 
 
@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="reports", help="reports directory (default %(default)s)")
     s.add_argument("--runs", default="runs/ablations", help="run directories root (default %(default)s)")
     s.add_argument("--dry-run", action="store_true", help="print the plan (paper scale: the torchrun commands)")
+    s.add_argument("--no-share", action="store_true", help="train every run, even one identical (same config, "
+                   "seed, scale) to a run another ablation finished on this machine (default: record that one)")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("report", help="re-render tables and plots from stored runs.jsonl (no training)")

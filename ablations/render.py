@@ -142,6 +142,12 @@ def _distinct(records, fn) -> List[Any]:
     return out
 
 
+def _source_ablation(run_dir: Optional[str]) -> str:
+    """The ablation a run directory belongs to (``<runs root>/<ablation>/<scale>/<row>/<seed_hash>``)."""
+    parts = Path(run_dir or "").parts
+    return parts[-4] if len(parts) >= 4 else str(run_dir)
+
+
 def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metrics: List[str]) -> List[str]:
     sc = SCALES.get(scale)
     first = records[0] if records else {}
@@ -185,6 +191,10 @@ def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metri
     else:
         lines.append(f"- **Honesty:** ours: one {tasks or 'panoptic'}-trained model per row scored on every task; "
                      f"paper: {PAPER_SOURCES}.")
+    shared = sorted({(r.get("row"), _source_ablation(r.get("shared_from"))) for r in records if r.get("shared_from")})
+    if shared:
+        lines.append("- **Shared runs:** " + "; ".join(f"{row} = the identical run of `{src}`" for row, src in shared)
+                     + " (same config hash, seed and scale: recorded from it, not retrained)")
     if len(seeds) < 2:
         lines.append("- With one seed there is no spread estimate: `yes`/`no` are not tested against noise "
                      "(the authors report about ±0.2 AP run-to-run on COCO).")

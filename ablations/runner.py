@@ -259,7 +259,8 @@ def build_record(spec: AblationSpec, plan: RunPlan, scale: Scale, result: Dict[s
                         "process_peak_rss" if result.get("peak_rss_bytes") else None),
         "train_images_per_s": s.get("train_images_per_s"), "train_seconds": s.get("train_seconds"),
         "params": s.get("params"), "flops": flops, "wall_seconds": result.get("wall_seconds"),
-        "run_dir": str(plan.run_dir), "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_dir": str(plan.run_dir), "shared_from": result.get("shared_from"),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     rec["metrics"] = flat_metrics(rec)
     return rec
@@ -359,15 +360,62 @@ def _load_result(plan: RunPlan) -> Optional[Dict[str, Any]]:
     return r if r.get("config_hash") == plan.config_hash else None
 
 
+def _shared_source(plan: RunPlan, out: Path) -> Optional[Path]:
+    """The run directory of an identical run (same config hash, seed and scale: the same
+    computation) that another ablation finished on this machine, e.g. the base model most tables
+    share; None if there is none."""
+    for path in sorted(Path(out).glob("*/runs.jsonl")):
+        if path.parent.name == plan.ablation:
+            continue
+        for r in read_jsonl(path):
+            if (r.get("seed"), r.get("scale"), r.get("config_hash")) != (plan.seed, plan.scale, plan.config_hash):
+                continue
+            rd = Path(r.get("run_dir") or "")
+            if (rd / RESULT_NAME).is_file() and rd.resolve() != plan.run_dir.resolve():
+                return rd
+    return None
+
+
+def share_run(plan: RunPlan, source: Path, proposals: bool, device: Optional[str] = None,
+              eval_limit: Optional[int] = None) -> Optional[Dict[str, Any]]:
+    """Record ``source``'s finished run as ``plan``'s: its result and metrics are copied into
+    ``plan.run_dir`` with ``shared_from`` set (nothing is retrained).  Metrics the source did not
+    compute (per-layer proposals, paper Fig 3) are evaluated from its final checkpoint; None if
+    that checkpoint is gone."""
+    import shutil
+
+    result = json.loads((source / RESULT_NAME).read_text())
+    if result.get("config_hash") != plan.config_hash:
+        return None
+    summary = dict(result.get("summary") or {})
+    if proposals and "proposals" not in (summary.get("eval") or {}):
+        from m2f import evaluate as m2f_evaluate
+        from m2f import train as m2f_train
+
+        ckpt = source / m2f_train.CKPT_NAME
+        if not ckpt.is_file():
+            return None
+        model, _ = m2f_evaluate.load_model_from_checkpoint(ckpt, device=device)
+        summary["eval"] = m2f_evaluate.evaluate_model(model, plan.cfg, limit=eval_limit, proposals=True)
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    if (source / "metrics.jsonl").is_file():
+        shutil.copyfile(source / "metrics.jsonl", plan.run_dir / "metrics.jsonl")
+    result = {**result, "summary": summary, "shared_from": str(source)}
+    atomic_write_json(plan.run_dir / RESULT_NAME, result)
+    return result
+
+
 def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, data: Optional[str] = None,
                  val_data: Optional[str] = None, device: Optional[str] = None, jobs: Optional[int] = None,
                  out: Path | str = "reports", runs_root: Path | str = "runs/ablations", dry_run: bool = False,
                  inline: bool = False, render: bool = True, rows: Optional[List[str]] = None,
-                 print_fn: Callable[[str], None] = print) -> Dict[str, Any]:
+                 share: bool = True, print_fn: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run (or resume) every (row, seed) of ablation ``name`` at ``scale``, append records, render.
 
     Returns ``{"planned", "skipped", "ran", "failed": [(label, error)], "table": path or None}``.
     ``inline=True`` runs in this process one at a time (tests); otherwise a spawned process pool.
+    ``share=True``: a run identical to one another ablation finished on this machine (same config
+    hash, seed and scale, typically the base model) is recorded from it instead of retrained.
     """
     spec = load_spec(name)
     sc = get_scale(scale)
@@ -380,8 +428,8 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
     print_fn(f"ablation {spec.name} ({table_label(spec)}: {spec.title}) at scale {sc.name}: "
              f"{len(plans)} runs ({len({p.row.name for p in plans})} rows x {len({p.seed for p in plans})} seeds), "
              f"{skipped} already finished, {len(todo)} to run")
-    summary: Dict[str, Any] = {"planned": len(plans), "skipped": skipped, "ran": 0, "failed": [], "table": None,
-                               "commands": []}
+    summary: Dict[str, Any] = {"planned": len(plans), "skipped": skipped, "ran": 0, "shared": 0, "failed": [],
+                               "table": None, "commands": []}
     if dry_run:
         for i, p in enumerate(todo, 1):
             if sc.launcher == "torchrun":
@@ -389,8 +437,10 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
                 summary["commands"].append(cmd)
                 print_fn(f"[{i}/{len(todo)}] {p.label}:\n  {cmd}")
             else:
-                print_fn(f"[{i}/{len(todo)}] {p.label}: {sc.name} run into {p.run_dir} "
-                         f"({p.cfg.solver.max_iters} iterations, config {p.config_hash})")
+                src = _shared_source(p, out) if share else None
+                print_fn(f"[{i}/{len(todo)}] {p.label}: " + (
+                    f"shared from the identical run {src} (config {p.config_hash})" if src is not None else
+                    f"{sc.name} run into {p.run_dir} ({p.cfg.solver.max_iters} iterations, config {p.config_hash})"))
         return summary
 
     git = None
@@ -442,6 +492,14 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
         if r is not None:
             print_fn(f"recovering the finished run {p.label} from {p.run_dir / RESULT_NAME}")
             finish(p, r)
+            continue
+        src = _shared_source(p, out) if share and sc.launcher != "torchrun" else None
+        r = share_run(p, src, spec.evaluate_proposals, device, sc.eval_limit) if src is not None else None
+        if r is not None:
+            print_fn(f"sharing {p.label}: the identical run {src} (same config {p.config_hash}, seed, scale) "
+                     f"is recorded instead of retrained")
+            finish(p, r)
+            summary["shared"] += 1
         else:
             pending.append(p)
 
@@ -522,6 +580,6 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
         summary["table"] = res.get("table") if res else None
         if summary["table"]:
             print_fn(f"wrote {summary['table']}")
-    print_fn(f"done: {summary['ran']} ran, {skipped} skipped, {len(summary['failed'])} failed "
+    print_fn(f"done: {summary['ran']} ran, {summary['shared']} shared, {skipped} skipped, {len(summary['failed'])} failed "
              f"in {_fmt_s(time.perf_counter() - t_start)}")
     return summary

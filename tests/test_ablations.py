@@ -433,3 +433,52 @@ def test_records_from_another_machine_do_not_count_as_finished(tmp_path):
              "run_dir": str(tmp_path / "elsewhere" / "seed1_h2")}]
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert finished_keys(path) == {("full model", 0, "cpu", "h")}
+
+
+def test_identical_runs_are_shared_across_ablations(tmp_path, fake_train, monkeypatch):
+    """The base model most tables share (same config hash, seed, scale) trains once on a machine."""
+    import m2f.evaluate
+
+    calls, _ = fake_train
+    out, runs = tmp_path / "reports", tmp_path / "runs"
+    s = ab_runner.run_ablation("masked_attention", scale="smoke", out=out, runs_root=runs, inline=True,
+                               print_fn=lambda m: None)
+    assert s["ran"] == 3 and s["shared"] == 0 and len(calls) == 3
+    src = [r for r in read_jsonl(out / "masked_attention" / "runs.jsonl") if r["row"] == "full model"][0]
+    msgs = []
+    s2 = ab_runner.run_ablation("query_init", scale="smoke", out=out, runs_root=runs, inline=True,
+                                print_fn=msgs.append)
+    assert s2["shared"] == 1 and s2["ran"] == 2 and len(calls) == 5
+    assert any("sharing learnable + supervised" in m for m in msgs)
+    rec = [r for r in read_jsonl(out / "query_init" / "runs.jsonl") if r["row"] == "learnable + supervised"][0]
+    assert rec["shared_from"] == src["run_dir"] and rec["run_dir"] != src["run_dir"]
+    assert rec["metrics"]["PQ"] == src["metrics"]["PQ"] == 45.0
+    assert rec["metrics_over_training"] == src["metrics_over_training"] and rec["config_hash"] == src["config_hash"]
+    md = (out / "query_init" / "table.md").read_text()
+    assert "**Shared runs:** learnable + supervised = the identical run of `masked_attention`" in md
+    # optimization's "- learnable query features" is query_init's "zero": shared from a shared table too
+    s3 = ab_runner.run_ablation("optimization", scale="smoke", out=out, runs_root=runs, inline=True,
+                                print_fn=lambda m: None)
+    assert s3["shared"] == 2 and s3["ran"] == 3 and len(calls) == 8
+    # a re-run skips (no second share); --no-share trains
+    s4 = ab_runner.run_ablation("query_init", scale="smoke", out=out, runs_root=runs, inline=True,
+                                print_fn=lambda m: None)
+    assert s4["skipped"] == 3 and s4["shared"] == 0 and s4["ran"] == 0
+    s5 = ab_runner.run_ablation("task_transfer", scale="smoke", out=out, runs_root=runs, inline=True, share=False,
+                                print_fn=lambda m: None)
+    assert s5["ran"] == 1 and s5["shared"] == 0 and len(calls) == 9
+    # proposals need per-layer AR the source did not compute: evaluated from its final checkpoint
+    (Path(src["run_dir"]) / "last.pth").write_bytes(b"stand-in")
+    seen = []
+    monkeypatch.setattr(m2f.evaluate, "load_model_from_checkpoint",
+                        lambda path, device=None: (seen.append(str(path)) or object(), None))
+    ev = {"panoptic": {"PQ": 45.0}, "proposals": {f"AR@100_layer{l}": 20.0 + l for l in range(10)}}
+    monkeypatch.setattr(m2f.evaluate, "evaluate_model", lambda model, cfg, **kw: ev if kw.get("proposals") else {})
+    s6 = ab_runner.run_ablation("proposals", scale="smoke", out=out, runs_root=runs, inline=True,
+                                print_fn=lambda m: None)
+    assert s6["shared"] == 1 and s6["ran"] == 0 and len(calls) == 9
+    assert seen and Path(seen[0]).parent == Path(src["run_dir"])
+    prec = read_jsonl(out / "proposals" / "runs.jsonl")[0]
+    assert prec["metrics"]["AR@100_layer9"] == 29.0
+    # the source's own result file is untouched
+    assert "proposals" not in json.loads((Path(src["run_dir"]) / ab_runner.RESULT_NAME).read_text())["summary"]["eval"]
