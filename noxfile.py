@@ -7,6 +7,7 @@ Arguments after ``--`` pass through, e.g.::
     nox -s ablation_masked_attention -- --scale smoke      # minutes, pipeline check
     nox -s ablation_point_loss -- --seeds 3 --device cuda
     nox -s ablation_queries -- --scale paper --dry-run     # print the torchrun commands
+    nox -s ablation_all                                    # every table (shared base runs train once)
     nox -s report                                          # re-render every table, no training
 """
 import sys
@@ -41,6 +42,13 @@ def _ablation_session(session_name: str, ablation: str):
 
 for _name, _ablation in ABLATIONS.items():
     globals()[_name] = _ablation_session(_name, _ablation)
+
+
+@nox.session(name="ablation_all", venv_backend="none")
+def ablation_all(s: nox.Session) -> None:
+    """Every ablation in turn (args after -- go to each); runs identical across tables train once."""
+    for ablation in ABLATIONS.values():
+        s.run(PY, "-m", "ablations", "run", ablation, *s.posargs, external=True)
 
 
 @nox.session(venv_backend="none")
