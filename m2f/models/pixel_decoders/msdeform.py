@@ -106,22 +106,53 @@ def ms_deform_attn_gather(value: Tensor, spatial_shapes: Sequence[Tuple[int, int
     return out.view(B, Q, nH * Dh)
 
 
+class _PointWeightedSum(torch.autograd.Function):
+    """``(samples * weights).sum(2)``: samples [N, Dh, P, Q], weights [N, 1, P, Q] -> [N, Dh, Q].
+
+    Autograd's own backward of this expression writes the samples' gradient in a permuted layout
+    (it follows the stride-0 expanded gradient) that ``grid_sample``'s backward then copies to
+    contiguous memory; here it is written contiguous directly (one [N, Dh, P, Q] copy less per
+    level and layer).  Same values; double backward goes through plain ops."""
+
+    @staticmethod
+    def forward(ctx, samples: Tensor, weights: Tensor) -> Tensor:
+        ctx.save_for_backward(samples, weights)
+        return (samples * weights).sum(2)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        samples, weights = ctx.saved_tensors
+        g = grad_out.unsqueeze(2)  # [N, Dh, 1, Q]
+        grad_s = grad_w = None
+        if ctx.needs_input_grad[0]:
+            if torch.is_grad_enabled():  # create_graph: keep it differentiable
+                grad_s = (g * weights).contiguous()
+            else:
+                grad_s = torch.empty(samples.shape, dtype=torch.result_type(g, weights), device=samples.device)
+                torch.mul(g, weights, out=grad_s)
+        if ctx.needs_input_grad[1]:
+            grad_w = (samples * g).sum(1, keepdim=True)
+        return grad_s, grad_w
+
+
 def ms_deform_attn_levels(value: Tensor, spatial_shapes: Sequence[Tuple[int, int]], sampling_locations: Tensor,
                           attention_weights: Tensor) -> Tensor:
     """The grid_sample formulation, accumulated per level (shapes as :func:`ms_deform_attn_gather`)."""
     B, S, nH, Dh = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
-    grids = 2.0 * sampling_locations - 1.0  # grid_sample's [-1, 1]
+    # points as rows of the sampled "image": the weighted sum over P then runs over a non-inner
+    # dimension with Q contiguous (a sum over an inner dimension of 4 is slow on CPU).  The grids
+    # and weights are laid out [B*nH, L, P, Q] once (contiguous, so the per-level products
+    # broadcast over Dh without strided reads).
+    grids = (2.0 * sampling_locations - 1.0).permute(0, 2, 3, 4, 1, 5).reshape(B * nH, L, P, Q, 2)
+    weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(B * nH, L, 1, P, Q)
     out: Optional[Tensor] = None
     levels = value.split([h * w for h, w in spatial_shapes], dim=1)
     for lvl, (v, (h, w)) in enumerate(zip(levels, spatial_shapes)):
         v = v.flatten(2).transpose(1, 2).reshape(B * nH, Dh, h, w)  # [B*nH, Dh, H_l, W_l]
-        # points as rows of the sampled "image": the weighted sum over P then runs over a
-        # non-inner dimension with Q contiguous (a sum over an inner dimension of 4 is slow on CPU)
-        g = grids[:, :, :, lvl].permute(0, 2, 3, 1, 4).reshape(B * nH, P, Q, 2)  # [B*nH, P, Q, 2]
-        s = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # [B*nH, Dh, P, Q]
-        a = attention_weights[:, :, :, lvl].permute(0, 2, 3, 1).reshape(B * nH, 1, P, Q)
-        o = (s * a).sum(2)  # [B*nH, Dh, Q]
+        s = F.grid_sample(v, grids[:, lvl], mode="bilinear", padding_mode="zeros",
+                          align_corners=False)  # [B*nH, Dh, P, Q]
+        o = _PointWeightedSum.apply(s, weights[:, lvl])  # [B*nH, Dh, Q]
         out = o if out is None else out + o
     return out.view(B, nH * Dh, Q).transpose(1, 2)  # [B, Q, nH*Dh]
 
