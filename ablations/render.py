@@ -402,6 +402,15 @@ def render_ablation(spec: AblationSpec | str, out: Path | str = "reports", scale
             **{k: str(v) for k, v in files.items()}}
 
 
+def _paper_order(name: str) -> Tuple[int, int, str]:
+    """Tables in the paper's order (4a .. 4e, 5, 7, 11a, 11b), figures after them."""
+    import re
+
+    t = load_spec(name).table.lower()
+    m = re.fullmatch(r"(fig)?\s*(\d+)([a-z]?)", t)
+    return (1 if m and m.group(1) else 0, int(m.group(2)) if m else 999, m.group(3) if m else t)
+
+
 def render_readme(out: Path | str = "reports") -> Path:
     """``reports/README-tables.md``: every current table (in paper order) with the scale it was measured at."""
     out = Path(out)
@@ -410,7 +419,7 @@ def render_readme(out: Path | str = "reports") -> Path:
              "Each table states the scale, data, iterations and seeds it was measured at; the paper's numbers are "
              "shown beside ours, never in place of them.", ""]
     found = 0
-    for name in list_specs():
+    for name in sorted(list_specs(), key=_paper_order):
         p = out / name / "table.md"
         if not p.exists():
             continue
@@ -444,7 +453,7 @@ def splice_into_readme(out: Path | str = "reports", readme: Path | str | None = 
         return None
     rel = os.path.relpath(out.resolve(), readme.resolve().parent)
     blocks = []
-    for name in list_specs():
+    for name in sorted(list_specs(), key=_paper_order):
         p = out / name / "table.md"
         if not p.exists():
             continue

@@ -144,7 +144,7 @@ def test_task_transfer_and_proposals_paper_numbers():
     spec = load_spec("task_transfer")
     assert spec.base.paper == {"PQ": pq, "AP": ap, "mIoU": miou}
     assert float(t[1]) == ap and float(t[3]) == miou
-    assert spec.row("task-specific models (paper only)").paper == {"AP": float(t[2]), "mIoU": float(t[4])}
+    assert spec.row("task-specific models").paper == {"AP": float(t[2]), "mIoU": float(t[4])}
     assert load_spec("proposals").base.paper == {}  # Fig 3 has no numbers, only bars
 
 
@@ -482,3 +482,11 @@ def test_identical_runs_are_shared_across_ablations(tmp_path, fake_train, monkey
     assert prec["metrics"]["AR@100_layer9"] == 29.0
     # the source's own result file is untouched
     assert "proposals" not in json.loads((Path(src["run_dir"]) / ab_runner.RESULT_NAME).read_text())["summary"]["eval"]
+
+
+def test_tables_are_listed_in_paper_order():
+    from ablations.render import _paper_order
+    from ablations.spec import list_specs
+
+    order = [load_spec(n).table for n in sorted(list_specs(), key=_paper_order)]
+    assert order == ["4a", "4b", "4c", "4d", "4e", "5", "7", "11a", "11b", "fig3"]
