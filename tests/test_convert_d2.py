@@ -20,7 +20,8 @@ pytest.importorskip("transformers")
 
 from m2f.convert import _resnet_key, from_detectron2, from_hf  # noqa: E402
 from m2f.errors import InputError  # noqa: E402
-from test_parity_hf import TOL, _hf_model, _randomise  # noqa: E402
+from test_parity_hf import TOL, _hf_model, _hf_swin_model  # noqa: E402
+from test_weights import _torchvision_to_d2  # noqa: E402
 
 _PIXEL = [  # HF (below model.pixel_level_module.decoder.) -> official (below sem_seg_head.pixel_decoder.)
     (r"adapter_(\d+)\.0\.(\w+)", r"adapter_\1.\2"),
@@ -53,16 +54,6 @@ _DECODER = [  # HF (below model.transformer_module.) -> official (below sem_seg_
     (r"level_embed\.weight", r"level_embed.weight"),
     (r"input_projections\.(.+)", r"input_proj.\1"),
 ]
-
-
-def _torchvision_to_d2(name: str) -> str:  # detectron2's convert-torchvision-to-d2 renaming
-    if "layer" not in name:
-        name = "stem." + name
-    for t in (1, 2, 3, 4):
-        name = name.replace(f"layer{t}", f"res{t + 1}")
-    for t in (1, 2, 3):
-        name = name.replace(f"bn{t}", f"conv{t}.norm")
-    return name.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
 
 
 def _rename(k: str, rules) -> str:
@@ -154,16 +145,7 @@ def test_official_resnet_checkpoint_equals_from_hf(tmp_path):
 
 
 def test_official_swin_checkpoint_equals_from_hf():
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
-
-    bc = SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
-                    out_features=["stage1", "stage2", "stage3", "stage4"])
-    cfg = Mask2FormerConfig(backbone_config=bc, num_labels=5, use_pretrained_backbone=False, feature_size=128,
-                            mask_feature_size=128, hidden_dim=128, encoder_layers=1, encoder_feedforward_dim=256,
-                            dim_feedforward=256, num_queries=20, decoder_layers=4)
-    torch.manual_seed(0)
-    hf = Mask2FormerForUniversalSegmentation(cfg)
-    _randomise(hf)
+    hf = _hf_swin_model()
     d2 = official_state_dict(hf.eval())
     model, m2f_cfg = from_detectron2(d2, base="swin_l_coco_panoptic")  # window 12, 200 queries in the base
     assert (m2f_cfg.backbone.kind, m2f_cfg.backbone.window_size, m2f_cfg.decoder.num_queries) == ("swin_t", 7, 20)

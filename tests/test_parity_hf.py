@@ -51,6 +51,21 @@ def _hf_model(size: str, num_labels: int, **extra):
     return model.eval()
 
 
+def _hf_swin_model():
+    """A small HF Mask2Former with a Swin-T backbone (1 encoder layer, 3 decoder layers), randomised."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+
+    bc = SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
+                    out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = Mask2FormerConfig(backbone_config=bc, num_labels=5, use_pretrained_backbone=False, feature_size=128,
+                            mask_feature_size=128, hidden_dim=128, encoder_layers=1, encoder_feedforward_dim=256,
+                            dim_feedforward=256, num_queries=20, decoder_layers=4)
+    torch.manual_seed(0)
+    hf = Mask2FormerForUniversalSegmentation(cfg)
+    _randomise(hf)
+    return hf.eval()
+
+
 @torch.no_grad()
 def _randomise(model: torch.nn.Module) -> None:
     g = torch.Generator().manual_seed(1)
@@ -137,17 +152,7 @@ def test_parity_with_hf_swin():
     swin = pytest.importorskip("m2f.models.swin")
     if not hasattr(swin, "swin_state_dict_from_hf"):
         pytest.skip("m2f.models.swin.swin_state_dict_from_hf not written yet")
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
-
-    bc = SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
-                    out_features=["stage1", "stage2", "stage3", "stage4"])
-    cfg = Mask2FormerConfig(backbone_config=bc, num_labels=5, use_pretrained_backbone=False, feature_size=128,
-                            mask_feature_size=128, hidden_dim=128, encoder_layers=1, encoder_feedforward_dim=256,
-                            dim_feedforward=256, num_queries=20, decoder_layers=4)
-    torch.manual_seed(0)
-    hf = Mask2FormerForUniversalSegmentation(cfg)
-    _randomise(hf)
-    hf.eval()
+    hf = _hf_swin_model()
     model, m2f_cfg = from_hf(hf)
     assert m2f_cfg.backbone.kind == "swin_t"
     x = torch.randn(2, 3, 224, 224)  # every stage a multiple of the window: no padding differences

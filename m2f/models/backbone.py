@@ -21,7 +21,7 @@ from torch import Tensor
 
 from m2f.config import BackboneCfg
 from m2f.errors import InputError
-from m2f.models.weights import is_detectron2_resnet, read_state_dict, resnet_keys_from_detectron2
+from m2f.models.weights import check_shapes, is_detectron2_resnet, read_state_dict, resnet_keys_from_detectron2
 from m2f.registry import BACKBONES
 
 # name -> (torchvision constructor, bottleneck?)
@@ -168,12 +168,7 @@ class ResNetBackbone(nn.Module):
         if is_detectron2_resnet(sd):
             sd = resnet_keys_from_detectron2(sd)
         sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-        own = self.state_dict()
-        bad_shape = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
-                     if k in own and own[k].shape != v.shape]
-        if bad_shape:
-            raise InputError(f"backbone.weights: {path!r} has tensors of the wrong shape (check "
-                             f"backbone.kind): {bad_shape[:4]}")
+        check_shapes(self, sd, path, "backbone.kind")
         missing, unexpected = self.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]
         if missing or unexpected:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from m2f.config import BackboneCfg
 from m2f.errors import InputError
-from m2f.models.weights import read_state_dict
+from m2f.models.weights import check_shapes, read_state_dict
 from m2f.registry import BACKBONES
 
 # kind -> (embed_dim, depths, num_heads).  Window size comes from BackboneCfg.window_size
@@ -224,12 +224,7 @@ class SwinBackbone(nn.Module):
         """
         sd = read_state_dict(path)
         sd = _normalise_checkpoint_keys(sd)
-        own = self.state_dict()
-        bad_shape = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
-                     if k in own and own[k].shape != v.shape]
-        if bad_shape:
-            raise InputError(f"backbone.weights: {path!r} has tensors of the wrong shape (check "
-                             f"backbone.kind / backbone.window_size): {bad_shape[:4]}")
+        check_shapes(self, sd, path, "backbone.kind / backbone.window_size")
         missing, unexpected = self.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.startswith("out_norms.")]
         if missing or unexpected:

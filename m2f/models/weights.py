@@ -95,6 +95,16 @@ def read_state_dict(path: str, field: str = "backbone.weights") -> Dict[str, Ten
     return out
 
 
+def check_shapes(module: torch.nn.Module, sd: Mapping[str, Tensor], path: str, hint: str,
+                 field: str = "backbone.weights") -> None:
+    """InputError naming the file and up to four tensors whose shapes differ from ``module``'s."""
+    own = module.state_dict()
+    bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+           if k in own and own[k].shape != v.shape]
+    if bad:
+        raise InputError(f"{field}: {path!r} has tensors of the wrong shape (check {hint}): {bad[:4]}")
+
+
 _D2_RESNET_RULES = [
     (re.compile(r"^stem\.conv1\.norm\."), "bn1."),
     (re.compile(r"^stem\.conv1\."), "conv1."),
