@@ -39,11 +39,14 @@ PAPER_SOURCES = ("AP: COCO instance models; PQ: COCO panoptic models; mIoU: ADE2
 # Aggregation
 # ---------------------------------------------------------------------------------------------
 def select_records(records: List[Dict[str, Any]], scale: Optional[str] = None) -> Tuple[str, List[Dict[str, Any]]]:
-    """Records of one scale (default: the scale of the most recent record), the latest per (row, seed)."""
+    """Records of one scale, the latest per (row, seed).  Default scale: the highest-fidelity one
+    recorded (paper > cpu > smoke), so a smoke pipeline check never replaces a measured table."""
     if not records:
         return scale or "", []
     if scale is None:
-        scale = records[-1].get("scale")
+        rank = {"smoke": 0, "cpu": 1, "paper": 2}
+        order = {r.get("scale"): i for i, r in enumerate(records)}  # most recent position per scale
+        scale = max(order, key=lambda sc: (rank.get(sc, -1), order[sc]))
     latest: Dict[Tuple[str, int], Dict[str, Any]] = {}
     for r in records:
         if r.get("scale") == scale:

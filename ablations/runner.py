@@ -575,11 +575,13 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
     if render:
         from ablations.render import render_ablation, render_readme
 
-        res = render_ablation(spec, out, scale=sc.name)
+        res = render_ablation(spec, out)  # the highest-fidelity scale recorded (paper > cpu > smoke)
         render_readme(out)
         summary["table"] = res.get("table") if res else None
         if summary["table"]:
-            print_fn(f"wrote {summary['table']}")
+            print_fn(f"wrote {summary['table']} (scale {res.get('scale')})"
+                     + ("" if res.get("scale") == sc.name else
+                        f"; the {sc.name} records: python -m ablations report {spec.name} --scale {sc.name}"))
     print_fn(f"done: {summary['ran']} ran, {summary['shared']} shared, {skipped} skipped, {len(summary['failed'])} failed "
              f"in {_fmt_s(time.perf_counter() - t_start)}")
     return summary

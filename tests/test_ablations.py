@@ -490,3 +490,16 @@ def test_tables_are_listed_in_paper_order():
 
     order = [load_spec(n).table for n in sorted(list_specs(), key=_paper_order)]
     assert order == ["4a", "4b", "4c", "4d", "4e", "5", "7", "11a", "11b", "fig3"]
+
+
+def test_default_scale_is_the_highest_fidelity_recorded():
+    """A smoke pipeline check run after a cpu-scale table does not replace it."""
+    from ablations.render import select_records
+
+    recs = [{"scale": "cpu", "row": "a", "seed": 0, "v": 1}, {"scale": "smoke", "row": "a", "seed": 0, "v": 2},
+            {"scale": "cpu", "row": "a", "seed": 0, "v": 3}, {"scale": "smoke", "row": "a", "seed": 1, "v": 4}]
+    scale, sel = select_records(recs)
+    assert scale == "cpu" and [r["v"] for r in sel] == [3]
+    assert select_records(recs, "smoke")[0] == "smoke" and len(select_records(recs, "smoke")[1]) == 2
+    assert select_records(recs + [{"scale": "paper", "row": "a", "seed": 0, "v": 5}])[0] == "paper"
+    assert select_records([{"scale": "smoke", "row": "a", "seed": 0}])[0] == "smoke"
