@@ -360,20 +360,20 @@ def _load_result(plan: RunPlan) -> Optional[Dict[str, Any]]:
     return r if r.get("config_hash") == plan.config_hash else None
 
 
-def _shared_source(plan: RunPlan, out: Path) -> Optional[Path]:
-    """The run directory of an identical run (same config hash, seed and scale: the same
-    computation) that another ablation finished on this machine, e.g. the base model most tables
-    share; None if there is none."""
+def shared_runs(out: Path, ablation: str) -> Dict[tuple, Path]:
+    """(seed, scale, config hash) -> run directory of every run another ablation finished on this
+    machine (its directory still holds the result): runs the same computation can be recorded
+    from instead of retrained.  Read once per ``run_ablation`` call."""
+    index: Dict[tuple, Path] = {}
     for path in sorted(Path(out).glob("*/runs.jsonl")):
-        if path.parent.name == plan.ablation:
+        if path.parent.name == ablation:
             continue
         for r in read_jsonl(path):
-            if (r.get("seed"), r.get("scale"), r.get("config_hash")) != (plan.seed, plan.scale, plan.config_hash):
-                continue
             rd = Path(r.get("run_dir") or "")
-            if (rd / RESULT_NAME).is_file() and rd.resolve() != plan.run_dir.resolve():
-                return rd
-    return None
+            key = (r.get("seed"), r.get("scale"), r.get("config_hash"))
+            if key not in index and (rd / RESULT_NAME).is_file():
+                index[key] = rd
+    return index
 
 
 def share_run(plan: RunPlan, source: Path, proposals: bool, device: Optional[str] = None,
@@ -430,6 +430,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
              f"{skipped} already finished, {len(todo)} to run")
     summary: Dict[str, Any] = {"planned": len(plans), "skipped": skipped, "ran": 0, "shared": 0, "failed": [],
                                "table": None, "commands": []}
+    shared = shared_runs(out, spec.name) if share and sc.launcher != "torchrun" else {}
     if dry_run:
         for i, p in enumerate(todo, 1):
             if sc.launcher == "torchrun":
@@ -437,7 +438,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
                 summary["commands"].append(cmd)
                 print_fn(f"[{i}/{len(todo)}] {p.label}:\n  {cmd}")
             else:
-                src = _shared_source(p, out) if share else None
+                src = shared.get((p.seed, p.scale, p.config_hash))
                 print_fn(f"[{i}/{len(todo)}] {p.label}: " + (
                     f"shared from the identical run {src} (config {p.config_hash})" if src is not None else
                     f"{sc.name} run into {p.run_dir} ({p.cfg.solver.max_iters} iterations, config {p.config_hash})"))
@@ -493,7 +494,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
             print_fn(f"recovering the finished run {p.label} from {p.run_dir / RESULT_NAME}")
             finish(p, r)
             continue
-        src = _shared_source(p, out) if share and sc.launcher != "torchrun" else None
+        src = shared.get((p.seed, p.scale, p.config_hash))
         r = share_run(p, src, spec.evaluate_proposals, device, sc.eval_limit) if src is not None else None
         if r is not None:
             print_fn(f"sharing {p.label}: the identical run {src} (same config {p.config_hash}, seed, scale) "

@@ -18,6 +18,7 @@ Mapping notes:
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Dict, Tuple
 
@@ -160,13 +161,24 @@ def _apply_rules(k: str, rules) -> str:
     raise KeyError(k)
 
 
+def _fpn_positions(model) -> Dict[int, int]:
+    """Position in m2f's FPN lists of the lateral/output conv that HF and the official code call
+    ``adapter_{k+1}`` / ``layer_{k+1}``, k = 0 for res2 (their order, finest first)."""
+    return {int(name[3:]) - 2: j for j, name in enumerate(getattr(model.pixel_decoder, "fpn_names", []))}
+
+
+def _split_packed(sd: Dict[str, Tensor], prefix: str, param: str, packed: Tensor) -> None:
+    """nn.MultiheadAttention's packed ``in_proj_{param}`` [3C, ...] (q, k, v in that order) ->
+    m2f's ``{prefix}.q_proj/k_proj/v_proj.{param}``."""
+    for name, part in zip(("q_proj", "k_proj", "v_proj"), packed.chunk(3, dim=0)):
+        sd[f"{prefix}.{name}.{param}"] = part.clone()
+
+
 def _state_dict_from_hf(hf_model, model) -> Dict[str, Tensor]:
     sd: Dict[str, Tensor] = {}
     hf_sd = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
     unmapped = []
-    pd = model.pixel_decoder
-    fpn_index = {name: int(name[3:]) - 2 for name in pd.fpn_names}  # res2 -> 0 (HF adapter_1)
-    hf_fpn = {idx: j for j, idx in enumerate(fpn_index[n] for n in pd.fpn_names)}
+    hf_fpn = _fpn_positions(model)
     is_swin = getattr(hf_model.config.backbone_config, "model_type", None) == "swin"
     for k, v in hf_sd.items():
         try:
@@ -190,8 +202,7 @@ def _state_dict_from_hf(hf_model, model) -> Dict[str, Tensor]:
                 m = re.fullmatch(r"decoder\.layers\.(\d+)\.cross_attn\.in_proj_(weight|bias)", rest)
                 if m:
                     i, p = m.groups()
-                    for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
-                        sd[f"transformer_decoder.layers.{i}.cross_attn.{name}.{p}"] = part.clone()
+                    _split_packed(sd, f"transformer_decoder.layers.{i}.cross_attn", p, v)
                 else:
                     sd["transformer_decoder." + _apply_rules(rest, _DECODER_RULES)] = v
             elif k.startswith("class_predictor."):
@@ -347,8 +358,7 @@ def state_dict_from_detectron2(d2: Dict[str, Tensor], model) -> Dict[str, Tensor
     from m2f.models.weights import is_detectron2_resnet, resnet_keys_from_detectron2
 
     sd: Dict[str, Tensor] = {}
-    pd = model.pixel_decoder
-    fpn_pos = {int(name[3:]) - 2: j for j, name in enumerate(getattr(pd, "fpn_names", []))}  # res2 -> adapter_1
+    fpn_pos = _fpn_positions(model)
     backbone = {k[len("backbone."):]: v for k, v in d2.items() if k.startswith("backbone.")}
     if is_detectron2_resnet(d2):
         for k, v in resnet_keys_from_detectron2(backbone).items():
@@ -380,8 +390,7 @@ def state_dict_from_detectron2(d2: Dict[str, Tensor], model) -> Dict[str, Tensor
                                  r"\.in_proj_(weight|bias)", rest)
                 if m:
                     which, i, p = m.groups()
-                    for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
-                        sd[f"transformer_decoder.layers.{i}.{which}_attn.{name}.{p}"] = part.clone()
+                    _split_packed(sd, f"transformer_decoder.layers.{i}.{which}_attn", p, v)
                 else:
                     sd["transformer_decoder." + _apply_rules(rest, _D2_PREDICTOR_RULES)] = v
             else:
@@ -404,23 +413,21 @@ def from_detectron2(weights, base: Config | str = "r50_coco_panoptic", overrides
     """
     from m2f.config import get_preset
     from m2f.models.build import build_model
-    from m2f.models.weights import read_state_dict
+    from m2f.models.weights import check_shapes, read_state_dict
 
-    if isinstance(weights, (str, bytes)) or hasattr(weights, "__fspath__"):
-        d2 = read_state_dict(str(weights), field="detectron2 checkpoint")
+    field = "detectron2 checkpoint"
+    if isinstance(weights, (str, os.PathLike)):
+        d2 = read_state_dict(str(weights), field=field)
     else:
-        d2 = {k: (torch.as_tensor(v) if not isinstance(v, Tensor) else v) for k, v in dict(weights).items()}
+        d2 = {k: v if isinstance(v, Tensor) else torch.as_tensor(v) for k, v in dict(weights).items()}
     base_cfg = get_preset(base, list(overrides)) if isinstance(base, str) else apply_overrides(base, list(overrides))
     cfg = config_from_detectron2(d2, base_cfg)
     model = build_model(cfg)
     sd = state_dict_from_detectron2(d2, model)
-    own = model.state_dict()
-    bad = [f"{k}: {tuple(v.shape)} vs m2f {tuple(own[k].shape)}" for k, v in sd.items()
-           if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in sd if k not in own]
-    if bad or missing or unexpected:
-        raise InputError(f"detectron2 checkpoint does not fit the m2f model: wrong shapes {bad[:4]}, "
-                         f"missing {missing[:6]}, unexpected {unexpected[:6]}")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
+    check_shapes(model, sd, str(weights) if isinstance(weights, (str, os.PathLike)) else "<state dict>",
+                 "that it is a Mask2Former checkpoint", field=field)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise InputError(f"{field} does not fit the m2f model: missing {missing[:6]}, unexpected {unexpected[:6]}")
     return model.eval(), cfg

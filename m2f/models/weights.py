@@ -26,12 +26,10 @@ from m2f.errors import InputError
 
 # (module, name) pairs a weight pickle may reference: numpy array reconstruction and dtypes.
 _NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric", "numpy._core.numeric")
-_ALLOWED = {
-    **{(m, n): None for m in _NUMPY_CORE for n in ("_reconstruct", "scalar", "_frombuffer")},
-    ("numpy", "ndarray"): None, ("numpy", "dtype"): None,
-    ("collections", "OrderedDict"): None, ("builtins", "set"): None, ("builtins", "frozenset"): None,
-    ("builtins", "slice"): None, ("builtins", "complex"): None,
-    ("_codecs", "encode"): None,  # Python 2 pickles of byte strings under encoding="latin1"
+_ALLOWED = {(m, n) for m in _NUMPY_CORE for n in ("_reconstruct", "scalar", "_frombuffer")} | {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"), ("builtins", "set"),
+    ("builtins", "frozenset"), ("builtins", "slice"), ("builtins", "complex"),
+    ("_codecs", "encode"),  # Python 2 pickles of byte strings under encoding="latin1"
 }
 
 
@@ -41,8 +39,8 @@ class _WeightUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED:
             raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a weight file")
-        if module.startswith("numpy.core."):  # numpy 2 moved numpy.core -> numpy._core
-            module = "numpy._core." + module[len("numpy.core."):] if hasattr(np, "_core") else module
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):  # numpy 2 moved numpy.core
+            module = "numpy._core." + module[len("numpy.core."):]
         return super().find_class(module, name)
 
 
