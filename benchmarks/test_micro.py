@@ -1,6 +1,7 @@
 """pytest-benchmark micro-benchmarks of the hot ops (CPU, R50-at-512 shapes scaled down to stay quick).
 
     python -m pytest benchmarks --benchmark-only
+    M2F_BENCH_SHAPES=r50_512 python -m pytest benchmarks --benchmark-only -k deform   # full R50-at-512 levels
 
 Deformable attention: the grid_sample reference (kernels.ms_deform_attn) vs the embedding_bag
 gather the model runs (m2f.models.pixel_decoders.msdeform); masked cross-attention: explicit
@@ -8,17 +9,22 @@ softmax vs scaled_dot_product_attention; point sampling; the Hungarian matcher.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from kernels.ms_deform_attn import ms_deform_attn_reference
-from m2f.models.pixel_decoders.msdeform import ms_deform_attn_gather
+from m2f.models.pixel_decoders.msdeform import ms_deform_attn_gather, ms_deform_attn_levels, ms_deform_attn_recompute
 from m2f.models.transformer_decoder import Attention, masked_attention_bias
 
 torch.set_num_threads(1)  # the shared 2-core machine: one thread is the stable measurement
 
-# MSDeformAttn encoder at 256x256 input: levels 8x8, 16x16, 32x32 (S = 1344 keys = queries).
-SHAPES = [(8, 8), (16, 16), (32, 32)]
+# MSDeformAttn encoder at 256x256 input: levels 8x8, 16x16, 32x32 (S = 1344 keys = queries);
+# M2F_BENCH_SHAPES=r50_512: the R50 model at 512x512 (16x16, 32x32, 64x64: S = 5376), one encoder layer.
+SHAPES = [(16, 16), (32, 32), (64, 64)] if os.environ.get("M2F_BENCH_SHAPES") == "r50_512" else [(8, 8), (16, 16), (32, 32)]
+IMPLS = {"reference": ms_deform_attn_reference, "gather": ms_deform_attn_gather,
+         "levels": ms_deform_attn_levels, "recompute": ms_deform_attn_recompute}
 B, NH, DH, L, P = 1, 8, 32, 3, 4
 
 
@@ -31,18 +37,18 @@ def _deform_inputs(requires_grad: bool = False):
     return [t.requires_grad_(requires_grad) for t in (value, loc, attn)]
 
 
-@pytest.mark.parametrize("impl", ["reference", "gather"])
+@pytest.mark.parametrize("impl", ["reference", "gather", "levels"])
 def test_deform_attn_forward(benchmark, impl):
-    fn = ms_deform_attn_reference if impl == "reference" else ms_deform_attn_gather
+    fn = IMPLS[impl]
     value, loc, attn = _deform_inputs()
     with torch.no_grad():
         out = benchmark(fn, value, SHAPES, loc, attn)
     assert out.shape == (B, loc.shape[1], NH * DH)
 
 
-@pytest.mark.parametrize("impl", ["reference", "gather"])
+@pytest.mark.parametrize("impl", ["reference", "gather", "levels", "recompute"])
 def test_deform_attn_forward_backward(benchmark, impl):
-    fn = ms_deform_attn_reference if impl == "reference" else ms_deform_attn_gather
+    fn = IMPLS[impl]
     value, loc, attn = _deform_inputs(requires_grad=True)
 
     def step():

@@ -391,6 +391,73 @@ def run_speed(preset: str, size: int, device: str, iters: int, num_masks: int, o
     return res
 
 
+def profile_step(model, criterion, x: torch.Tensor, targets, device: str,
+                 generator: Optional[torch.Generator] = None) -> Dict[str, float]:
+    """One training step (no optimizer) with each part timed: the tensors between backbone, pixel
+    decoder and transformer decoder are detached and re-joined in backward, so every part's
+    forward and backward is measured alone; the parameters end with the usual gradients."""
+    t: Dict[str, float] = {}
+
+    def timed(key: str, fn: Callable[[], Any]) -> Any:
+        _sync(device)
+        t0 = time.perf_counter()
+        r = fn()
+        _sync(device)
+        t[key] = time.perf_counter() - t0
+        return r
+
+    def cut(v: torch.Tensor) -> torch.Tensor:
+        return v.detach().requires_grad_()
+
+    def rejoin(outs: Sequence[torch.Tensor], ins: Sequence[torch.Tensor]) -> None:
+        pairs = [(o, i.grad) for o, i in zip(outs, ins) if i.grad is not None]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+
+    feats = timed("backbone_forward", lambda: model.backbone(x))
+    f_in = {k: cut(v) for k, v in feats.items()}
+    mask_features, multi_scale = timed("pixel_decoder_forward", lambda: model.pixel_decoder(f_in))
+    mf_in, ms_in = cut(mask_features), [cut(m) for m in multi_scale]
+    out = timed("transformer_decoder_forward", lambda: model.transformer_decoder(ms_in, mf_in))
+    losses = timed("loss", lambda: criterion(out, targets, generator=generator))
+    timed("transformer_decoder_and_loss_backward", lambda: sum(losses.values()).backward())
+    timed("pixel_decoder_backward", lambda: rejoin([mask_features, *multi_scale], [mf_in, *ms_in]))
+    timed("backbone_backward", lambda: rejoin(list(feats.values()), list(f_in.values())))
+    return t
+
+
+def run_profile(preset: str, size: int, device: str, iters: int, num_masks: int, overrides: Sequence[str] = (),
+                top: int = 12) -> Dict[str, Any]:
+    """Where one m2f training step spends its time (:func:`profile_step`, median over ``iters``
+    steps after a warm-up), plus torch.profiler's top ops (self CPU time) of one step."""
+    from torch.profiler import profile
+
+    from m2f.loss import build_criterion
+    from m2f.models.build import build_model
+
+    cfg = get_preset(preset, list(overrides))
+    model = build_model(cfg).to(device).train()
+    criterion = build_criterion(cfg.loss, cfg.num_classes).to(device)
+    x = torch.randn(1, 3, size, size, device=device)
+    tgt = [synthetic_targets(num_masks, cfg.num_classes, size, size, device)]
+
+    def step() -> Dict[str, float]:
+        t = profile_step(model, criterion, x, tgt, device)
+        model.zero_grad(set_to_none=True)
+        return t
+
+    step()  # warm-up
+    runs = [step() for _ in range(iters)]
+    parts = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    with profile() as prof:
+        step()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"kind": "profile", "preset": preset, "overrides": list(overrides), "size": size, "iters": iters,
+            "num_masks": num_masks, "environment": environment(device), "parts_median_s": parts,
+            "step_total_s": sum(parts.values()),
+            "top_ops_self_cpu_ms": [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3}
+                                    for e in ops]}
+
+
 # ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
@@ -442,6 +509,18 @@ def render_readme(out_dir: Path) -> str:
                 rs = ", ".join(f"{k} = {v:.2f}" for k, v in s["ratios"].items())
                 parts.append(f"\n{size}px ratios (full-mask / point, paper 3.0): {rs}")
             parts.append("")
+        elif r.get("kind") == "profile":
+            parts.append(f"## Training-step profile `{path.name}`: {r['preset']} {r['size']}x{r['size']}, median of "
+                         f"{r['iters']} steps\n\n{envs}\n")
+            parts.append("| part | s | share |")
+            parts.append("|---|---|---|")
+            order = ["backbone_forward", "pixel_decoder_forward", "transformer_decoder_forward", "loss",
+                     "transformer_decoder_and_loss_backward", "pixel_decoder_backward", "backbone_backward"]
+            for k, v in sorted(r["parts_median_s"].items(), key=lambda kv: (order + [kv[0]]).index(kv[0])):
+                parts.append(f"| {k} | {v:.3f} | {100 * v / r['step_total_s']:.0f}% |")
+            parts.append("\nTop ops of one step (self CPU): " + ", ".join(
+                f"{o['op']} {o['self_cpu_ms']:.0f} ms ({o['calls']})" for o in r["top_ops_self_cpu_ms"]))
+            parts.append("")
     return "\n".join(parts) + "\n"
 
 
@@ -464,7 +543,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     ap = argparse.ArgumentParser(prog="python -m m2f.bench", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("memory", "speed"):
+    for name in ("memory", "speed", "profile"):
         p = sub.add_parser(name, help=f"{name} benchmark")
         p.add_argument("--preset", default="r50_coco_panoptic", help=f"one of {list_presets()}")
         p.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
@@ -483,6 +562,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ps.add_argument("--no-flops", action="store_true")
     ps.add_argument("--no-train", action="store_true")
     ps.add_argument("--no-inference", action="store_true")
+    pp = sub.choices["profile"]
+    pp.add_argument("--size", type=int, default=512)
+    pp.add_argument("--iters", type=int, default=3, help="profiled steps (after 1 warm-up; median)")
     args = ap.parse_args(argv)
     device = _check_device(args.device)
     if args.threads:
@@ -494,6 +576,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sizes = _parse_sizes(args.sizes)
         res = run_memory(args.preset, sizes, device, args.num_masks, args.overrides, args.threads, args.timeout)
         name = args.name or f"memory_{args.preset}_{device.replace(':', '')}"
+    elif args.cmd == "profile":
+        if args.iters < 1:
+            raise InputError(f"--iters: expected >= 1, got {args.iters}")
+        res = run_profile(args.preset, args.size, device, args.iters, args.num_masks, args.overrides)
+        name = args.name or f"profile_{args.preset}_{device.replace(':', '')}_{args.size}"
     else:
         if args.size < 32 or args.size % 32:
             raise InputError(f"--size: expected a positive multiple of 32, got {args.size}")
