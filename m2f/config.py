@@ -48,6 +48,11 @@ class BackboneCfg:
     window_size: int = 7
     # ResNet only: True = stride in the 3x3 conv (torchvision / ResNet v1.5, official M2F R50).
     stride_in_3x3: bool = True
+    # Activation checkpointing (mmdet's with_cp, Swin's use_checkpoint): each block keeps only its
+    # input for backward and is recomputed there. Same function and gradients, less training memory,
+    # about one more backbone forward per step. Execution-only: not part of config_hash (a run may
+    # resume with it switched).
+    activation_checkpointing: bool = False
 
 
 PixelDecoderKind = Literal["msdeform", "fpn", "semantic_fpn", "bifpn", "fapn", "transformer_encoder"]
@@ -74,6 +79,10 @@ class PixelDecoderCfg:
     deform_attn_backend: Literal["reference", "reference_recompute", "triton", "auto"] = "reference"
     # BiFPN repeats (only for kind=bifpn)
     bifpn_repeats: int = 2
+    # Activation checkpointing of the transformer encoder layers (kinds msdeform and
+    # transformer_encoder): each layer keeps only its input for backward and is recomputed there.
+    # Same function and gradients; execution-only (not part of config_hash).
+    activation_checkpointing: bool = False
 
 
 CrossAttention = Literal["masked", "standard", "mask_pooling", "smca"]
@@ -497,9 +506,22 @@ def from_dict(d: Mapping[str, Any]) -> Config:
     return apply_overrides(Config(), flat)
 
 
+# Fields that change how a result is computed, not what: a run's identity (config_hash, resume,
+# shared ablation runs) ignores them, so e.g. a run that ran out of memory resumes with them switched.
+EXECUTION_ONLY = ("backbone.activation_checkpointing", "pixel_decoder.activation_checkpointing")
+
+
 def config_hash(cfg: Config) -> str:
-    """Stable short hash of the resolved config (for result records)."""
-    s = json.dumps(to_dict(cfg), sort_keys=True)
+    """Stable short hash of the resolved config (for result records), :data:`EXECUTION_ONLY`
+    fields left out."""
+    d = to_dict(cfg)
+    for path in EXECUTION_ONLY:
+        *parents, leaf = path.split(".")
+        node = d
+        for k in parents:
+            node = node[k]
+        node.pop(leaf)
+    s = json.dumps(d, sort_keys=True)
     return hashlib.sha256(s.encode()).hexdigest()[:12]
 
 

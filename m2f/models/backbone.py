@@ -21,6 +21,7 @@ from torch import Tensor
 
 from m2f.config import BackboneCfg
 from m2f.errors import InputError
+from m2f.models.checkpointing import run_block
 from m2f.models.weights import check_shapes, is_detectron2_resnet, read_state_dict, resnet_keys_from_detectron2
 from m2f.registry import BACKBONES
 
@@ -157,6 +158,7 @@ class ResNetBackbone(nn.Module):
         widths = [64, 128, 256, 512]
         self.out_channels: Dict[str, int] = {f"res{i + 2}": w * expansion for i, w in enumerate(widths)}
         self.out_strides: Dict[str, int] = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+        self.activation_checkpointing = False  # see m2f.models.checkpointing
         if weights:
             self.load_weights(weights)
         self.freeze(freeze_at)
@@ -198,7 +200,7 @@ class ResNetBackbone(nn.Module):
         feats = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
-                x = _block_forward(block, x)
+                x = run_block(self.activation_checkpointing, _block_forward, block, x)
             feats.append(x)
         res2, res3, res4, res5 = feats  # [B, C_i, H/s_i, W/s_i], s = 4, 8, 16, 32
         return {"res2": res2, "res3": res3, "res4": res4, "res5": res5}

@@ -12,6 +12,7 @@ section and call a module's plain constructor:
 from __future__ import annotations
 
 from m2f.config import Config
+from m2f.models.checkpointing import set_activation_checkpointing
 from m2f.registry import BACKBONES, PIXEL_DECODERS
 
 
@@ -28,12 +29,18 @@ def _import_all() -> None:
 
 def build_backbone(cfg: Config):
     _import_all()
-    return BACKBONES.get(cfg.backbone.kind)(cfg.backbone)
+    backbone = BACKBONES.get(cfg.backbone.kind)(cfg.backbone)
+    set_activation_checkpointing(backbone, cfg.backbone.activation_checkpointing,
+                                 f"backbone.activation_checkpointing (backbone.kind={cfg.backbone.kind})")
+    return backbone
 
 
 def build_pixel_decoder(cfg: Config, in_channels, in_strides):
     _import_all()
-    return PIXEL_DECODERS.get(cfg.pixel_decoder.kind)(cfg.pixel_decoder, in_channels, in_strides)
+    decoder = PIXEL_DECODERS.get(cfg.pixel_decoder.kind)(cfg.pixel_decoder, in_channels, in_strides)
+    set_activation_checkpointing(decoder, cfg.pixel_decoder.activation_checkpointing,
+                                 f"pixel_decoder.activation_checkpointing (pixel_decoder.kind={cfg.pixel_decoder.kind})")
+    return decoder
 
 
 def build_transformer_decoder(cfg: Config):

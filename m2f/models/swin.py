@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from m2f.config import BackboneCfg
 from m2f.errors import InputError
+from m2f.models.checkpointing import run_block
 from m2f.models.weights import check_shapes, read_state_dict
 from m2f.registry import BACKBONES
 
@@ -144,9 +145,13 @@ class SwinStage(nn.Module):
                       mlp_ratio=mlp_ratio, drop_path=drop_path[j])
             for j in range(depth)
         ])
+        self.activation_checkpointing = False  # see m2f.models.checkpointing
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.blocks(self.downsample(x))
+        x = self.downsample(x)
+        for block in self.blocks:
+            x = run_block(self.activation_checkpointing, block, x)
+        return x
 
 
 class SwinBackbone(nn.Module):

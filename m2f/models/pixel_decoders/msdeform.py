@@ -31,6 +31,7 @@ from torch import Tensor
 
 from kernels.ms_deform_attn import ms_deform_attn
 from m2f.config import PixelDecoderCfg
+from m2f.models.checkpointing import run_block
 from m2f.models.position_encoding import PositionEmbeddingSine
 from m2f.registry import PIXEL_DECODERS
 
@@ -348,6 +349,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=1)
         _c2_xavier_fill(self.mask_features)
         self.conv_dim, self.mask_dim = conv_dim, mask_dim
+        self.activation_checkpointing = False  # encoder layers; see m2f.models.checkpointing
         # (shapes, batch, device, dtype) -> (sine encodings [B, S, D], reference points [B, S, L, 2])
         self._shape_cache: Dict[tuple, Tuple[Tensor, Tensor]] = {}
 
@@ -375,7 +377,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
                            for lvl, (h, w) in enumerate(shapes)], 0)  # [S, D]
         pos_flat = sine + level  # [B, S, D]
         for layer in self.layers:
-            x = layer(x, pos_flat, ref, shapes)
+            x = run_block(self.activation_checkpointing, layer, x, pos_flat, ref, shapes)
         outs = [
             y.transpose(1, 2).reshape(B, self.conv_dim, h, w)
             for y, (h, w) in zip(x.split([h * w for h, w in shapes], dim=1), shapes)

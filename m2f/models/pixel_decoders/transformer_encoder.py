@@ -19,6 +19,7 @@ from torch import Tensor
 
 from m2f.config import PixelDecoderCfg
 from m2f.errors import InputError
+from m2f.models.checkpointing import run_block
 from m2f.models.pixel_decoders.fpn import FPNPixelDecoder, conv_norm
 from m2f.models.position_encoding import PositionEmbeddingSine
 from m2f.registry import PIXEL_DECODERS
@@ -66,6 +67,7 @@ class TransformerEncoderPixelDecoder(FPNPixelDecoder):
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
         self.layers = nn.ModuleList(
             [EncoderLayer(conv_dim, num_heads, ffn_dim, dropout) for _ in range(num_encoder_layers)])
+        self.activation_checkpointing = False  # encoder layers; see m2f.models.checkpointing
 
     def top_output_conv(self, in_ch: int, conv_dim: int, norm: str) -> nn.Module:
         # After the encoder the coarsest map already has conv_dim channels.
@@ -77,7 +79,7 @@ class TransformerEncoderPixelDecoder(FPNPixelDecoder):
         pos = self.pe_layer(src).flatten(2).transpose(1, 2)  # [B, h*w, D]
         tokens = src.flatten(2).transpose(1, 2)  # [B, h*w, D]
         for layer in self.layers:
-            tokens = layer(tokens, pos)
+            tokens = run_block(self.activation_checkpointing, layer, tokens, pos)
         return self.output_convs[0](tokens.transpose(1, 2).reshape(B, D, h, w))
 
 
