@@ -4,6 +4,7 @@ forward+backward, at Mask2Former's pixel-decoder shapes, beside a memory-bandwid
     python -m kernels.bench                       # CUDA: 1024x1024 input; CPU: reference at --size 256
     python -m kernels.bench --size 512 --dtypes bfloat16 --iters 50
     python -m kernels.bench --bandwidth-tbs 4.8   # H200's peak instead of H100's 3.35 TB/s
+    python -m kernels.bench --end-to-end          # + the R50 pixel decoder and a training step per backend
 
 Shapes (Mask2Former's MSDeformAttn encoder, one layer): batch 2, levels at strides 8, 16, 32 of the input
 (128^2 + 64^2 + 32^2 = 21504 keys at 1024x1024), every key is also a query, 256 channels in 8 heads,
@@ -22,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -53,6 +55,13 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="peak memory bandwidth in TB/s for the lower bound (default: H100 3.35)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="reports/bench/kernels.json", help="JSON report path (written atomically)")
+    p.add_argument("--end-to-end", action="store_true",
+                   help="also time the whole pixel decoder (fwd+bwd) and a training step (fwd+loss+bwd) of "
+                        "--preset at --size and --batch, once per model backend (--model-backends)")
+    p.add_argument("--preset", default="r50_coco_panoptic", help="model preset for --end-to-end")
+    p.add_argument("--model-backends", default=None,
+                   help="pixel_decoder.deform_attn_backend values compared by --end-to-end, the first is the "
+                        "baseline (default: reference,triton on CUDA; reference,reference_recompute on CPU)")
     args = p.parse_args(argv)
     try:
         args.strides = [int(s) for s in args.strides.split(",") if s]
@@ -81,6 +90,13 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         args.size = 1024 if args.device.startswith("cuda") else 256
     if args.size < max(args.strides):
         p.error(f"--size {args.size} is smaller than the largest stride {max(args.strides)}")
+    if args.model_backends is None:
+        args.model_backends = "reference,triton" if args.device.startswith("cuda") else "reference,reference_recompute"
+    args.model_backends = [b for b in args.model_backends.split(",") if b]
+    valid = ("reference", "reference_recompute", "triton", "auto")
+    for b in args.model_backends:
+        if b not in valid:
+            p.error(f"--model-backends: unknown backend {b!r}; valid: {list(valid)}")
     return args
 
 
@@ -254,6 +270,72 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return report
 
 
+def end_to_end(preset: str, size: int, batch: int, backends: Sequence[str], device: str, iters: int, warmup: int,
+               seed: int = 0, num_masks: int = 20) -> Dict[str, Any]:
+    """The pixel decoder's forward+backward and a training step (forward under the trainer's autocast,
+    loss, backward; no optimiser) of ``preset`` with each deformable-attention backend; one model, its
+    backend switched between runs, so the weights and inputs are the same.  Speed-ups are relative to
+    ``backends[0]``; ``train_loss`` (one step, same point samples) checks the backends agree end to end."""
+    from m2f.bench import synthetic_targets
+    from m2f.config import get_preset
+    from m2f.loss import build_criterion
+    from m2f.models.build import build_model
+    from m2f.train import amp_context
+
+    cfg = get_preset(preset)
+    amp = amp_context(cfg.solver, torch.device(device).type)
+    torch.manual_seed(seed)
+    model = build_model(cfg).to(device).train()
+    criterion = build_criterion(cfg.loss, cfg.num_classes).to(device)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    targets = [synthetic_targets(num_masks, cfg.num_classes, size, size, device, seed=seed + i) for i in range(batch)]
+    with torch.no_grad(), amp():
+        feats = {k: v.detach() for k, v in model.backbone(x).items()}
+
+    def set_backend(name: str) -> None:
+        for m in model.pixel_decoder.modules():
+            if hasattr(m, "num_points") and hasattr(m, "backend"):
+                m.backend = name
+
+    def pixel_decoder_step():
+        with amp():
+            mask_features, multi_scale = model.pixel_decoder(feats)
+        (mask_features.float().square().mean() + sum(f.float().square().mean() for f in multi_scale)).backward()
+
+    def train_step():
+        with amp():
+            out = model(x)
+        loss = sum(criterion(out, targets).values())
+        loss.backward()
+        return loss.detach()
+
+    rows: Dict[str, Any] = {}
+    for name in backends:
+        set_backend(name)
+        torch.manual_seed(seed)  # the same point samples for every backend: the losses must agree
+        row = {"train_loss": float(train_step())}
+        for key, fn in (("pixel_decoder_fwd_bwd", pixel_decoder_step), ("train_step", train_step)):
+            model.zero_grad(set_to_none=True)
+            row[f"{key}_ms"] = _time_ms(fn, device, iters, warmup)
+            row[f"{key}_peak_memory_mib"] = _peak_mib(fn, device)
+        rows[name] = row
+    base = backends[0]
+    for name, row in rows.items():
+        row["speedup_vs_" + base] = {k: rows[base][f"{k}_ms"] / row[f"{k}_ms"]
+                                     for k in ("pixel_decoder_fwd_bwd", "train_step")}
+    return {"preset": preset, "size": size, "batch": batch, "num_masks": num_masks,
+            "amp": "bf16" if amp is not nullcontext else None, "baseline": base, "backends": rows}
+
+
+def _print_end_to_end(e: Dict[str, Any]) -> None:
+    print(f"end to end: {e['preset']} {e['size']}px batch {e['batch']} amp={e['amp']} (speed-up vs {e['baseline']})")
+    for name, r in e["backends"].items():
+        s = r["speedup_vs_" + e["baseline"]]
+        print(f"  {name:<20} pixel decoder fwd+bwd {r['pixel_decoder_fwd_bwd_ms']:9.1f} ms "
+              f"({s['pixel_decoder_fwd_bwd']:.2f}x)   train step {r['train_step_ms']:9.1f} ms ({s['train_step']:.2f}x)")
+
+
 def _print_table(report: Dict[str, Any]) -> None:
     c = report["config"]
     print(f"ms_deform_attn  B={c['batch']} levels={c['spatial_shapes']} Q=S={c['num_queries']} "
@@ -273,10 +355,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     torch.manual_seed(args.seed)
     report = run(args)
+    if args.end_to_end:
+        report["end_to_end"] = end_to_end(args.preset, args.size, args.batch, args.model_backends, args.device,
+                                          args.iters, args.warmup, args.seed)
     from m2f.checkpoint import atomic_write_json
 
     atomic_write_json(args.out, report)
     _print_table(report)
+    if "end_to_end" in report:
+        _print_end_to_end(report["end_to_end"])
     print(f"wrote {args.out}")
     return 0
 

@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -121,6 +122,24 @@ def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def cpu_allocator_peak(fn: Callable[[], Any]) -> Tuple[Any, int]:
+    """``(fn(), peak bytes)``: the peak of live CPU tensor memory while ``fn`` runs, above what was
+    live before it, from the allocation/free records of torch.profiler (profile_memory=True).  The
+    CPU counterpart of ``torch.cuda.max_memory_allocated() - memory_allocated()``: tensor memory
+    only, without the C library's caching that peak RSS also counts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    live = peak = 0
+    for _, nbytes in events:  # allocations positive, frees negative
+        live += nbytes
+        peak = max(peak, live)
+    return result, peak
+
+
 def _nvml_process_bytes() -> Optional[int]:
     try:
         import pynvml
@@ -144,10 +163,12 @@ def memory_worker(preset: str, size: int, matching: str, loss: str, device: str,
     forward + loss + backward at batch 1.  Returns a dict of measured bytes."""
     from m2f.loss import build_criterion
     from m2f.models.build import build_model
+    from m2f.train import amp_context
 
     if threads:
         torch.set_num_threads(threads)
     cfg = get_preset(preset, list(overrides) + [f"loss.matching={matching}", f"loss.loss={loss}"])
+    amp = amp_context(cfg.solver, torch.device(device).type)
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
     criterion = build_criterion(cfg.loss, cfg.num_classes).to(device)
@@ -161,14 +182,23 @@ def memory_worker(preset: str, size: int, matching: str, loss: str, device: str,
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_bytes()
+    def step():
+        with amp():  # as the trainer: bf16 autocast of the forward (solver.amp on CUDA; CPU: solver.amp_on_cpu)
+            output = model(x)
+        total = sum(criterion(output, targets).values())
+        total.backward()
+        _sync(device)
+        return total
+
     t0 = time.perf_counter()
-    losses = criterion(model(x), targets)
-    total = sum(losses.values())
-    total.backward()
-    _sync(device)
+    if device.startswith("cuda"):
+        total = step()
+    else:
+        total, allocator_peak = cpu_allocator_peak(step)
     out["step_s"] = time.perf_counter() - t0
     out["loss"] = loss
     out["total_loss"] = float(total.detach())
+    out["amp"] = "bf16" if amp is not nullcontext else None
     if device.startswith("cuda"):
         out["method"] = "cuda max_memory_allocated - allocated before the step"
         out["peak_bytes"] = torch.cuda.max_memory_allocated() - base
@@ -178,8 +208,9 @@ def memory_worker(preset: str, size: int, matching: str, loss: str, device: str,
         if nv is not None:
             out["nvml_process_bytes"] = nv
     else:
-        out["method"] = "cpu stand-in: peak RSS (ru_maxrss) - RSS before the step, fresh process"
-        out["peak_bytes"] = _maxrss_bytes() - base
+        out["method"] = "cpu stand-in: peak live tensor bytes of the step (torch.profiler memory records)"
+        out["peak_bytes"] = allocator_peak
+        out["rss_peak_bytes"] = _maxrss_bytes() - base  # peak RSS - RSS before the step (adds libc caching)
         out["rss_before_bytes"] = base
     return out
 
@@ -499,11 +530,16 @@ def render_readme(out_dir: Path) -> str:
         elif r.get("kind") == "memory":
             parts.append(f"## Training memory `{path.name}`: {r['preset']}, batch 1, {r['num_masks']} target "
                          f"masks\n\n{envs}\n")
-            parts.append("| size | matching -> loss | measured GiB | method | paper (V100, per image) |")
-            parts.append("|---|---|---|---|---|")
+            amp = {v.get("amp") for s in r["sizes"].values() for v in s["variants"]}
+            if r.get("overrides"):
+                parts.append("Overrides: " + ", ".join(f"`{o}`" for o in r["overrides"]) + "\n")
+            parts.append(f"Autocast: {', '.join(str(a) for a in sorted(amp, key=str))}\n")
+            parts.append("| size | matching -> loss | measured GiB | peak RSS GiB (CPU) | method | paper (V100, per image) |")
+            parts.append("|---|---|---|---|---|---|")
             for size, s in r["sizes"].items():
                 for v in s["variants"]:
-                    parts.append(f"| {size} | {v['matching']} -> {v['loss']} | {_gib(v['peak_bytes'])} | "
+                    rss = _gib(v["rss_peak_bytes"]) if "rss_peak_bytes" in v else "-"
+                    parts.append(f"| {size} | {v['matching']} -> {v['loss']} | {_gib(v['peak_bytes'])} | {rss} | "
                                  f"{v['method']} | {v['paper_gb']} GB |")
             for size, s in r["sizes"].items():
                 rs = ", ".join(f"{k} = {v:.2f}" for k, v in s["ratios"].items())

@@ -30,9 +30,18 @@ from m2f.errors import InputError, NonFiniteLossError
 CKPT_NAME = "last.pth"
 
 
+def amp_context(solver, device_type: str):
+    """The model forward's autocast (a context factory): bf16 when ``solver.amp`` on CUDA, on CPU
+    only with ``solver.amp_on_cpu``; otherwise none (fp32).  The loss runs outside it, in fp32."""
+    if solver.amp and (device_type == "cuda" or solver.amp_on_cpu):
+        return partial(torch.autocast, device_type=device_type, dtype=torch.bfloat16)
+    return nullcontext
+
+
 # ---------------------------------------------------------------------------------------------
 # Distributed helpers
 # ---------------------------------------------------------------------------------------------
+
 def dist_info() -> Tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's environment, or (0, 1, 0)."""
     if dist.is_available() and dist.is_initialized():
@@ -215,8 +224,7 @@ def train(cfg: Config, out_dir, resume: bool = False, device: Optional[str] = No
         # Drop metric lines written after the checkpoint we resume from (they will be recomputed).
         rewrite_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r.get("iter", 0) <= start_iter])
 
-    use_amp = s.amp and (dev.type == "cuda" or s.amp_on_cpu)
-    amp_ctx = (partial(torch.autocast, device_type=dev.type, dtype=torch.bfloat16) if use_amp else nullcontext)
+    amp_ctx = amp_context(s, dev.type)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 

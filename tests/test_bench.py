@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -145,6 +146,8 @@ def test_memory_cli_tiny(tmp_path):
     assert [(v["matching"], v["loss"]) for v in rows] == bench.VARIANTS
     for v in rows:
         assert v["peak_bytes"] > 0 and v["step_s"] > 0 and v["size"] == 64
+        assert v["method"].startswith("cpu stand-in: peak live tensor bytes") and v["amp"] is None
+        assert v["rss_peak_bytes"] > 0
     ratios = r["sizes"]["64"]["ratios"]
     assert ratios == pytest.approx(bench.memory_ratios(rows))  # computed from the measured values
     assert ratios["mask_mask_over_point_point"] > 0
@@ -236,3 +239,28 @@ def test_msdeform_module_recompute_backend_same_gradients():
     assert grads[0]["sampling_offsets.weight"].abs().max() > 1e-3
     for name in grads[0]:
         assert (grads[0][name] - grads[1][name]).abs().max() < 1e-10, name
+
+
+def test_cpu_allocator_peak_counts_live_tensor_bytes():
+    """The CPU memory stand-in: the peak of live tensor bytes while the function runs (12 MiB here: 4
+    and 8 MiB live together, then the 4 MiB freed), not what was live before it."""
+    before = torch.ones(2**22)  # 16 MiB live before: not counted
+
+    def fn():
+        a = torch.ones(2**20)  # 4 MiB
+        b = torch.ones(2**21)  # 8 MiB
+        del a
+        c = torch.ones(2**19)  # 2 MiB, after a was freed: the peak stays 12 MiB
+        return b, c
+
+    (b, c), peak = bench.cpu_allocator_peak(fn)
+    assert 12 * 2**20 <= peak < 12 * 2**20 + 2**16, peak
+    assert before.numel() == 2**22 and b.numel() == 2**21
+
+
+def test_memory_worker_follows_the_trainers_autocast():
+    """solver.amp_on_cpu: the measured step's forward runs under bf16 autocast, as in training."""
+    r = bench.memory_worker("tiny", 64, "point", "point", "cpu", 2, ["solver.amp_on_cpu=true"])
+    assert r["amp"] == "bf16" and r["peak_bytes"] > 0 and math.isfinite(r["total_loss"])
+    r = bench.memory_worker("tiny", 64, "point", "point", "cpu", 2, [])
+    assert r["amp"] is None

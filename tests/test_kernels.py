@@ -352,3 +352,78 @@ def test_bench_smoke(tmp_path):
     assert "torch" in report["environment"]
     if not torch.cuda.is_available():
         assert "skipped" in rows[("triton", "float32")]
+
+
+def test_bench_end_to_end(tmp_path):
+    """--end-to-end: one model, its deformable-attention backend switched; the same loss, timings and a
+    speed-up relative to the first backend."""
+    from kernels import bench
+
+    out = tmp_path / "kernels.json"
+    assert bench.main(["--size", "64", "--batch", "1", "--iters", "1", "--warmup", "0", "--backends", "reference",
+                       "--dtypes", "float32", "--end-to-end", "--preset", "tiny",
+                       "--model-backends", "reference,reference_recompute", "--out", str(out)]) == 0
+    e = json.loads(out.read_text())["end_to_end"]
+    assert (e["preset"], e["size"], e["batch"], e["baseline"]) == ("tiny", 64, 1, "reference")
+    ref, rc = e["backends"]["reference"], e["backends"]["reference_recompute"]
+    assert math.isfinite(ref["train_loss"]) and ref["train_loss"] > 0
+    assert rc["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-5)
+    assert ref["speedup_vs_reference"] == {"pixel_decoder_fwd_bwd": 1.0, "train_step": 1.0}
+    for key in ("pixel_decoder_fwd_bwd", "train_step"):
+        assert rc["speedup_vs_reference"][key] == pytest.approx(ref[f"{key}_ms"] / rc[f"{key}_ms"])
+
+
+def test_bench_rejects_unknown_model_backend(capsys):
+    from kernels import bench
+
+    with pytest.raises(SystemExit):
+        bench.main(["--end-to-end", "--model-backends", "reference,cuda_ext"])
+    assert "--model-backends: unknown backend 'cuda_ext'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ masked attention (GPU)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the fused sdpa backends exist on GPUs")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("fused", ["EFFICIENT_ATTENTION", "CUDNN_ATTENTION", None])
+def test_masked_attention_sdpa_cuda(dtype, tol, fused):
+    """Masked cross-attention through sdpa with the mask as an additive bias equals the explicit fp32
+    reference (output and gradients, error relative to the largest value) on the GPU, also when only
+    one fused backend is allowed (the memory-efficient one must take the bias; cuDNN's is reported
+    as a skip when this torch/cuDNN refuses it); a fully blocked query attends everywhere (no NaN)."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from m2f.models.transformer_decoder import Attention, masked_attention_bias
+
+    torch.manual_seed(0)
+    B, Q, C, h, w = 2, 100, 256, 25, 38  # odd key count (950) on purpose
+    ref = Attention(C, 8, backend="reference").cuda()
+    fast = Attention(C, 8, backend="sdpa").cuda()
+    fast.load_state_dict(ref.state_dict())
+    fast.to(dtype)
+    q = torch.randn(B, Q, C, device="cuda")
+    mem = torch.randn(B, h * w, C, device="cuda")
+    logits = torch.randn(B, Q, 2 * h, 2 * w, device="cuda") * 3
+    logits[:, 0] = -10.0  # blocked everywhere -> attends everywhere
+    bias = masked_attention_bias(logits, [(h, w)], 0.5)
+
+    def run(m, dt, ctx):
+        qq, mm = q.to(dt).requires_grad_(), mem.to(dt).requires_grad_()
+        with ctx:
+            out = m(qq, mm, mm, bias.to(dt))[0]
+        out.float().square().mean().backward()
+        return [out.float(), qq.grad.float(), mm.grad.float(), m.q_proj.weight.grad.float()]
+
+    ctx = sdpa_kernel([getattr(SDPBackend, fused)]) if fused else nullcontext()
+    try:
+        got = run(fast, dtype, ctx)
+    except RuntimeError as exc:
+        if fused == "CUDNN_ATTENTION":
+            pytest.skip(f"cuDNN attention refused the additive bias here ({str(exc).splitlines()[0][:200]})")
+        raise
+    want = run(ref, torch.float32, nullcontext())
+    assert torch.isfinite(got[0]).all()
+    for name, a, b in zip(("out", "grad q", "grad memory", "grad q_proj"), got, want):
+        err = float((a - b).abs().max() / b.abs().max())
+        assert err < tol, (name, err)
