@@ -79,3 +79,9 @@ def bench_speed(s: nox.Session) -> None:
 def bench_kernels(s: nox.Session) -> None:
     """Kernel benchmarks (reference vs fast): python -m kernels.bench."""
     s.run(PY, "-m", "kernels.bench", *s.posargs, external=True)
+
+
+@nox.session(name="gpu_check", venv_backend="none")
+def gpu_check(s: nox.Session) -> None:
+    """Every GPU test and figure in one run: benchmarks/gpu_check.sh [DEST] (default reports/bench/gpu)."""
+    s.run("bash", "benchmarks/gpu_check.sh", *s.posargs, external=True)
