@@ -176,8 +176,18 @@ def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metri
              f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}; commit(s) {', '.join(str(c)[:12] for c in commits)}; "
              f"device(s): {', '.join(map(str, devices))}"]
     if "memory_GB" in metrics:
-        lines.append(f"- **Memory:** ours = peak of the whole training run ({', '.join(map(str, mem))}; batch "
-                     f"{', '.join(map(str, batch))}); the paper's = training memory per image (GPU)")
+        probes = _distinct(records, lambda r: (lambda p: (p.get("size"), p.get("num_masks"), p.get("method"), p.get("amp"))
+                                                if p else None)(r.get("memory_probe")))
+        probes = [p for p in probes if p]
+        if probes and all(r.get("memory_probe") for r in records):
+            desc = "; ".join(f"{s}x{s}, {n} synthetic target masks, {m}, autocast {a or 'off (fp32)'}"
+                             for s, n, m, a in probes)
+            lines.append(f"- **Memory:** ours = training memory per image: one training step (forward, loss, backward) "
+                         f"of the row's model at batch 1 in a fresh process ({desc}); the paper's = training memory "
+                         f"per image (GPU, 1024x1024 crops, AMP). Whole-run peaks stay in runs.jsonl.")
+        else:
+            lines.append(f"- **Memory:** ours = peak of the whole training run ({', '.join(map(str, mem))}; batch "
+                         f"{', '.join(map(str, batch))}); the paper's = training memory per image (GPU)")
     if "FLOPs_G" in metrics:
         sizes = _distinct(records, lambda r: "x".join(map(str, (r.get("flops") or {}).get("size") or [])) or None)
         skipped = sorted({k for r in records for k in ((r.get("flops") or {}).get("skipped_ops") or {})

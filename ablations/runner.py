@@ -33,6 +33,8 @@ from m2f.errors import InputError
 
 RESULT_NAME = "ablation_result.json"
 FLOPS_CACHE = ".flops_cache.json"
+MEMORY_CACHE = ".memory_cache.json"
+MEMORY_PROBE_MASKS = 20  # synthetic target masks per image in the memory probe
 
 
 @dataclass
@@ -152,9 +154,10 @@ def flat_metrics(record: Dict[str, Any]) -> Dict[str, float]:
     flops = record.get("flops") or {}
     if _num(flops.get("gflops")) is not None:
         out["FLOPs_G"] = _num(flops["gflops"])
-    mem = record.get("peak_memory_bytes") or record.get("peak_rss_bytes")
+    probe = record.get("memory_probe") or {}
+    mem = probe.get("peak_bytes") or record.get("peak_memory_bytes") or record.get("peak_rss_bytes")
     if _num(mem) is not None:
-        out["memory_GB"] = _num(mem) / 1e9
+        out["memory_GB"] = _num(mem) / 1e9  # per image (probe) when measured, else the run's peak
     for src, dst in (("train_images_per_s", "train_images_per_s"), ("train_seconds", "train_seconds")):
         if _num(record.get(src)) is not None:
             out[dst] = _num(record[src])
@@ -281,6 +284,56 @@ def _load_flops_cache(out: Path) -> Dict[str, Any]:
         except json.JSONDecodeError:
             return {}
     return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory per image (paper Table 5's column): one probe per config, attached to its records
+# ---------------------------------------------------------------------------------------------
+def memory_key(cfg: Config, size: int) -> str:
+    return f"{flops_key(cfg, (size, size))}/{MEMORY_PROBE_MASKS}masks"
+
+
+def attach_memory_probes(spec: AblationSpec, plans: List[RunPlan], sc: Scale, out: Path, device: Optional[str],
+                         fresh_process: bool = True, print_fn: Callable[[str], None] = print) -> int:
+    """Measure training memory per image (``m2f.bench.probe_memory`` at ``sc.memory_size``) for each
+    distinct config of ``plans`` (cached in ``out/.memory_cache.json``: the figure depends on the
+    config, not on the seed or the trained weights) and write it into the matching records of
+    ``runs.jsonl`` as ``memory_probe`` (atomic rewrite; records already carrying it are kept).
+    Returns how many records were updated."""
+    from m2f.bench import probe_memory
+    from m2f.checkpoint import rewrite_jsonl
+
+    size = sc.memory_size
+    if not size or "memory_GB" not in spec.metrics:
+        return 0
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cache_path = Path(out) / MEMORY_CACHE
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    probes: Dict[str, Dict[str, Any]] = {}
+    for p in plans:
+        key = memory_key(p.cfg, size)
+        if key not in cache:
+            print_fn(f"memory probe {p.row.name}: one training step at {size}x{size}, batch 1, "
+                     f"{MEMORY_PROBE_MASKS} masks, on {device}")
+            r = probe_memory(p.cfg, size, device, MEMORY_PROBE_MASKS, fresh_process=fresh_process)
+            cache[key] = {k: r.get(k) for k in ("size", "num_masks", "peak_bytes", "method", "amp", "rss_peak_bytes")}
+            atomic_write_json(cache_path, cache)
+        probes[p.config_hash] = {**cache[key], "key": key}
+    path = runs_path(out, spec.name)
+    records = read_jsonl(path)
+    changed = 0
+    for rec in records:
+        probe = probes.get(rec.get("config_hash"))
+        if probe is not None and rec.get("scale") == sc.name and rec.get("memory_probe") != probe:
+            rec["memory_probe"] = probe
+            rec["metrics"] = flat_metrics(rec)
+            changed += 1
+    if changed:
+        rewrite_jsonl(path, records)
+    return changed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,6 +626,10 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
                     pool.shutdown(wait=False, cancel_futures=True)
                     print_fn("interrupted: finished runs are recorded; run the same command again to resume")
                     raise
+    if sc.memory_size and "memory_GB" in spec.metrics:
+        n = attach_memory_probes(spec, plans, sc, out, device, fresh_process=not inline, print_fn=print_fn)
+        if n:
+            print_fn(f"training memory per image ({sc.memory_size}x{sc.memory_size}) recorded in {n} record(s)")
     if render:
         from ablations.render import render_ablation, render_readme
 

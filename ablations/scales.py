@@ -53,6 +53,9 @@ class Scale:
     eval_limit: Optional[int]  # val images per evaluation; None = all
     flops_size: Tuple[int, int]  # H, W at which FLOPs are counted
     launcher: str = "local"  # "local" (process pool) or "torchrun"
+    # Side of the square image at which specs with a memory_GB column measure training memory per
+    # image (m2f.bench.probe_memory: one step, batch 1, in a fresh process); None = no probe.
+    memory_size: Optional[int] = None
     seconds_per_iter: float = 1.0  # ETA before the first run finishes
     seconds_per_eval: float = 10.0
     torchrun_args: Tuple[str, ...] = field(default=())
@@ -88,13 +91,13 @@ PAPER_OVERRIDES: Dict[str, Any] = {
 SCALES: Dict[str, Scale] = {
     "smoke": Scale("smoke", "tiny preset, 16 synthetic 64px images, 10 iterations (pipeline check only)",
                    "tiny", SMOKE_OVERRIDES, seeds=1, jobs=2, eval_limit=8, flops_size=(64, 64),
-                   seconds_per_iter=0.3, seconds_per_eval=3.0),
+                   memory_size=64, seconds_per_iter=0.3, seconds_per_eval=3.0),
     "cpu": Scale("cpu", f"tiny preset, embedded synthetic data (128px), {CPU_ITERS} iterations",
                  "tiny", CPU_OVERRIDES, seeds=CPU_SEEDS, jobs=CPU_JOBS, eval_limit=CPU_EVAL_LIMIT,
-                 flops_size=(128, 128), seconds_per_iter=CPU_SECONDS_PER_ITER,
+                 flops_size=(128, 128), memory_size=1024, seconds_per_iter=CPU_SECONDS_PER_ITER,
                  seconds_per_eval=CPU_SECONDS_PER_EVAL),
     "paper": Scale("paper", "the paper preset's full schedule on COCO 2017 panoptic, through torchrun",
-                   None, PAPER_OVERRIDES, seeds=1, jobs=1, eval_limit=None, flops_size=(800, 1216),
+                   None, PAPER_OVERRIDES, seeds=1, jobs=1, eval_limit=None, flops_size=(800, 1216), memory_size=1024,
                    launcher="torchrun", seconds_per_iter=0.5, seconds_per_eval=600.0,
                    torchrun_args=("--standalone", "--nproc_per_node=8")),
 }

@@ -157,17 +157,23 @@ def _nvml_process_bytes() -> Optional[int]:
     return None
 
 
-def memory_worker(preset: str, size: int, matching: str, loss: str, device: str, num_masks: int,
-                  overrides: Sequence[str] = (), threads: int = 0) -> Dict[str, Any]:
+def memory_worker(preset: Optional[str], size: int, matching: Optional[str], loss: Optional[str], device: str,
+                  num_masks: int, overrides: Sequence[str] = (), threads: int = 0,
+                  config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """One variant, measured in THIS process (call it in a fresh one): peak training memory of one
-    forward + loss + backward at batch 1.  Returns a dict of measured bytes."""
+    forward + loss + backward at batch 1.  Returns a dict of measured bytes.  ``config`` (a
+    :func:`m2f.config.to_dict` dict) replaces ``preset`` + ``overrides``; ``matching`` / ``loss``
+    None keep the config's."""
+    from m2f.config import from_dict
     from m2f.loss import build_criterion
     from m2f.models.build import build_model
     from m2f.train import amp_context
 
     if threads:
         torch.set_num_threads(threads)
-    cfg = get_preset(preset, list(overrides) + [f"loss.matching={matching}", f"loss.loss={loss}"])
+    cfg = from_dict(config) if config is not None else get_preset(preset, list(overrides))
+    cfg = apply_overrides(cfg, {"loss.matching": matching or cfg.loss.matching, "loss.loss": loss or cfg.loss.loss})
+    matching, loss = cfg.loss.matching, cfg.loss.loss
     amp = amp_context(cfg.solver, torch.device(device).type)
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
@@ -223,6 +229,16 @@ def _run_worker(args: Dict[str, Any], timeout: float) -> Dict[str, Any]:
     if p.returncode != 0:
         raise RuntimeError(f"memory worker {args} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def probe_memory(cfg: Config, size: int, device: str = "cpu", num_masks: int = 20, fresh_process: bool = True,
+                 timeout: float = 3600.0) -> Dict[str, Any]:
+    """Training memory per image of ``cfg`` (one step at ``size`` x ``size``, batch 1, ``num_masks``
+    synthetic target masks): :func:`memory_worker` in a fresh process (or in this one, e.g. in
+    tests: the CPU figure is the allocator peak, which a used process measures as well)."""
+    args = {"preset": None, "size": int(size), "matching": None, "loss": None, "device": device,
+            "num_masks": int(num_masks), "config": to_dict(cfg)}
+    return _run_worker(args, timeout) if fresh_process else memory_worker(**args)
 
 
 def memory_ratios(rows: Sequence[Dict[str, Any]]) -> Dict[str, float]:

@@ -11,6 +11,7 @@ import pytest
 
 from ablations import runner as ab_runner
 from ablations.render import agreement, render_ablation, render_readme
+from ablations.scales import get_scale
 from ablations.spec import PAPER_COLUMNS, list_specs, load_spec
 from m2f.checkpoint import append_jsonl, read_jsonl
 from m2f.config import all_paths, config_hash, get_preset
@@ -230,6 +231,72 @@ def test_render_point_loss_memory_chart(tmp_path):
     assert cells[i:i + 5] == ["2.00 (n=1)", "+1.00", "18", "+12", "yes"]
     assert Path(res["memory"]).read_bytes()[:8] == PNG_MAGIC
     assert Path(res["convergence"]).read_bytes()[:8] == PNG_MAGIC  # loss fallback (no periodic evals)
+
+
+def test_memory_column_is_per_image_when_probed(tmp_path):
+    """Records carrying a memory probe report it (memory per image, the paper's quantity) instead of
+    the whole run's peak, and the header says so."""
+    out = tmp_path / "reports"
+    spec = load_spec("point_loss")
+    for r in spec.rows:
+        rec = _record(r.name, 0, 40.0, 30.0, 35.0, n_evals=0)
+        full = r.overrides["loss.loss"] == "mask"
+        rec.update(ablation="point_loss", table="5", peak_rss_bytes=1.5e9,
+                   memory_probe={"size": 1024, "num_masks": 20, "peak_bytes": 3.0e9 if full else 1.0e9,
+                                 "method": "cpu stand-in: peak live tensor bytes", "amp": None})
+        append_jsonl(out / "point_loss" / "runs.jsonl", rec)
+    res = render_ablation("point_loss", out)
+    md = Path(res["table"]).read_text()
+    assert "training memory per image" in md and "1024x1024, 20 synthetic target masks" in md
+    row = [l for l in md.splitlines() if l.startswith("| mask -> mask")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    i = 1 + 5 * res["metrics"].index("memory_GB")
+    assert cells[i:i + 5] == ["3.00 (n=1)", "+2.00", "18", "+12", "yes"]
+
+
+def test_attach_memory_probes(tmp_path, monkeypatch):
+    """One probe per distinct config (seeds share it), written into the matching records of runs.jsonl,
+    cached: a second call measures nothing and changes nothing."""
+    import m2f.bench
+    from ablations.runner import attach_memory_probes, plan_runs
+
+    spec = load_spec("point_loss")
+    sc = get_scale("smoke")
+    out = tmp_path / "reports"
+    plans = plan_runs(spec, sc, seeds=2, runs_root=tmp_path / "runs")
+    assert len(plans) == 8
+    for p in plans:
+        rec = _record(p.row.name, p.seed, 40.0, 30.0, 35.0, scale="smoke")
+        rec.update(ablation="point_loss", config_hash=p.config_hash)
+        append_jsonl(out / "point_loss" / "runs.jsonl", rec)
+    calls = []
+
+    def fake_probe(cfg, size, device="cpu", num_masks=20, fresh_process=True, timeout=0):
+        calls.append((cfg.loss.matching, cfg.loss.loss, size, num_masks))
+        return {"size": size, "num_masks": num_masks, "peak_bytes": 2e9 if cfg.loss.loss == "mask" else 1e9,
+                "method": "test", "amp": None, "rss_peak_bytes": 3e9}
+
+    monkeypatch.setattr(m2f.bench, "probe_memory", fake_probe)
+    assert attach_memory_probes(spec, plans, sc, out, "cpu", fresh_process=False) == 8
+    assert sorted(calls) == sorted({(m, l, 64, 20) for m in ("mask", "point") for l in ("mask", "point")})
+    recs = list(read_jsonl(out / "point_loss" / "runs.jsonl"))
+    assert len(recs) == 8
+    for rec in recs:
+        want = 2.0 if rec["row"].endswith("-> mask") else 1.0
+        assert rec["memory_probe"]["peak_bytes"] == want * 1e9 and rec["metrics"]["memory_GB"] == want
+    calls.clear()
+    assert attach_memory_probes(spec, plans, sc, out, "cpu", fresh_process=False) == 0 and calls == []
+
+
+def test_probe_memory_measures_the_given_config():
+    """m2f.bench.probe_memory (the ablation memory column) runs the config it is given: its own
+    matching/loss switches, at the requested size."""
+    from m2f.bench import probe_memory
+
+    cfg = get_preset("tiny", ["loss.matching=mask", "loss.loss=mask", "loss.num_points=256"])
+    r = probe_memory(cfg, 64, "cpu", num_masks=3, fresh_process=False)
+    assert (r["matching"], r["loss"], r["size"], r["num_masks"]) == ("mask", "mask", 64, 3)
+    assert r["peak_bytes"] > 1e6
 
 
 # ---------------------------------------------------------------------------------------------
