@@ -77,8 +77,9 @@ def bench_speed(s: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def bench_kernels(s: nox.Session) -> None:
-    """Kernel benchmarks (reference vs fast): python -m kernels.bench."""
-    s.run(PY, "-m", "kernels.bench", *s.posargs, external=True)
+    """Kernel benchmarks (reference vs fast) and the end-to-end pixel decoder / training-step speed-up:
+    python -m kernels.bench --end-to-end (args after -- replace the default)."""
+    s.run(PY, "-m", "kernels.bench", *(s.posargs or ["--end-to-end"]), external=True)
 
 
 @nox.session(name="gpu_check", venv_backend="none")
