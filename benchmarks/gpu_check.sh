@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Every test and figure that needs a GPU, in one prepared run (about 6-7 minutes on an H100/H200 once
+# Every test and figure that needs a GPU, in one prepared run (about 7-8 minutes on an H100/H200 once
 # the machine is up; each step has its own time limit, and a failing step does not stop the others).
 #
 #   benchmarks/gpu_check.sh [DEST]          results in DEST (default reports/bench/gpu)
 #
-# Writes at most 6 files to DEST: gpu_check.log, kernels.json (kernels vs reference + end-to-end),
-# memory_*.json and speed_*.json (python -m m2f.bench; AMP as the trainer on CUDA) and README.md.
+# Writes 6 files to DEST: gpu_check.log, kernels.json (kernels vs reference + end-to-end), memory_*.json
+# (python -m m2f.bench; AMP as the trainer on CUDA), speed_*.json (fp32 and bf16 autocast) and README.md.
 # Needs torch with CUDA, triton, timm, scipy, transformers and pytest; fvcore is optional (FLOPs do
 # not depend on the device and are counted on CPU).  Exit status: 0 when every step passed.
 set -uo pipefail
@@ -35,6 +35,8 @@ step 150 $PY -m kernels.bench --end-to-end --iters 20 --out "$DEST/kernels.json"
 step 120 $PY -m m2f.bench memory --device cuda --sizes 1024 --out "$DEST" --set pixel_decoder.deform_attn_backend=auto
 # 4. m2f vs HF transformers, same weights: inference (batch 1, post-processing included) and training step
 step 150 $PY -m m2f.bench speed --device cuda --preset r50_coco_panoptic --size 1024 --iters 10 --no-flops \
+    --out "$DEST" --set pixel_decoder.deform_attn_backend=auto
+step 120 $PY -m m2f.bench speed --device cuda --preset r50_coco_panoptic --size 1024 --iters 10 --no-flops --amp \
     --out "$DEST" --set pixel_decoder.deform_attn_backend=auto
 echo "=== $(date -u +%H:%M:%S) done, failures: $fail"
 exit $fail

@@ -339,7 +339,9 @@ def interleaved(fns: Dict[str, Callable[[], Any]], iters: int, device: str, warm
 
 
 def run_speed(preset: str, size: int, device: str, iters: int, num_masks: int, overrides: Sequence[str] = (),
-              flops: bool = True, train: bool = True, infer: bool = True) -> Dict[str, Any]:
+              flops: bool = True, train: bool = True, infer: bool = True, amp: bool = False) -> Dict[str, Any]:
+    """m2f vs HF transformers (the same weights), interleaved.  ``amp``: both models' forwards under
+    bf16 autocast (as training runs on GPUs; the losses stay fp32), else both in fp32."""
     from m2f.convert import from_hf
     from m2f.loss import build_criterion
 
@@ -356,8 +358,11 @@ def run_speed(preset: str, size: int, device: str, iters: int, num_masks: int, o
     hf, model = hf.to(device), model.to(device)
     x = torch.randn(1, 3, size, size, device=device, generator=None)
     tgt = synthetic_targets(num_masks, cfg.num_classes, size, size, device)
+    dev_type = torch.device(device).type
+    ac = (lambda: torch.autocast(device_type=dev_type, dtype=torch.bfloat16)) if amp else nullcontext
     res: Dict[str, Any] = {"kind": "speed", "preset": preset, "overrides": list(overrides), "size": size,
-                           "iters": iters, "num_masks": num_masks, "environment": environment(device),
+                           "iters": iters, "num_masks": num_masks, "amp": "bf16" if amp else None,
+                           "environment": environment(device),
                            "m2f_config": to_dict(cfg)}
     # Same function check (eval, the final prediction).
     model.eval(), hf.eval()
@@ -378,13 +383,17 @@ def run_speed(preset: str, size: int, device: str, iters: int, num_masks: int, o
 
         def m2f_infer():
             with torch.no_grad():
-                r = postprocess(model(x), [(size, size)], [(size, size)], ic, is_thing, tasks=("panoptic",))
+                with ac():
+                    out = model(x)
+                r = postprocess(out, [(size, size)], [(size, size)], ic, is_thing, tasks=("panoptic",))
             kept["m2f"] = len(r[0]["panoptic_seg"][1])
 
         def hf_infer():
             with torch.no_grad():
+                with ac():
+                    out = hf(pixel_values=x)
                 r = proc.post_process_panoptic_segmentation(
-                    hf(pixel_values=x), threshold=ic.object_mask_threshold, mask_threshold=0.5,
+                    out, threshold=ic.object_mask_threshold, mask_threshold=0.5,
                     overlap_mask_area_threshold=ic.overlap_threshold, label_ids_to_fuse=stuff,
                     target_sizes=[(size, size)])
             kept["hf"] = len(r[0]["segments_info"])
@@ -408,13 +417,16 @@ def run_speed(preset: str, size: int, device: str, iters: int, num_masks: int, o
         opt_h = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
 
         def m2f_step():
-            losses = criterion(model(x), [tgt])
+            with ac():
+                out = model(x)
+            losses = criterion(out, [tgt])
             sum(losses.values()).backward()
             opt_m.step()
             opt_m.zero_grad(set_to_none=True)
 
         def hf_step():
-            out = hf(pixel_values=x, mask_labels=[tgt["masks"].float()], class_labels=[tgt["labels"]])
+            with ac():  # HF computes its loss inside the forward: under autocast too
+                out = hf(pixel_values=x, mask_labels=[tgt["masks"].float()], class_labels=[tgt["labels"]])
             out.loss.backward()
             opt_h.step()
             opt_h.zero_grad(set_to_none=True)
@@ -527,7 +539,8 @@ def render_readme(out_dir: Path) -> str:
                 f"{str(env.get('git_commit', ''))[:10]}")
         if r.get("kind") == "speed":
             parts.append(f"## Speed `{path.name}`: {r['preset']} {r['size']}x{r['size']}, "
-                         f"{r['iters']} interleaved reps\n\n{envs}; max |m2f - HF| mask logit "
+                         f"{r['iters']} interleaved reps, {'bf16 autocast' if r.get('amp') else 'fp32'}\n\n"
+                         f"{envs}; max |m2f - HF| mask logit "
                          f"{r.get('max_abs_diff_mask_logits', float('nan')):.1e}\n")
             parts.append("| measure | m2f median (min) s | HF median (min) s | m2f / HF speed (median; min) |")
             parts.append("|---|---|---|---|")
@@ -614,6 +627,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ps.add_argument("--no-flops", action="store_true")
     ps.add_argument("--no-train", action="store_true")
     ps.add_argument("--no-inference", action="store_true")
+    ps.add_argument("--amp", action="store_true", help="both models' forwards under bf16 autocast (default fp32)")
     pp = sub.choices["profile"]
     pp.add_argument("--size", type=int, default=512)
     pp.add_argument("--iters", type=int, default=3, help="profiled steps (after 1 warm-up; median)")
@@ -639,8 +653,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.iters < 1:
             raise InputError(f"--iters: expected >= 1, got {args.iters}")
         res = run_speed(args.preset, args.size, device, args.iters, args.num_masks, args.overrides,
-                        flops=not args.no_flops, train=not args.no_train, infer=not args.no_inference)
-        name = args.name or f"speed_{args.preset}_{device.replace(':', '')}_{args.size}"
+                        flops=not args.no_flops, train=not args.no_train, infer=not args.no_inference,
+                        amp=args.amp)
+        name = args.name or f"speed_{args.preset}_{device.replace(':', '')}_{args.size}" + ("_amp" if args.amp else "")
     path = write_result(Path(args.out), name, res)
     print(f"wrote {path}")
     return 0

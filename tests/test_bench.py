@@ -264,3 +264,13 @@ def test_memory_worker_follows_the_trainers_autocast():
     assert r["amp"] == "bf16" and r["peak_bytes"] > 0 and math.isfinite(r["total_loss"])
     r = bench.memory_worker("tiny", 64, "point", "point", "cpu", 2, [])
     assert r["amp"] is None
+
+
+def test_speed_cli_amp(tmp_path):
+    """--amp: both models under bf16 autocast, recorded in the result and its file name."""
+    pytest.importorskip("transformers")
+    assert bench.main(["speed", "--preset", "tiny", "--size", "64", "--iters", "1", "--num-masks", "2", "--threads",
+                       "1", "--no-flops", "--no-inference", "--amp", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "speed_tiny_cpu_64_amp.json").read_text())
+    assert r["amp"] == "bf16" and r["train"]["m2f"]["median_s"] > 0 and r["train"]["hf"]["median_s"] > 0
+    assert "bf16 autocast" in (tmp_path / "README.md").read_text()
