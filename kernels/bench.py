@@ -361,6 +361,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from m2f.checkpoint import atomic_write_json
 
     atomic_write_json(args.out, report)
+    from m2f.bench import refresh_reports
+
+    refresh_reports(Path(args.out).parent)  # reports/bench(/gpu): its README and the project README's summary
     _print_table(report)
     if "end_to_end" in report:
         _print_end_to_end(report["end_to_end"])

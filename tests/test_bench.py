@@ -274,3 +274,51 @@ def test_speed_cli_amp(tmp_path):
     r = json.loads((tmp_path / "speed_tiny_cpu_64_amp.json").read_text())
     assert r["amp"] == "bf16" and r["train"]["m2f"]["median_s"] > 0 and r["train"]["hf"]["median_s"] > 0
     assert "bf16 autocast" in (tmp_path / "README.md").read_text()
+
+
+def test_summary_table_against_goals(tmp_path):
+    """The README summary: one row per measured ratio with its goal verdict, from the JSONs alone
+    (GPU results in a subfolder included); only the text between the markers is replaced."""
+    out = tmp_path / "bench"
+    (out / "gpu").mkdir(parents=True)
+    env = {"device": "cpu", "threads": 1}
+
+    def speed(ratio_inf, ratio_train, device_env):
+        t = {"m2f": {"median_s": 1.0}, "hf": {"median_s": ratio_inf}}
+        s = {"m2f": {"median_s": 1.0}, "hf": {"median_s": ratio_train}}
+        return {"kind": "speed", "preset": "r50_coco_panoptic", "size": 512, "overrides": [], "amp": None,
+                "environment": device_env, "inference": {**t, "ratio_m2f_over_hf": ratio_inf},
+                "train": {**s, "ratio_m2f_over_hf": ratio_train}}
+
+    (out / "speed_cpu.json").write_text(json.dumps(speed(1.6, 1.2, env)))
+    (out / "gpu" / "speed_gpu.json").write_text(json.dumps(speed(2.5, 1.9, {"device": "cuda", "gpu": "NVIDIA H200",
+                                                                            "threads": 16})))
+    variants = [{"matching": m, "loss": l, "peak_bytes": b, "amp": "bf16"}
+                for (m, l), b in zip(bench.VARIANTS, [3.3 * 2**30, 2 * 2**30, 3 * 2**30, 2**30])]
+    (out / "memory_cpu.json").write_text(json.dumps({
+        "kind": "memory", "preset": "r50_coco_panoptic", "overrides": ["solver.amp_on_cpu=true"], "environment": env,
+        "sizes": {"1024": {"variants": variants, "ratios": bench.memory_ratios(variants)}}}))
+    (out / "gpu" / "kernels.json").write_text(json.dumps({
+        "config": {"batch": 2, "size": 1024}, "environment": {"device": "NVIDIA H200"}, "bandwidth_bound": {},
+        "results": [{"backend": "reference", "dtype": "float32", "forward_backward_ms": 40.0},
+                    {"backend": "triton", "dtype": "float32", "forward_backward_ms": 10.0},
+                    {"backend": "reference", "dtype": "bfloat16", "forward_backward_ms": 30.0},
+                    {"backend": "triton", "dtype": "bfloat16", "forward_backward_ms": 15.0}]}))
+    rows = bench.render_summary(out).splitlines()
+    def row(*words):
+        hits = [r for r in rows if all(w in r for w in words)]
+        assert len(hits) == 1, (words, rows)
+        return hits[0]
+    assert "**1.60x** | >= 1.5x: met" in row("inference", "speed_cpu")
+    assert "**1.20x** | >= 1.3x: NOT met" in row("train speed", "speed_cpu")
+    assert "**2.50x** | >= 2.0x: met" in row("inference", "speed_gpu", "NVIDIA H200")
+    assert "**1.90x** | >= 2.0x: NOT met" in row("train speed", "speed_gpu")
+    assert "**3.30x** | >= 3.0x: met" in row("memory", "bf16 autocast", "`solver.amp_on_cpu=true`")
+    assert "**4.00x** | >= 3.0x: met" in row("deformable", "float32")
+    assert "**2.00x** | >= 3.0x: NOT met" in row("deformable", "bfloat16")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{bench.SUMMARY_BEGIN}\nold\n{bench.SUMMARY_END}\noutro\n")
+    bench.splice_summary(out, readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{bench.SUMMARY_END}\noutro\n") and "old" not in text
+    assert "**1.60x**" in text
