@@ -290,7 +290,13 @@ def _load_flops_cache(out: Path) -> Dict[str, Any]:
 # Memory per image (paper Table 5's column): one probe per config, attached to its records
 # ---------------------------------------------------------------------------------------------
 def memory_key(cfg: Config, size: int) -> str:
-    return f"{flops_key(cfg, (size, size))}/{MEMORY_PROBE_MASKS}masks"
+    """The probe's identity: the whole config without its seed -- execution-only fields included
+    (activation checkpointing changes memory, not results) -- size and mask count."""
+    import hashlib
+
+    d = to_dict(apply_overrides(cfg, {"solver.seed": 0}))
+    h = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{h}@{size}x{size}/{MEMORY_PROBE_MASKS}masks"
 
 
 def attach_memory_probes(spec: AblationSpec, plans: List[RunPlan], sc: Scale, out: Path, device: Optional[str],
@@ -318,10 +324,16 @@ def attach_memory_probes(spec: AblationSpec, plans: List[RunPlan], sc: Scale, ou
         if key not in cache:
             print_fn(f"memory probe {p.row.name}: one training step at {size}x{size}, batch 1, "
                      f"{MEMORY_PROBE_MASKS} masks, on {device}")
-            r = probe_memory(p.cfg, size, device, MEMORY_PROBE_MASKS, fresh_process=fresh_process)
+            try:
+                r = probe_memory(p.cfg, size, device, MEMORY_PROBE_MASKS, fresh_process=fresh_process)
+            except Exception as e:  # noqa: BLE001 - a report column, not worth losing the ablation over
+                print_fn(f"memory probe {p.row.name} failed ({type(e).__name__}: {str(e)[-300:]}); "
+                         "its records keep the run's own peak")
+                continue
             cache[key] = {k: r.get(k) for k in ("size", "num_masks", "peak_bytes", "method", "amp", "rss_peak_bytes")}
             atomic_write_json(cache_path, cache)
-        probes[p.config_hash] = {**cache[key], "key": key}
+        if key in cache:
+            probes[p.config_hash] = {**cache[key], "key": key}
     path = runs_path(out, spec.name)
     records = read_jsonl(path)
     changed = 0

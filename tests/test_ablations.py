@@ -570,3 +570,38 @@ def test_default_scale_is_the_highest_fidelity_recorded():
     assert select_records(recs, "smoke")[0] == "smoke" and len(select_records(recs, "smoke")[1]) == 2
     assert select_records(recs + [{"scale": "paper", "row": "a", "seed": 0, "v": 5}])[0] == "paper"
     assert select_records([{"scale": "smoke", "row": "a", "seed": 0}])[0] == "smoke"
+
+
+def test_memory_probe_identity_includes_execution_only_fields():
+    """Activation checkpointing leaves a run's identity alone but changes its memory: the probe cache
+    must not mix the two."""
+    from ablations.runner import memory_key
+
+    base = get_preset("tiny")
+    ckpt = get_preset("tiny", ["backbone.activation_checkpointing=true"])
+    assert config_hash(base) == config_hash(ckpt)
+    assert memory_key(base, 64) != memory_key(ckpt, 64)
+    assert memory_key(base, 64) == memory_key(get_preset("tiny", ["solver.seed=3"]), 64)  # seeds share a probe
+    assert memory_key(base, 64) != memory_key(base, 128)
+
+
+def test_failed_memory_probe_keeps_the_run_peak(tmp_path, monkeypatch):
+    import m2f.bench
+    from ablations.runner import attach_memory_probes, plan_runs
+
+    spec, sc, out = load_spec("point_loss"), get_scale("smoke"), tmp_path / "reports"
+    plans = plan_runs(spec, sc, seeds=1, runs_root=tmp_path / "runs")
+    for p in plans:
+        rec = _record(p.row.name, p.seed, 40.0, 30.0, 35.0, scale="smoke")
+        rec.update(ablation="point_loss", config_hash=p.config_hash)
+        append_jsonl(out / "point_loss" / "runs.jsonl", rec)
+
+    def boom(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(m2f.bench, "probe_memory", boom)
+    msgs = []
+    assert attach_memory_probes(spec, plans, sc, out, "cpu", print_fn=msgs.append) == 0
+    failed = [m for m in msgs if "failed (RuntimeError: out of memory)" in m]
+    assert len(failed) == 4, msgs
+    assert all("memory_probe" not in r for r in read_jsonl(out / "point_loss" / "runs.jsonl"))
