@@ -262,6 +262,7 @@ def build_record(spec: AblationSpec, plan: RunPlan, scale: Scale, result: Dict[s
                         "process_peak_rss" if result.get("peak_rss_bytes") else None),
         "train_images_per_s": s.get("train_images_per_s"), "train_seconds": s.get("train_seconds"),
         "params": s.get("params"), "flops": flops, "wall_seconds": result.get("wall_seconds"),
+        "kernels": s.get("kernels"),
         "run_dir": str(plan.run_dir), "shared_from": result.get("shared_from"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

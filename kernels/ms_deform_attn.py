@@ -51,6 +51,18 @@ def ms_deform_attn_reference(
     return out.view(B, nH * Dh, Q).transpose(1, 2).contiguous()
 
 
+def resolve_backend(backend: str, device: "torch.device | str") -> str:
+    """The implementation ``backend`` runs on ``device``: "auto" -> "triton" on CUDA with Triton,
+    else "reference"; the others as named (for recording with results)."""
+    if backend != "auto":
+        return backend
+    try:
+        from kernels.ms_deform_attn_triton import triton_available
+    except ImportError:
+        return "reference"
+    return "triton" if torch.device(device).type == "cuda" and triton_available() else "reference"
+
+
 def ms_deform_attn(
     value: Tensor,
     spatial_shapes: Sequence[Tuple[int, int]],

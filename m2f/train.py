@@ -142,6 +142,16 @@ def environment() -> Dict[str, Any]:
     return env
 
 
+def kernels_used(cfg: Config, device) -> Dict[str, str]:
+    """The implementations that actually ran ("auto" resolved on ``device``), recorded with results."""
+    from kernels.ms_deform_attn import resolve_backend
+
+    out = {"decoder.attention_backend": cfg.decoder.attention_backend}
+    if cfg.pixel_decoder.kind == "msdeform":
+        out["pixel_decoder.deform_attn_backend"] = resolve_backend(cfg.pixel_decoder.deform_attn_backend, device)
+    return out
+
+
 def git_commit() -> Optional[str]:
     import subprocess
 
@@ -304,6 +314,7 @@ def train(cfg: Config, out_dir, resume: bool = False, device: Optional[str] = No
         "train_images_per_s": n_images * world / elapsed if elapsed > 0 else None,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
         "params": sum(p.numel() for p in model.parameters()), "config_hash": config_hash(cfg),
+        "kernels": kernels_used(cfg, dev),
     }
     if evaluate_at_end and it >= s.max_iters:
         summary["eval"] = _periodic_eval(model, cfg, dev, it, metrics_path, rank, eval_limit, log_fn)

@@ -427,3 +427,13 @@ def test_masked_attention_sdpa_cuda(dtype, tol, fused):
     for name, a, b in zip(("out", "grad q", "grad memory", "grad q_proj"), got, want):
         err = float((a - b).abs().max() / b.abs().max())
         assert err < tol, (name, err)
+
+
+def test_resolve_backend_names_what_runs():
+    from kernels.ms_deform_attn import resolve_backend
+
+    assert resolve_backend("auto", "cpu") == "reference"
+    assert resolve_backend("reference_recompute", "cpu") == "reference_recompute"
+    assert resolve_backend("triton", "cpu") == "triton"  # as asked (it then fails clearly on CPU tensors)
+    if torch.cuda.is_available() and HAS_TRITON:
+        assert resolve_backend("auto", "cuda") == "triton"

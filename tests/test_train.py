@@ -99,6 +99,22 @@ def test_resume_continues_the_identical_loss_curve(tmp_path):
     assert [i for i, _ in a] == [1, 2, 3, 4, 5, 6]
     assert a == b  # bit-identical on CPU
     assert len({round(v, 6) for _, v in a}) > 1  # the loss actually changes
+    assert full["kernels"] == {"decoder.attention_backend": cfg.decoder.attention_backend,
+                               "pixel_decoder.deform_attn_backend": "reference"}  # what ran, "auto" resolved
+
+
+def test_resume_with_activation_checkpointing_switched_on(tmp_path):
+    """Execution-only fields: a run resumes with activation checkpointing switched on (as after running
+    out of memory) and continues the identical loss curve."""
+    from m2f.config import apply_overrides
+
+    cfg = small_cfg()
+    train(cfg, tmp_path / "full", progress=False, evaluate_at_end=False)
+    train(cfg, tmp_path / "part", progress=False, evaluate_at_end=False, stop_after=3)
+    lean = apply_overrides(cfg, {"backbone.activation_checkpointing": True,
+                                 "pixel_decoder.activation_checkpointing": True})
+    train(lean, tmp_path / "part", resume=True, progress=False, evaluate_at_end=False)
+    assert losses(tmp_path / "full") == losses(tmp_path / "part")
 
 
 def test_refuses_to_overwrite_a_run_and_a_changed_config(tmp_path):
