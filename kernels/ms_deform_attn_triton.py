@@ -16,6 +16,14 @@ official CUDA op).  Accumulation is fp32 throughout; the value gradient is accum
 adds (several queries sample the same pixel) and cast to value's dtype at the end; the location and
 attention-weight gradients have one writer per element, so they are plain stores.
 
+On a pixel centre (an integer pixel coordinate) bilinear sampling has a kink: the location gradient is
+one-sided, and which side depends on how the coordinate rounds.  This kernel computes x * W_l - 0.5
+(as the official CUDA op); grid_sample unnormalises 2x - 1, so the two can land on different sides.
+Mask2Former's encoder starts with EVERY sampling point on a pixel centre (reference points at centres,
+offsets initialised to whole pixels), so step 0's gradient of ``sampling_offsets`` differs between this
+backend and the reference (both valid subgradients); off the kinks they agree
+(``tests/test_kernels.py::test_model_step_triton_backend_matches_reference``).
+
 Kernel layout (both directions): one program per (query block, head, batch) -- grid axis 0 is the query
 block because it is the only axis that can be large.  A program holds a [BLOCK_Q, BLOCK_D] tile
 (BLOCK_D = Dh rounded up to a power of two, masked) and loops over levels and points.  The loops are
