@@ -113,12 +113,18 @@ class _PointWeightedSum(torch.autograd.Function):
     Autograd's own backward of this expression writes the samples' gradient in a permuted layout
     (it follows the stride-0 expanded gradient) that ``grid_sample``'s backward then copies to
     contiguous memory; here it is written contiguous directly (one [N, Dh, P, Q] copy less per
-    level and layer).  Same values; double backward goes through plain ops."""
+    level and layer).  The sums over P (forward) and Dh (weights' gradient) accumulate slice by slice
+    (``addcmul_``) instead of materialising the [N, Dh, P, Q] product first.  Double backward goes
+    through plain ops."""
 
     @staticmethod
     def forward(ctx, samples: Tensor, weights: Tensor) -> Tensor:
         ctx.save_for_backward(samples, weights)
-        return (samples * weights).sum(2)
+        dtype = torch.result_type(samples, weights)
+        out = samples[:, :, 0] * weights[:, :, 0]  # [N, Dh, Q]
+        for p in range(1, samples.shape[2]):
+            out.addcmul_(samples[:, :, p], weights[:, :, p].to(dtype))
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -132,7 +138,13 @@ class _PointWeightedSum(torch.autograd.Function):
                 grad_s = torch.empty(samples.shape, dtype=torch.result_type(g, weights), device=samples.device)
                 torch.mul(g, weights, out=grad_s)
         if ctx.needs_input_grad[1]:
-            grad_w = (samples * g).sum(1, keepdim=True)
+            if torch.is_grad_enabled():
+                grad_w = (samples * g).sum(1, keepdim=True)
+            else:  # [N, 1, P, Q], accumulated over Dh without the [N, Dh, P, Q] product
+                dtype = torch.result_type(samples, g)
+                grad_w = samples[:, :1] * g[:, :1]
+                for d in range(1, samples.shape[1]):
+                    grad_w.addcmul_(samples[:, d:d + 1], g[:, d:d + 1].to(dtype))
         return grad_s, grad_w
 
 
