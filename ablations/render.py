@@ -176,10 +176,9 @@ def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metri
              f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}; commit(s) {', '.join(str(c)[:12] for c in commits)}; "
              f"device(s): {', '.join(map(str, devices))}"]
     if "memory_GB" in metrics:
-        probes = _distinct(records, lambda r: (lambda p: (p.get("size"), p.get("num_masks"), p.get("method"), p.get("amp"))
-                                                if p else None)(r.get("memory_probe")))
-        probes = [p for p in probes if p]
-        if probes and all(r.get("memory_probe") for r in records):
+        if all(r.get("memory_probe") for r in records):
+            probes = _distinct(records, lambda r: tuple(r["memory_probe"].get(k) for k in
+                                                        ("size", "num_masks", "method", "amp")))
             desc = "; ".join(f"{s}x{s}, {n} synthetic target masks, {m}, autocast {a or 'off (fp32)'}"
                              for s, n, m, a in probes)
             lines.append(f"- **Memory:** ours = training memory per image: one training step (forward, loss, backward) "

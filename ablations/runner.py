@@ -291,12 +291,9 @@ def _load_flops_cache(out: Path) -> Dict[str, Any]:
 # Memory per image (paper Table 5's column): one probe per config, attached to its records
 # ---------------------------------------------------------------------------------------------
 def memory_key(cfg: Config, size: int) -> str:
-    """The probe's identity: the whole config without its seed -- execution-only fields included
+    """The probe's identity: the config without its seed -- execution-only fields included
     (activation checkpointing changes memory, not results) -- size and mask count."""
-    import hashlib
-
-    d = to_dict(apply_overrides(cfg, {"solver.seed": 0}))
-    h = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+    h = config_hash(apply_overrides(cfg, {"solver.seed": 0}), execution=True)
     return f"{h}@{size}x{size}/{MEMORY_PROBE_MASKS}masks"
 
 
@@ -639,10 +636,9 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
                     pool.shutdown(wait=False, cancel_futures=True)
                     print_fn("interrupted: finished runs are recorded; run the same command again to resume")
                     raise
-    if sc.memory_size and "memory_GB" in spec.metrics:
-        n = attach_memory_probes(spec, plans, sc, out, device, fresh_process=not inline, print_fn=print_fn)
-        if n:
-            print_fn(f"training memory per image ({sc.memory_size}x{sc.memory_size}) recorded in {n} record(s)")
+    n_probed = attach_memory_probes(spec, plans, sc, out, device, fresh_process=not inline, print_fn=print_fn)
+    if n_probed:
+        print_fn(f"training memory per image ({sc.memory_size}x{sc.memory_size}) recorded in {n_probed} record(s)")
     if render:
         from ablations.render import render_ablation, render_readme
 

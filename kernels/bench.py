@@ -54,6 +54,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--bandwidth-tbs", type=float, default=H100_TBS,
                    help="peak memory bandwidth in TB/s for the lower bound (default: H100 3.35)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave)")
     p.add_argument("--out", default="reports/bench/kernels.json", help="JSON report path (written atomically)")
     p.add_argument("--end-to-end", action="store_true",
                    help="also time the whole pixel decoder (fwd+bwd) and a training step (fwd+loss+bwd) of "
@@ -280,6 +281,7 @@ def end_to_end(preset: str, size: int, batch: int, backends: Sequence[str], devi
     from m2f.config import get_preset
     from m2f.loss import build_criterion
     from m2f.models.build import build_model
+    from m2f.models.pixel_decoders.msdeform import set_deform_attn_backend
     from m2f.train import amp_context
 
     cfg = get_preset(preset)
@@ -292,11 +294,6 @@ def end_to_end(preset: str, size: int, batch: int, backends: Sequence[str], devi
     targets = [synthetic_targets(num_masks, cfg.num_classes, size, size, device, seed=seed + i) for i in range(batch)]
     with torch.no_grad(), amp():
         feats = {k: v.detach() for k, v in model.backbone(x).items()}
-
-    def set_backend(name: str) -> None:
-        for m in model.pixel_decoder.modules():
-            if hasattr(m, "num_points") and hasattr(m, "backend"):
-                m.backend = name
 
     def pixel_decoder_step():
         with amp():
@@ -312,7 +309,7 @@ def end_to_end(preset: str, size: int, batch: int, backends: Sequence[str], devi
 
     rows: Dict[str, Any] = {}
     for name in backends:
-        set_backend(name)
+        set_deform_attn_backend(model, name)
         torch.manual_seed(seed)  # the same point samples for every backend: the losses must agree
         row = {"train_loss": float(train_step())}
         for key, fn in (("pixel_decoder_fwd_bwd", pixel_decoder_step), ("train_step", train_step)):
@@ -353,6 +350,8 @@ def _print_table(report: Dict[str, Any]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     report = run(args)
     if args.end_to_end:

@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from m2f.checkpoint import atomic_write_json, atomic_write_text
-from m2f.config import Config, apply_overrides, get_preset, list_presets, to_dict
+from m2f.config import EXECUTION_ONLY, Config, apply_overrides, get_preset, list_presets, to_dict
 from m2f.errors import InputError
 
 VARIANTS: List[Tuple[str, str]] = [("mask", "mask"), ("mask", "point"), ("point", "mask"), ("point", "point")]
@@ -172,7 +172,7 @@ def memory_worker(preset: Optional[str], size: int, matching: Optional[str], los
     if threads:
         torch.set_num_threads(threads)
     cfg = from_dict(config) if config is not None else get_preset(preset, list(overrides))
-    cfg = apply_overrides(cfg, {"loss.matching": matching or cfg.loss.matching, "loss.loss": loss or cfg.loss.loss})
+    cfg = apply_overrides(cfg, {k: v for k, v in (("loss.matching", matching), ("loss.loss", loss)) if v})
     matching, loss = cfg.loss.matching, cfg.loss.loss
     amp = amp_context(cfg.solver, torch.device(device).type)
     torch.manual_seed(0)
@@ -338,23 +338,33 @@ def interleaved(fns: Dict[str, Callable[[], Any]], iters: int, device: str, warm
     return {n: {"median_s": statistics.median(v), "min_s": min(v), "times_s": v} for n, v in times.items()}
 
 
+# Config fields that change how m2f computes, not what: carried from the preset into the model
+# converted from HF (whose conversion fixes everything else).
+EXECUTION_SWITCHES = ("decoder.attention_backend", "pixel_decoder.deform_attn_backend", *EXECUTION_ONLY)
+
+
+def _get(cfg: Config, path: str) -> Any:
+    for k in path.split("."):
+        cfg = getattr(cfg, k)
+    return cfg
+
+
 def run_speed(preset: str, size: int, device: str, iters: int, num_masks: int, overrides: Sequence[str] = (),
               flops: bool = True, train: bool = True, infer: bool = True, amp: bool = False) -> Dict[str, Any]:
     """m2f vs HF transformers (the same weights), interleaved.  ``amp``: both models' forwards under
     bf16 autocast (as training runs on GPUs; the losses stay fp32), else both in fp32."""
     from m2f.convert import from_hf
     from m2f.loss import build_criterion
+    from m2f.models.build import build_model
 
     cfg0 = get_preset(preset, list(overrides))
     hf = hf_model_for(cfg0)
-    model, cfg = from_hf(hf)
-    # from_hf fixes the architecture; keep the preset's non-architectural switches (backends).
-    cfg = apply_overrides(cfg, {"decoder.attention_backend": cfg0.decoder.attention_backend,
-                                "pixel_decoder.deform_attn_backend": cfg0.pixel_decoder.deform_attn_backend})
-    model.transformer_decoder.layers.apply(
-        lambda m: setattr(m, "backend", cfg.decoder.attention_backend) if hasattr(m, "head_dim") else None)
-    model.pixel_decoder.layers.apply(
-        lambda m: setattr(m, "backend", cfg.pixel_decoder.deform_attn_backend) if hasattr(m, "num_points") else None)
+    converted, cfg = from_hf(hf)
+    # from_hf fixes the architecture and the weights; the preset's execution switches (kernel backends,
+    # activation checkpointing) are applied by building the model from the merged config.
+    cfg = apply_overrides(cfg, {p: _get(cfg0, p) for p in EXECUTION_SWITCHES})
+    model = build_model(cfg)
+    model.load_state_dict(converted.state_dict())
     hf, model = hf.to(device), model.to(device)
     x = torch.randn(1, 3, size, size, device=device, generator=None)
     tgt = synthetic_targets(num_masks, cfg.num_classes, size, size, device)

@@ -511,11 +511,11 @@ def from_dict(d: Mapping[str, Any]) -> Config:
 EXECUTION_ONLY = ("backbone.activation_checkpointing", "pixel_decoder.activation_checkpointing")
 
 
-def config_hash(cfg: Config) -> str:
+def config_hash(cfg: Config, execution: bool = False) -> str:
     """Stable short hash of the resolved config (for result records), :data:`EXECUTION_ONLY`
-    fields left out."""
+    fields left out unless ``execution`` (for what they change, e.g. memory)."""
     d = to_dict(cfg)
-    for path in EXECUTION_ONLY:
+    for path in EXECUTION_ONLY if not execution else ():
         *parents, leaf = path.split(".")
         node = d
         for k in parents:

@@ -267,12 +267,18 @@ def test_memory_worker_follows_the_trainers_autocast():
 
 
 def test_speed_cli_amp(tmp_path):
-    """--amp: both models under bf16 autocast, recorded in the result and its file name."""
+    """--amp: both models under bf16 autocast, recorded in the result and its file name; execution
+    switches given with --set reach the m2f model converted from HF (same function)."""
     pytest.importorskip("transformers")
     assert bench.main(["speed", "--preset", "tiny", "--size", "64", "--iters", "1", "--num-masks", "2", "--threads",
-                       "1", "--no-flops", "--no-inference", "--amp", "--out", str(tmp_path)]) == 0
+                       "1", "--no-flops", "--no-inference", "--amp", "--out", str(tmp_path),
+                       "--set", "backbone.activation_checkpointing=true",
+                       "--set", "pixel_decoder.deform_attn_backend=reference_recompute"]) == 0
     r = json.loads((tmp_path / "speed_tiny_cpu_64_amp.json").read_text())
     assert r["amp"] == "bf16" and r["train"]["m2f"]["median_s"] > 0 and r["train"]["hf"]["median_s"] > 0
+    assert r["m2f_config"]["backbone"]["activation_checkpointing"] is True
+    assert r["m2f_config"]["pixel_decoder"]["deform_attn_backend"] == "reference_recompute"
+    assert r["max_abs_diff_mask_logits"] < 1e-3
     assert "bf16 autocast" in (tmp_path / "README.md").read_text()
 
 

@@ -18,7 +18,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
-from m2f.convert import _resnet_key, from_detectron2, from_hf  # noqa: E402
+from m2f.convert import _apply_rules, _resnet_key, from_detectron2, from_hf  # noqa: E402
 from m2f.errors import InputError  # noqa: E402
 from test_parity_hf import TOL, _hf_model, _hf_swin_model  # noqa: E402
 from test_weights import _torchvision_to_d2  # noqa: E402
@@ -56,12 +56,6 @@ _DECODER = [  # HF (below model.transformer_module.) -> official (below sem_seg_
 ]
 
 
-def _rename(k: str, rules) -> str:
-    for pat, rep in rules:
-        if re.fullmatch(pat, k):
-            return re.sub(pat, rep, k)
-    raise KeyError(k)
-
 
 def official_state_dict(hf) -> dict:
     """An official-layout (detectron2) state dict holding the HF model's weights."""
@@ -76,14 +70,14 @@ def official_state_dict(hf) -> dict:
                 if tv:
                     out["backbone." + _torchvision_to_d2(tv)] = v
         elif k.startswith("model.pixel_level_module.decoder."):
-            out["sem_seg_head.pixel_decoder." + _rename(k[len("model.pixel_level_module.decoder."):], _PIXEL)] = v
+            out["sem_seg_head.pixel_decoder." + _apply_rules(k[len("model.pixel_level_module.decoder."):], _PIXEL)] = v
         elif k.startswith("model.transformer_module."):
             rest = k[len("model.transformer_module."):]
             m = re.fullmatch(r"decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(\w+)", rest)
             if m:
                 qkv[(m.group(1), m.group(3), m.group(2))] = v
             else:
-                out["sem_seg_head.predictor." + _rename(rest, _DECODER)] = v
+                out["sem_seg_head.predictor." + _apply_rules(rest, _DECODER)] = v
         elif k.startswith("class_predictor."):
             out["sem_seg_head.predictor.class_embed." + k[len("class_predictor."):]] = v
         elif k.startswith("criterion."):

@@ -297,13 +297,13 @@ def test_triton_parity_interpreter():
         pytest.skip("CUDA present: the parity tests ran on the GPU directly")
     env = dict(os.environ, TRITON_INTERPRET="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-           "-k", "(triton_parity or pixel_centres) and not interpreter and not cuda"]
-    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+           "-k", "(triton_parity or pixel_centres or model_step) and not interpreter and not cuda"]
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0 and "not supported in interpreter mode" in log:
         pytest.skip(f"Triton interpreter cannot run the kernel: {log.strip().splitlines()[-1]}")
     assert proc.returncode == 0, log[-4000:]
-    assert "skipped" not in log and f"{2 * len(CASES) + 3} passed" in log, log[-2000:]
+    assert "skipped" not in log and f"{2 * len(CASES) + 4} passed" in log, log[-2000:]
 
 
 # ------------------------------------------------------------------------------------------ dispatcher
@@ -419,8 +419,12 @@ def test_masked_attention_sdpa_cuda(dtype, tol, fused):
     try:
         got = run(fast, dtype, ctx)
     except RuntimeError as exc:
-        if fused == "CUDNN_ATTENTION":
-            pytest.skip(f"cuDNN attention refused the additive bias here ({str(exc).splitlines()[0][:200]})")
+        # cuDNN's attention takes arbitrary float masks only with recent cuDNN / torch builds: a refusal
+        # there ("No available kernel") is reported, not failed; anything else, or the memory-efficient
+        # backend refusing, fails.
+        if fused == "CUDNN_ATTENTION" and "No available kernel" in str(exc):
+            pytest.skip(f"this torch/cuDNN build has no cuDNN attention kernel for a float mask: "
+                        f"{str(exc).splitlines()[0][:200]}")
         raise
     want = run(ref, torch.float32, nullcontext())
     assert torch.isfinite(got[0]).all()
@@ -442,11 +446,11 @@ def test_resolve_backend_names_what_runs():
 def test_model_step_triton_backend_matches_reference():
     """The whole pixel decoder with pixel_decoder.deform_attn_backend=triton: the same mask logits,
     loss and gradients as the reference backend (one tiny-model training step, same weights and
-    point samples).  Runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (run by hand there:
-    it is slow in the interpreter); also under bf16 autocast on CUDA, as training runs there."""
+    point samples).  Runs on CUDA (also under bf16 autocast, as training runs there), and on CPU
+    tensors through Triton's interpreter in ``test_triton_parity_interpreter``."""
     device = _triton_device()
-    if device is None or (device == "cpu" and os.environ.get("M2F_SLOW_INTERPRETER") != "1"):
-        pytest.skip("needs CUDA (or TRITON_INTERPRET=1 M2F_SLOW_INTERPRETER=1 on CPU)")
+    if device is None:
+        pytest.skip("no CUDA device and the Triton interpreter is off here (see test_triton_parity_interpreter)")
     from m2f.bench import synthetic_targets
     from m2f.config import get_preset
     from m2f.loss import build_criterion
@@ -469,10 +473,10 @@ def test_model_step_triton_backend_matches_reference():
     x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1)).to(device)
     targets = [synthetic_targets(3, cfg.num_classes, 64, 96, device, seed=s) for s in range(2)]
 
+    from m2f.models.pixel_decoders.msdeform import set_deform_attn_backend
+
     def step(backend, autocast):
-        for m in model.pixel_decoder.modules():
-            if hasattr(m, "num_points") and hasattr(m, "backend"):
-                m.backend = backend
+        set_deform_attn_backend(model, backend)
         model.zero_grad(set_to_none=True)
         torch.manual_seed(2)
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):

@@ -278,6 +278,13 @@ class MSDeformAttn(nn.Module):
         return self.output_proj(out)
 
 
+def set_deform_attn_backend(module: nn.Module, backend: str) -> None:
+    """Switch every :class:`MSDeformAttn` under ``module`` to ``backend`` (same weights)."""
+    for m in module.modules():
+        if isinstance(m, MSDeformAttn):
+            m.backend = backend
+
+
 class DeformableEncoderLayer(nn.Module):
     """Post-norm: x = LN(x + MSDeformAttn(x + pos)); x = LN(x + FFN(x))."""
 
