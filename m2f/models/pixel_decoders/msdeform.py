@@ -129,7 +129,9 @@ class _PointWeightedSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         samples, weights = ctx.saved_tensors
-        g = grad_out.unsqueeze(2)  # [N, Dh, 1, Q]
+        # The gradient arrives as the transpose of the output projection's input gradient (Q outer,
+        # Dh inner); reading it Q-contiguous makes the products below stream instead of stride.
+        g = grad_out.contiguous().unsqueeze(2)  # [N, Dh, 1, Q]
         grad_s = grad_w = None
         if ctx.needs_input_grad[0]:
             if torch.is_grad_enabled():  # create_graph: keep it differentiable
@@ -157,8 +159,9 @@ def ms_deform_attn_levels(value: Tensor, spatial_shapes: Sequence[Tuple[int, int
     # dimension with Q contiguous (a sum over an inner dimension of 4 is slow on CPU).  The grids
     # and weights are laid out [B*nH, L, P, Q] once (contiguous, so the per-level products
     # broadcast over Dh without strided reads).
-    grids = (2.0 * sampling_locations - 1.0).permute(0, 2, 3, 4, 1, 5).reshape(B * nH, L, P, Q, 2)
-    weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(B * nH, L, 1, P, Q)
+    # (``contiguous``: with B == 1 the reshapes are views that keep Q at stride nH*L*P.)
+    grids = (2.0 * sampling_locations - 1.0).permute(0, 2, 3, 4, 1, 5).reshape(B * nH, L, P, Q, 2).contiguous()
+    weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(B * nH, L, 1, P, Q).contiguous()
     out: Optional[Tensor] = None
     levels = value.split([h * w for h, w in spatial_shapes], dim=1)
     for lvl, (v, (h, w)) in enumerate(zip(levels, spatial_shapes)):
