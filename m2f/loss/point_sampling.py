@@ -64,14 +64,19 @@ def point_sample_masks(masks: Tensor, coords: Tensor) -> Tensor:
     y = coords[..., 1].float() * H - 0.5
     x0, y0 = x.floor(), y.floor()
     fx, fy = x - x0, y - y0  # weights of the right / lower neighbours
+    # Per axis: the two neighbours' clamped indices and weights, zeroed outside the mask (zero
+    # padding); then per corner (nw, ne, sw, se, grid_sample's order and weight products) a gather
+    # and a weighted add, each [N, P] (corner by corner keeps the working set in cache).
+    x1, y1 = x0 + 1, y0 + 1
+    wx = ((1 - fx) * ((x0 >= 0) & (x0 <= W - 1)), fx * ((x1 >= 0) & (x1 <= W - 1)))
+    wy = ((1 - fy) * ((y0 >= 0) & (y0 <= H - 1)), fy * ((y1 >= 0) & (y1 <= H - 1)))
+    xi = (x0.clamp(0, W - 1).long(), x1.clamp(0, W - 1).long())
+    yi = (y0.clamp(0, H - 1).long() * W, y1.clamp(0, H - 1).long() * W)
     flat = masks.reshape(N, H * W)
     out = None
-    for dy, wy in ((0, 1 - fy), (1, fy)):
-        for dx, wx in ((0, 1 - fx), (1, fx)):
-            xi, yi = x0 + dx, y0 + dy
-            inside = (xi >= 0) & (xi <= W - 1) & (yi >= 0) & (yi <= H - 1)  # zero padding outside
-            lin = (yi.clamp(0, H - 1) * W + xi.clamp(0, W - 1)).long().expand(N, -1)  # [N, P]
-            val = flat.gather(1, lin).float() * (wx * wy * inside).expand(N, -1)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            val = flat.gather(1, (yi[dy] + xi[dx]).expand(N, -1)).float() * (wy[dy] * wx[dx]).expand(N, -1)
             out = val if out is None else out + val
     return out  # [N, P]
 
