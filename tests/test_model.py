@@ -23,6 +23,7 @@ from m2f.models.transformer_decoder import (  # noqa: E402
     Attention,
     build_transformer_decoder,
     foreground_attention,
+    mask_product,
     masked_attention_bias,
 )
 
@@ -336,3 +337,75 @@ def test_no_sync_ops_dispatched():
         torch.ones(3).nonzero()
         bool(torch.ones(()))
     assert len(det.seen) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# (g) mask head product: backward over the queries that have a gradient
+# ----------------------------------------------------------------------------------------------
+def _sparse_grad(shape, rows_per_image, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    grad = torch.zeros(shape)
+    for b, rows in enumerate(rows_per_image):
+        grad[b, rows] = torch.randn(len(rows), *shape[2:], generator=g)
+    return grad
+
+
+@pytest.mark.parametrize("rows", [[[3, 7, 50], [7, 9]], [[], [0]], [list(range(20)), list(range(20))]])
+def test_mask_product_equals_einsum_with_sparse_gradients(rows):
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(2, 20 if len(rows[0]) == 20 else 60, 32, generator=g, requires_grad=True)
+    feats = torch.randn(2, 32, 9, 11, generator=g, requires_grad=True)
+    out = mask_product(emb, feats)
+    ref = torch.einsum("bqc,bchw->bqhw", emb, feats)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    grad = _sparse_grad(out.shape, rows)
+    got = torch.autograd.grad(out, [emb, feats], grad)
+    want = torch.autograd.grad(ref, [emb, feats], grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # rows without gradient get exact zeros
+    for b_, r in enumerate(rows):
+        others = [q for q in range(emb.shape[1]) if q not in r]
+        assert torch.equal(got[0][b_, others], torch.zeros(len(others), 32))
+
+
+def test_mask_product_backward_skips_rows_without_gradient():
+    """The CPU backward multiplies only the rows with a gradient: a non-finite embedding in a row
+    that receives none does not reach the features' gradient (the dense product would give NaN)."""
+    emb = torch.randn(1, 10, 8)
+    emb[0, 4] = float("inf")
+    emb.requires_grad_()
+    feats = torch.randn(1, 8, 5, 5, requires_grad=True)
+    grad = _sparse_grad((1, 10, 5, 5), [[1, 2]])
+    _, gf = torch.autograd.grad(mask_product(emb, feats), [emb, feats], grad)
+    assert torch.isfinite(gf).all()
+    _, gf_dense = torch.autograd.grad(torch.einsum("bqc,bchw->bqhw", emb, feats), [emb, feats], grad)
+    assert not torch.isfinite(gf_dense).all()
+    rest = [q for q in range(10) if q != 4]
+    torch.testing.assert_close(gf, torch.autograd.grad(
+        torch.einsum("bqc,bchw->bqhw", emb[:, rest], feats), feats, grad[:, rest])[0], rtol=1e-6, atol=1e-6)
+
+
+def test_mask_product_double_backward_and_gradcheck():
+    g = torch.Generator().manual_seed(2)
+    emb = torch.randn(1, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    feats = torch.randn(1, 3, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(mask_product, (emb, feats))  # one-hot output gradients: sparse rows
+    assert torch.autograd.gradgradcheck(mask_product, (emb, feats))
+
+
+def test_mask_product_under_autocast_matches_einsum():
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(1, 12, 16, generator=g, requires_grad=True)
+    feats = torch.randn(1, 16, 6, 6, generator=g, requires_grad=True)
+    grad = _sparse_grad((1, 12, 6, 6), [[0, 5]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mask_product(emb, feats)
+        ref = torch.einsum("bqc,bchw->bqhw", emb, feats)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    got = torch.autograd.grad(out, [emb, feats], grad.bfloat16())
+    want = torch.autograd.grad(ref, [emb, feats], grad.bfloat16())
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)

@@ -57,6 +57,67 @@ _SCHEDULES = {
 
 
 # ----------------------------------------------------------------------------------------------
+# Mask head
+
+
+class _MaskProduct(torch.autograd.Function):
+    """``einsum("bqc,bchw->bqhw", embed, features)``, the mask head's product, with a backward that
+    skips queries whose gradient is all zero.
+
+    The losses reach the mask logits only through the *matched* queries (the masked attention's
+    mask is detached, the matcher runs without grad), so most rows of the incoming gradient are zero
+    (e.g. 80 of 100 with 20 targets).  On CPU the backward computes both products over the union of
+    nonzero rows of the batch: the result is the dense one up to float summation order (skipped rows
+    contribute exact zeros), for about (rows kept / Q) of the two [C, Q] x [Q, HW] products.
+    On other devices (finding the rows would synchronise with the host) and under ``create_graph``
+    the plain dense products run.  Under autocast the products run in the gradient's dtype, as
+    autocast's own ``bmm`` does."""
+
+    @staticmethod
+    def forward(ctx, embed: Tensor, features: Tensor) -> Tensor:
+        ctx.save_for_backward(embed, features)
+        B, C, H, W = features.shape
+        return torch.bmm(embed, features.reshape(B, C, H * W)).view(B, embed.shape[1], H, W)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        embed, features = ctx.saved_tensors
+        B, C, H, W = features.shape
+        Q = embed.shape[1]
+        g = grad.reshape(B, Q, H * W)
+        e, f = embed.to(g.dtype), features.reshape(B, C, H * W).to(g.dtype)
+        rows = None
+        if g.device.type == "cpu" and not torch.is_grad_enabled():
+            live = g.ne(0).any(2).any(0).nonzero().squeeze(1)  # [R]
+            if live.numel() < Q:
+                rows = live
+        grad_e = grad_f = None
+        if rows is None:
+            if ctx.needs_input_grad[0]:
+                grad_e = torch.bmm(g, f.transpose(1, 2))
+            if ctx.needs_input_grad[1]:
+                grad_f = torch.bmm(e.transpose(1, 2), g)
+        else:
+            g_r = g[:, rows]  # [B, R, HW]
+            if ctx.needs_input_grad[0]:
+                grad_e = g.new_zeros(B, Q, C)
+                grad_e[:, rows] = torch.bmm(g_r, f.transpose(1, 2))
+            if ctx.needs_input_grad[1]:
+                grad_f = torch.bmm(e[:, rows].transpose(1, 2), g_r)
+        if grad_e is not None:
+            grad_e = grad_e.to(embed.dtype)
+        if grad_f is not None:
+            grad_f = grad_f.to(features.dtype).view(B, C, H, W)
+        return grad_e, grad_f
+
+
+def mask_product(embed: Tensor, features: Tensor) -> Tensor:
+    """Mask logits [B, Q, H, W] = ``einsum("bqc,bchw->bqhw", embed [B, Q, C], features [B, C, H, W])``
+    (:class:`_MaskProduct`: the backward skips queries without gradient)."""
+    return _MaskProduct.apply(embed, features)
+
+
+# ----------------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------------
 class Attention(nn.Module):
@@ -315,7 +376,7 @@ class MaskedTransformerDecoder(nn.Module):
     def predict(self, x: Tensor, mask_features: Tensor) -> MaskPrediction:
         """x [B,Q,C] -> class [B,Q,K+1], masks [B,Q,H/4,W/4] (decoder_norm applied first)."""
         y = self.decoder_norm(x)
-        mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_embed(y), mask_features)
+        mask_logits = mask_product(self.mask_embed(y), mask_features)
         return MaskPrediction(self.class_embed(y), mask_logits)
 
     def _cross_inputs(self, prev_masks: Optional[Tensor], sizes: Sequence[Tuple[int, int]]):
