@@ -65,6 +65,25 @@ def test_levels_double_backward_and_mixed_dtypes():
     assert (gv - grv).abs().max() < 1e-4 and (ga.float() - gra).abs().max() < 0.05 * gra.abs().max()
 
 
+def test_levels_batch1_retain_graph_and_partial_grads():
+    """Batch 1 (the reshapes to [B*nH, L, P, Q] are views there, made contiguous), a second backward
+    through a retained graph (the CPU scratch buffer for the samples' gradient is reused, not
+    saved state), and inputs without gradient: all equal the grid_sample reference."""
+    shapes, value, loc, attn = _deform_inputs()
+    value, loc, attn = value[:1], loc[:1], attn[:1]
+    inputs = tuple(t.clone().requires_grad_() for t in (value, loc, attn))
+    out = ms_deform_attn_levels(inputs[0], shapes, *inputs[1:])
+    w = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(5))
+    first = torch.autograd.grad(out, inputs, w, retain_graph=True)
+    second = torch.autograd.grad(out, inputs, w)
+    ref = torch.autograd.grad(ms_deform_attn_reference(inputs[0], shapes, *inputs[1:]), inputs, w)
+    for a, b, r in zip(first, second, ref):
+        assert torch.equal(a, b) and (a - r).abs().max() < 1e-10
+    v = value.clone().requires_grad_()
+    (gv,) = torch.autograd.grad(ms_deform_attn_levels(v, shapes, loc, attn), v, w)  # locations, weights fixed
+    assert (gv - ref[0]).abs().max() < 1e-10
+
+
 def test_recompute_mixed_dtypes_and_partial_grads():
     """Autocast-style inputs (bfloat16 value, float32 locations) are computed in float32 and each
     gradient comes back in its input's dtype; inputs that need no gradient get none."""

@@ -350,19 +350,23 @@ def _sparse_grad(shape, rows_per_image, seed=0):
     return grad
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("rows", [[[3, 7, 50], [7, 9]], [[], [0]], [list(range(20)), list(range(20))]])
-def test_mask_product_equals_einsum_with_sparse_gradients(rows):
+def test_mask_product_equals_einsum_with_sparse_gradients(rows, layout):
     g = torch.Generator().manual_seed(1)
     emb = torch.randn(2, 20 if len(rows[0]) == 20 else 60, 32, generator=g, requires_grad=True)
-    feats = torch.randn(2, 32, 9, 11, generator=g, requires_grad=True)
+    feats = torch.randn(2, 32, 9, 11, generator=g).contiguous(memory_format=layout).requires_grad_()
     out = mask_product(emb, feats)
     ref = torch.einsum("bqc,bchw->bqhw", emb, feats)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5)
+    # channels-last features give channels-last logits (and a gradient in the features' layout)
+    assert out.is_contiguous(memory_format=layout)
     grad = _sparse_grad(out.shape, rows)
     got = torch.autograd.grad(out, [emb, feats], grad)
     want = torch.autograd.grad(ref, [emb, feats], grad)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+    assert got[1].is_contiguous(memory_format=layout)
     # rows without gradient get exact zeros
     for b_, r in enumerate(rows):
         others = [q for q in range(emb.shape[1]) if q not in r]

@@ -22,6 +22,7 @@ positional encodings and reference points depend only on the level shapes: cache
 from __future__ import annotations
 
 import math
+import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -107,19 +108,40 @@ def ms_deform_attn_gather(value: Tensor, spatial_shapes: Sequence[Tuple[int, int
     return out.view(B, Q, nH * Dh)
 
 
-class _PointWeightedSum(torch.autograd.Function):
-    """``(samples * weights).sum(2)``: samples [N, Dh, P, Q], weights [N, 1, P, Q] -> [N, Dh, Q].
+_WORKSPACE = threading.local()
 
-    Autograd's own backward of this expression writes the samples' gradient in a permuted layout
-    (it follows the stride-0 expanded gradient) that ``grid_sample``'s backward then copies to
-    contiguous memory; here it is written contiguous directly (one [N, Dh, P, Q] copy less per
-    level and layer).  The sums over P (forward) and Dh (weights' gradient) accumulate slice by slice
-    (``addcmul_``) instead of materialising the [N, Dh, P, Q] product first.  Double backward goes
-    through plain ops."""
+
+def _workspace(shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """A CPU scratch tensor reused across calls (one per thread, the last shape asked for).
+
+    A fresh 22-88 MB tensor per level and layer is page-faulted in on every allocation (the C
+    library hands such blocks back to the OS when freed): writing the samples' gradient into fresh
+    memory took ~8 ms per level at 512 px against ~1 ms into memory already mapped."""
+    buf = getattr(_WORKSPACE, "buf", None)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        buf = torch.empty(shape, dtype=dtype)
+        _WORKSPACE.buf = buf
+    return buf
+
+
+class _SampleWeightedSum(torch.autograd.Function):
+    """One level of the levels formulation: ``(grid_sample(value, grid) * weights).sum(2)``.
+
+    value [N, Dh, H, W], grid [N, P, Q, 2] in [-1, 1], weights [N, 1, P, Q] -> [N, Dh, Q]
+    (bilinear, zero padding, ``align_corners=False``).  Autograd's own graph of this expression
+    wrote the samples' gradient [N, Dh, P, Q] in a permuted layout that ``grid_sample``'s backward
+    then copied, and materialised the [N, Dh, P, Q] products.  Here the sums over P (forward) and
+    over Dh (the weights' gradient) accumulate slice by slice (``addcmul_``), and the samples'
+    gradient is written contiguous and handed straight to ``grid_sampler_2d_backward``; on CPU into
+    a reused scratch tensor (:func:`_workspace`), which never leaves this backward.  The samples are
+    computed in ``grid_sample``'s dtype (float32 under autocast, as autocast runs it) and the
+    gradients are returned in the inputs' dtypes.  ``create_graph`` (double backward) runs the
+    same expression through plain differentiable ops."""
 
     @staticmethod
-    def forward(ctx, samples: Tensor, weights: Tensor) -> Tensor:
-        ctx.save_for_backward(samples, weights)
+    def forward(ctx, value: Tensor, grid: Tensor, weights: Tensor) -> Tensor:
+        samples = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        ctx.save_for_backward(value, grid, weights, samples)
         dtype = torch.result_type(samples, weights)
         out = samples[:, :, 0] * weights[:, :, 0]  # [N, Dh, Q]
         for p in range(1, samples.shape[2]):
@@ -128,26 +150,36 @@ class _PointWeightedSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        samples, weights = ctx.saved_tensors
+        value, grid, weights, samples = ctx.saved_tensors
+        needs_v, needs_g, needs_w = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph: differentiate the plain expression of the saved
+            # inputs (they keep their history, so the gradients do too)
+            s = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            out = (s * weights).sum(2)
+            inputs = (value, grid, weights)
+            wanted = [t for t, n in zip(inputs, (needs_v, needs_g, needs_w)) if n]
+            got = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
+            return tuple(next(got) if n else None for n in (needs_v, needs_g, needs_w))
         # The gradient arrives as the transpose of the output projection's input gradient (Q outer,
         # Dh inner); reading it Q-contiguous makes the products below stream instead of stride.
         g = grad_out.contiguous().unsqueeze(2)  # [N, Dh, 1, Q]
-        grad_s = grad_w = None
-        if ctx.needs_input_grad[0]:
-            if torch.is_grad_enabled():  # create_graph: keep it differentiable
-                grad_s = (g * weights).contiguous()
-            else:
-                grad_s = torch.empty(samples.shape, dtype=torch.result_type(g, weights), device=samples.device)
-                torch.mul(g, weights, out=grad_s)
-        if ctx.needs_input_grad[1]:
-            if torch.is_grad_enabled():
-                grad_w = (samples * g).sum(1, keepdim=True)
-            else:  # [N, 1, P, Q], accumulated over Dh without the [N, Dh, P, Q] product
-                dtype = torch.result_type(samples, g)
-                grad_w = samples[:, :1] * g[:, :1]
-                for d in range(1, samples.shape[1]):
-                    grad_w.addcmul_(samples[:, d:d + 1], g[:, d:d + 1].to(dtype))
-        return grad_s, grad_w
+        grad_v = grad_g = grad_w = None
+        if needs_w:  # [N, 1, P, Q], accumulated over Dh without the [N, Dh, P, Q] product
+            dtype = torch.result_type(samples, g)
+            grad_w = samples[:, :1] * g[:, :1]
+            for d in range(1, samples.shape[1]):
+                grad_w.addcmul_(samples[:, d:d + 1], g[:, d:d + 1].to(dtype))
+            grad_w = grad_w.to(weights.dtype)
+        if needs_v or needs_g:
+            dtype = samples.dtype
+            grad_s = (_workspace(samples.shape, dtype) if samples.device.type == "cpu"
+                      else torch.empty(samples.shape, dtype=dtype, device=samples.device))
+            torch.mul(g.to(dtype), weights.to(dtype), out=grad_s)
+            grad_v, grad_g = torch.ops.aten.grid_sampler_2d_backward(
+                grad_s, value.to(dtype), grid.to(dtype), 0, 0, False, [needs_v, needs_g])  # bilinear, zeros
+            grad_v = grad_v.to(value.dtype) if needs_v else None
+            grad_g = grad_g.to(grid.dtype) if needs_g else None
+        return grad_v, grad_g, grad_w
 
 
 def ms_deform_attn_levels(value: Tensor, spatial_shapes: Sequence[Tuple[int, int]], sampling_locations: Tensor,
@@ -166,9 +198,7 @@ def ms_deform_attn_levels(value: Tensor, spatial_shapes: Sequence[Tuple[int, int
     levels = value.split([h * w for h, w in spatial_shapes], dim=1)
     for lvl, (v, (h, w)) in enumerate(zip(levels, spatial_shapes)):
         v = v.flatten(2).transpose(1, 2).reshape(B * nH, Dh, h, w)  # [B*nH, Dh, H_l, W_l]
-        s = F.grid_sample(v, grids[:, lvl], mode="bilinear", padding_mode="zeros",
-                          align_corners=False)  # [B*nH, Dh, P, Q]
-        o = _PointWeightedSum.apply(s, weights[:, lvl])  # [B*nH, Dh, Q]
+        o = _SampleWeightedSum.apply(v, grids[:, lvl], weights[:, lvl])  # [B*nH, Dh, Q]
         out = o if out is None else out + o
     return out.view(B, nH * Dh, Q).transpose(1, 2)  # [B, Q, nH*Dh]
 
