@@ -210,6 +210,11 @@ class Config:
     # Backbone input normalisation (0-255 RGB), detectron2's ImageNet values.
     pixel_mean: Tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: Tuple[float, float, float] = (58.395, 57.12, 57.375)
+    # float32 CPU GEMMs of every linear layer and 1x1 convolution (kernels/cpu_gemm.py): "onednn"
+    # (oneDNN's linear op, ~2x MKL's sgemm on the AMD CPUs measured), "reference" (F.linear /
+    # F.conv2d), "auto" (oneDNN for float32 CPU tensors outside autocast where the build has it, else
+    # reference).  Same function up to float32 summation order; execution-only (not in config_hash).
+    gemm_backend: Literal["auto", "onednn", "reference"] = "auto"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,7 +513,7 @@ def from_dict(d: Mapping[str, Any]) -> Config:
 
 # Fields that change how a result is computed, not what: a run's identity (config_hash, resume,
 # shared ablation runs) ignores them, so e.g. a run that ran out of memory resumes with them switched.
-EXECUTION_ONLY = ("backbone.activation_checkpointing", "pixel_decoder.activation_checkpointing")
+EXECUTION_ONLY = ("backbone.activation_checkpointing", "pixel_decoder.activation_checkpointing", "gemm_backend")
 
 
 def config_hash(cfg: Config, execution: bool = False) -> str:

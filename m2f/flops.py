@@ -25,6 +25,10 @@ def count_flops(cfg: Config, height: int, width: int, model=None) -> Dict[str, A
         model = build_model(apply_overrides(cfg, {"decoder.attention_backend": "reference"}))
     model.eval()
     x = torch.randn(1, 3, height, width)
+    # fvcore has no handle for oneDNN's linear op: trace the reference GEMMs (kernels/cpu_gemm.py).
+    gemm = {m: m.gemm_backend for m in model.modules() if hasattr(m, "gemm_backend")}
+    for m in gemm:
+        m.gemm_backend = "reference"
 
     class _Wrap(torch.nn.Module):
         def __init__(self, m):
@@ -42,6 +46,8 @@ def count_flops(cfg: Config, height: int, width: int, model=None) -> Dict[str, A
         total = fca.total()
         by_module = {k: v for k, v in fca.by_module().items() if k.count(".") == 1}
         skipped = dict(fca.unsupported_ops())
+    for m, backend in gemm.items():
+        m.gemm_backend = backend
     return {
         "gflops": total / 1e9,
         "size": [height, width],

@@ -144,9 +144,12 @@ def environment() -> Dict[str, Any]:
 
 def kernels_used(cfg: Config, device) -> Dict[str, str]:
     """The implementations that actually ran ("auto" resolved on ``device``), recorded with results."""
+    from kernels.cpu_gemm import resolve_for_device
     from kernels.ms_deform_attn import resolve_backend
 
-    out = {"decoder.attention_backend": cfg.decoder.attention_backend}
+    amp = amp_context(cfg.solver, torch.device(device).type) is not nullcontext
+    out = {"decoder.attention_backend": cfg.decoder.attention_backend,
+           "gemm_backend": resolve_for_device(cfg.gemm_backend, device, amp=amp)}
     if cfg.pixel_decoder.kind == "msdeform":
         out["pixel_decoder.deform_attn_backend"] = resolve_backend(cfg.pixel_decoder.deform_attn_backend, device)
     return out

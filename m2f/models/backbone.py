@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 
+from kernels.cpu_gemm import conv2d as gemm_conv2d
 from m2f.config import BackboneCfg
 from m2f.errors import InputError
 from m2f.models.checkpointing import run_block
@@ -96,7 +97,8 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
         scale, shift = norm.scale_shift()  # [C_out] each
         weight = conv.weight * scale.to(conv.weight.dtype)[:, None, None, None]
         bias = shift if conv.bias is None else conv.bias * scale + shift
-        return F.conv2d(x, weight, bias.to(weight.dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
+        return gemm_conv2d(x, weight, bias.to(weight.dtype), conv.stride, conv.padding, conv.dilation, conv.groups,
+                           backend=getattr(conv, "gemm_backend", "reference"))
     return norm(conv(x))
 
 

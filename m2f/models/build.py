@@ -11,6 +11,7 @@ section and call a module's plain constructor:
 """
 from __future__ import annotations
 
+from kernels.cpu_gemm import set_gemm_backend
 from m2f.config import Config
 from m2f.models.checkpointing import set_activation_checkpointing
 from m2f.registry import BACKBONES, PIXEL_DECODERS
@@ -56,4 +57,5 @@ def build_model(cfg: Config):
     backbone = build_backbone(cfg)
     pixel_decoder = build_pixel_decoder(cfg, backbone.out_channels, backbone.out_strides)
     decoder = build_transformer_decoder(cfg)
-    return Mask2Former(backbone, pixel_decoder, decoder, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std)
+    model = Mask2Former(backbone, pixel_decoder, decoder, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std)
+    return set_gemm_backend(model, cfg.gemm_backend)

@@ -1,0 +1,180 @@
+"""float32 CPU GEMMs of the model's linear layers and 1x1 convolutions through oneDNN.
+
+Why: on CPU, ``F.linear`` / ``torch.mm`` in float32 go to the BLAS PyTorch was built with (MKL on
+x86).  On the AMD EPYC machines this project runs on, MKL's sgemm reaches ~85-110 GFLOP/s per core
+while oneDNN's matmul (shipped inside every x86 PyTorch build, the library behind its CPU
+convolutions) reaches ~180-250 GFLOP/s on the same shapes (``python -m kernels.bench_gemm``; MKL
+does not take its AVX-512 code path on non-Intel CPUs).  One-thread 1x1 convolutions go to the
+same BLAS through PyTorch's THNN path.  On an Intel CPU both libraries run near peak and the
+difference should be small.
+
+What: :func:`linear` is ``F.linear`` computed by ``torch.ops.mkldnn._linear_pointwise`` (the
+oneDNN linear op PyTorch's own CPU compiler emits), with an autograd function whose backward also
+runs through it (input gradient ``g @ W``; weight gradient ``g^T @ x``, through oneDNN when the
+input has >= 128 features, where it is faster).  Same function in float32 up to summation order
+(oneDNN accumulates in float32, no reduced-precision mode is enabled).  :func:`conv2d` routes 1x1,
+stride-1, ungrouped convolutions of channels-last input to :func:`linear` on the [B*H*W, C] view
+(no copies) and everything else to ``F.conv2d``.
+
+Backends: ``"reference"`` (``F.linear`` / ``F.conv2d``), ``"onednn"``, ``"auto"`` (oneDNN for
+float32 CPU tensors outside autocast when the op is present and agrees with ``F.linear`` on a probe;
+else reference).  Models pick theirs with :func:`set_gemm_backend` (config field ``gemm_backend``).
+Double backward (``create_graph``) differentiates the plain expressions.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+BACKENDS = ("auto", "onednn", "reference")
+# The weight gradient g^T @ x through oneDNN is slower than MKL when x has few features (its
+# transposed operands are re-laid out): measured crossover ~128 (kernels.bench_gemm).
+_MIN_FEATURES_FOR_WEIGHT_GRAD = 128
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_available() -> bool:
+    """oneDNN's linear op is built in, enabled, and equals ``F.linear`` on a probe (float32)."""
+    try:
+        if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+            return False
+        op = torch.ops.mkldnn._linear_pointwise
+        g = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(s, generator=g) for s in ((37, 19), (11, 19), (11,)))
+        y = op(x, w, b, "none", [], "")
+        return bool(y.shape == (37, 11) and torch.allclose(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5))
+    except Exception:  # noqa: BLE001 - any failure means "not usable here"
+        return False
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"gemm_backend: {backend!r} is not a backend; valid choices: {list(BACKENDS)}")
+    if backend == "onednn" and not onednn_available():
+        raise ValueError("gemm_backend: 'onednn' asked for, but this PyTorch build has no working oneDNN "
+                         "linear op (torch.ops.mkldnn._linear_pointwise); use 'auto' or 'reference'")
+    return backend
+
+
+def resolve_backend(backend: str, *tensors: Tensor) -> str:
+    """The implementation ``backend`` runs for these tensors: "onednn" or "reference"."""
+    if backend == "reference":
+        return "reference"
+    ok = (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided
+              for t in tensors)
+          and not torch.is_autocast_enabled("cpu") and onednn_available())
+    return "onednn" if ok else "reference"
+
+
+def resolve_for_device(backend: str, device: "torch.device | str", amp: bool = False) -> str:
+    """What ``backend`` runs for a float32 model on ``device`` (under autocast if ``amp``), for records."""
+    if backend == "reference" or amp or torch.device(device).type != "cpu" or not onednn_available():
+        return "reference"
+    return "onednn"
+
+
+def _mm_nt(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """a [M, K] @ b[N, K]^T (+ bias [N]) through oneDNN (strided operands accepted)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:  # x [M, K]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _mm_nt(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = gw = gb = None
+        if torch.is_grad_enabled():  # create_graph: plain differentiable ops
+            gx = g @ weight if need_x else None
+            gw = g.t() @ x if need_w else None
+        else:
+            if g.stride(-1) != 1:
+                g = g.contiguous()
+            if need_x:
+                gx = _mm_nt(g, weight.t())  # g @ W
+            if need_w:
+                gw = _mm_nt(g.t(), x.t()) if x.shape[1] >= _MIN_FEATURES_FOR_WEIGHT_GRAD else g.t() @ x
+        if need_b and ctx.has_bias:
+            gb = g.sum(0)
+        return gx, gw, gb
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """``F.linear(x, weight, bias)``; x [..., K], weight [N, K] -> [..., N]."""
+    if resolve_backend(backend, x, weight, *(() if bias is None else (bias,))) == "reference" or x.numel() == 0:
+        return F.linear(x, weight, bias)
+    lead = x.shape[:-1]
+    out = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+    return out.view(*lead, weight.shape[0])
+
+
+def _is_pointwise(weight: Tensor, stride, padding, dilation, groups: int) -> bool:
+    def ones(v):
+        return all(int(s) == 1 for s in (v if isinstance(v, (tuple, list)) else (v, v)))
+
+    def zeros(v):
+        return not isinstance(v, str) and all(int(s) == 0 for s in (v if isinstance(v, (tuple, list)) else (v, v)))
+
+    return weight.shape[-2:] == (1, 1) and groups == 1 and ones(stride) and ones(dilation) and zeros(padding)
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Union[int, Sequence[int]] = 1,
+           padding: Union[int, Sequence[int], str] = 0, dilation: Union[int, Sequence[int]] = 1, groups: int = 1,
+           backend: str = "auto") -> Tensor:
+    """``F.conv2d``; a 1x1 stride-1 convolution of channels-last input [B, C, H, W] runs as
+    :func:`linear` on its [B*H*W, C] view and returns channels-last output (no copies)."""
+    if (backend != "reference" and x.dim() == 4 and _is_pointwise(weight, stride, padding, dilation, groups)
+            and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
+            and resolve_backend(backend, x, weight) == "onednn"):
+        B, _, H, W = x.shape
+        y = linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias, backend)  # [B, H, W, C_out]
+        return y.permute(0, 3, 1, 2)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+class FastLinear(nn.Linear):
+    """``nn.Linear`` computed by :func:`linear` with the module's ``gemm_backend``."""
+
+    gemm_backend = "auto"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias, self.gemm_backend)
+
+
+class FastConv2d(nn.Conv2d):
+    """``nn.Conv2d`` computed by :func:`conv2d` with the module's ``gemm_backend`` (zero padding)."""
+
+    gemm_backend = "auto"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.padding_mode != "zeros":
+            return super().forward(x)
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                      self.gemm_backend)
+
+
+def set_gemm_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Every plain ``nn.Linear`` / ``nn.Conv2d`` of ``model`` (also inside third-party blocks such as
+    timm's Swin) becomes a :class:`FastLinear` / :class:`FastConv2d` -- the same object, parameters,
+    state-dict keys and ``isinstance`` answers, only ``forward`` changes -- and takes ``backend``.
+    Returns ``model``."""
+    check_backend(backend)
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = FastLinear
+        elif type(m) is nn.Conv2d:
+            m.__class__ = FastConv2d
+        if isinstance(m, (FastLinear, FastConv2d)):
+            m.gemm_backend = backend
+    return model

@@ -1,0 +1,177 @@
+"""kernels/cpu_gemm.py: float32 CPU linear layers and 1x1 convolutions through oneDNN, against
+F.linear / F.conv2d (values, gradients, layouts, fallbacks) and in the model."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import cpu_gemm
+from kernels.cpu_gemm import FastConv2d, FastLinear, conv2d, linear, onednn_available, set_gemm_backend
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN linear op")
+
+
+def _count_onednn_calls(monkeypatch):
+    calls = []
+    real = cpu_gemm._mm_nt
+
+    def spy(*a, **k):
+        calls.append(tuple(a[0].shape))
+        return real(*a, **k)
+
+    monkeypatch.setattr(cpu_gemm, "_mm_nt", spy)
+    return calls
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape,k,n,bias", [((37, 19), 19, 11, True), ((2, 5, 160), 160, 33, False),
+                                            ((300, 256), 256, 1024, True)])
+def test_linear_equals_f_linear_values_and_gradients(monkeypatch, shape, k, n, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, requires_grad=True)
+    w = torch.randn(n, k, generator=g, requires_grad=True)
+    b = torch.randn(n, generator=g, requires_grad=True) if bias else None
+    calls = _count_onednn_calls(monkeypatch)
+    out = linear(x, w, b, "onednn")
+    ref = F.linear(x, w, b)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)  # float32 rounding of K-term sums
+    go = torch.randn(ref.shape, generator=g)
+    inputs = [t for t in (x, w, b) if t is not None]
+    for a, r in zip(torch.autograd.grad(out, inputs, go), torch.autograd.grad(ref, inputs, go)):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
+    # forward, input gradient, and the weight gradient through oneDNN only with >= 128 input features
+    assert len(calls) == (3 if k >= 128 else 2)
+
+
+@needs_onednn
+def test_linear_non_contiguous_input_partial_grads_and_double_backward():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 7, 150, generator=g)[:, 2]  # [40, 150], rows strided
+    w = torch.randn(20, 150, generator=g, requires_grad=True)
+    out = linear(x, w, None, "onednn")
+    torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    (gw,) = torch.autograd.grad(out.square().sum(), w)  # x needs no gradient
+    (rw,) = torch.autograd.grad(F.linear(x, w).square().sum(), w)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-3)
+    # create_graph: second-order terms as F.linear's
+    xg = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(linear(xg, w, None, "onednn").square().sum(), xg, create_graph=True)
+    (rx,) = torch.autograd.grad(F.linear(xg, w).square().sum(), xg, create_graph=True)
+    (ggw,) = torch.autograd.grad(gx.sum(), w)
+    (rgw,) = torch.autograd.grad(rx.sum(), w)
+    torch.testing.assert_close(ggw, rgw, rtol=1e-4, atol=1e-3)
+
+
+def test_fallbacks_to_reference(monkeypatch):
+    calls = _count_onednn_calls(monkeypatch)
+    x64, w64 = torch.randn(5, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    assert torch.equal(linear(x64, w64, None, "auto"), F.linear(x64, w64))  # float64: reference
+    x, w = torch.randn(5, 8), torch.randn(3, 8)
+    assert torch.equal(linear(x, w, None, "reference"), F.linear(x, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtype: reference
+        assert linear(x, w, None, "auto").dtype == torch.bfloat16
+    assert linear(torch.randn(0, 8), w, None, "auto").shape == (0, 3)
+    assert calls == []
+    monkeypatch.setattr(cpu_gemm, "onednn_available", lambda: False)
+    assert cpu_gemm.resolve_for_device("auto", "cpu") == "reference"
+    with pytest.raises(ValueError, match="gemm_backend: 'onednn'"):
+        cpu_gemm.check_backend("onednn")
+    with pytest.raises(ValueError, match="valid choices"):
+        cpu_gemm.check_backend("mkl")
+
+
+@needs_onednn
+def test_pointwise_conv_of_channels_last_input_runs_as_linear(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 160, 6, 9, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(24, 160, 1, 1, generator=g, requires_grad=True)
+    b = torch.randn(24, generator=g, requires_grad=True)
+    calls = _count_onednn_calls(monkeypatch)
+    out = conv2d(x, w, b, backend="auto")
+    ref = F.conv2d(x, w, b)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    go = torch.randn(ref.shape, generator=g)
+    for a, r in zip(torch.autograd.grad(out, (x, w, b), go), torch.autograd.grad(ref, (x, w, b), go)):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
+    assert len(calls) == 3
+    # NCHW input, a 3x3 kernel, a stride: F.conv2d, unchanged
+    calls.clear()
+    xn = x.detach().contiguous()
+    assert torch.equal(conv2d(xn, w, b, backend="auto"), F.conv2d(xn, w, b))
+    w3 = torch.randn(4, 160, 3, 3, generator=g)
+    assert torch.equal(conv2d(x, w3, None, 1, 1, backend="auto"), F.conv2d(x, w3, None, 1, 1))
+    assert torch.equal(conv2d(x, w, b, 2, backend="auto"), F.conv2d(x, w, b, 2))
+    assert calls == []
+
+
+def test_set_gemm_backend_keeps_objects_parameters_and_keys():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Conv2d(6, 3, 1), nn.Sequential(nn.Linear(3, 2)))
+    keys = list(model.state_dict())
+    ids = [id(m) for m in model.modules()]
+    set_gemm_backend(model, "reference")
+    assert [id(m) for m in model.modules()] == ids and list(model.state_dict()) == keys
+    assert isinstance(model[0], FastLinear) and isinstance(model[0], nn.Linear)
+    assert isinstance(model[1], FastConv2d) and model[2][0].gemm_backend == "reference"
+    clone = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(clone, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert isinstance(loaded[0], FastLinear) and loaded[0].gemm_backend == "reference"
+    with pytest.raises(ValueError, match="valid choices"):
+        set_gemm_backend(model, "fast")
+
+
+@needs_onednn
+def test_model_with_onednn_gemms_equals_reference(monkeypatch):
+    """The tiny model's training step with gemm_backend auto vs reference: same outputs, loss and
+    gradients up to float32 rounding, and the oneDNN path really ran.  Full-mask matching and loss:
+    the point losses' importance sampling (top-k of |logit|) turns rounding-level differences into
+    different sampled points, which is not what this test is about."""
+    from m2f.config import get_preset
+    from m2f.loss import build_criterion
+    from m2f.models.build import build_model
+
+    cfg = get_preset("tiny", {"loss.matching": "mask", "loss.loss": "mask"})
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    crit = build_criterion(cfg.loss, cfg.num_classes)
+    x = torch.randn(1, 3, 64, 96)
+    masks = torch.zeros(2, 64, 96, dtype=torch.bool)
+    masks[0, :32], masks[1, 32:, 40:] = True, True
+    tgt = [{"labels": torch.tensor([1, 2]), "masks": masks}]
+    x = x.contiguous(memory_format=torch.channels_last)
+
+    def run(backend):
+        set_gemm_backend(model, backend)
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = sum(crit(out, tgt, generator=torch.Generator().manual_seed(0)).values())
+        loss.backward()
+        return out.mask_logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                           if p.grad is not None}
+
+    calls = _count_onednn_calls(monkeypatch)
+    m_ref, l_ref, g_ref = run("reference")
+    assert calls == []
+    m_dnn, l_dnn, g_dnn = run("auto")
+    assert len(calls) > 20
+    torch.testing.assert_close(m_dnn, m_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(l_dnn, l_ref, rtol=1e-5, atol=1e-5)
+    assert g_dnn.keys() == g_ref.keys()
+    # Rounding-level differences may flip a ReLU whose input is within ~1e-6 of 0 (seen: one unit
+    # of the pixel decoder's output conv), which changes every gradient below it by up to ~1e-3
+    # relative.  So: every tensor to 1e-2 (a wrong product would be off by O(1)); the prediction
+    # heads, whose gradients see no such flip, to 1e-5.
+    errs = {n: float((g_dnn[n] - g_ref[n]).norm() / g_ref[n].norm().clamp_min(1e-12))
+            for n in g_ref if not n.endswith("k_proj.bias")}  # k_proj.bias: 0 in exact arithmetic
+    assert max(errs.values()) < 1e-2, max(errs.items(), key=lambda kv: kv[1])
+    heads = {n: e for n, e in errs.items() if ".class_embed." in n or ".mask_embed." in n}
+    assert len(heads) >= 4 and max(heads.values()) < 1e-5, heads
