@@ -82,6 +82,14 @@ def bench_kernels(s: nox.Session) -> None:
     s.run(PY, "-m", "kernels.bench", *(s.posargs or ["--end-to-end"]), external=True)
 
 
+@nox.session(name="bench_gemm", venv_backend="none")
+def bench_gemm(s: nox.Session) -> None:
+    """float32 CPU GEMMs, BLAS vs oneDNN (kernels/cpu_gemm.py), and an R50 training step per gemm_backend:
+    python -m kernels.bench_gemm --threads 1 --step --out reports/bench/gemm_cpu.json (args after -- replace)."""
+    s.run(PY, "-m", "kernels.bench_gemm",
+          *(s.posargs or ["--threads", "1", "--step", "--out", "reports/bench/gemm_cpu.json"]), external=True)
+
+
 @nox.session(name="gpu_check", venv_backend="none")
 def gpu_check(s: nox.Session) -> None:
     """Every GPU test and figure in one run: benchmarks/gpu_check.sh [DEST] (default reports/bench/gpu)."""

@@ -191,6 +191,24 @@ def test_speed_cli_tiny(tmp_path):
     assert "| inference" in md and "| train" in md
 
 
+def test_flop_count_sees_every_op_it_counts():
+    """fvcore traces the model: no custom autograd function may hide a counted op from it (a
+    ``prim::PythonOp`` is skipped silently), and the oneDNN GEMMs are traced as F.linear."""
+    from m2f.config import apply_overrides, get_preset
+    from m2f.flops import count_flops
+    from m2f.models.build import build_model
+
+    cfg = get_preset("tiny")
+    f = count_flops(cfg, 64, 96)
+    assert not [k for k in f["skipped_ops"] if "PythonOp" in k or "mkldnn" in k], f["skipped_ops"]
+    # the mask head product alone: Q x C x (H/4 x W/4) multiply-adds per prediction (fvcore counts MACs)
+    model = build_model(apply_overrides(cfg, {"decoder.attention_backend": "reference"}))  # as count_flops builds
+    head = cfg.decoder.num_queries * cfg.pixel_decoder.mask_dim * 16 * 24 * (cfg.decoder.num_layers + 1) / 1e9
+    assert f["gflops_by_part"]["transformer_decoder"] > head
+    assert count_flops(cfg, 64, 96, model=model)["gflops"] == pytest.approx(f["gflops"])
+    assert all(getattr(m, "gemm_backend", "auto") == "auto" for m in model.modules())  # restored
+
+
 def test_profile_cli_tiny(tmp_path):
     """The per-part split of a training step: every part measured, the parts add up to the total,
     every parameter received its gradient (the parts were cut apart and re-joined correctly)."""

@@ -129,7 +129,10 @@ def _channels_inner(x: Tensor) -> bool:
 
 def mask_product(embed: Tensor, features: Tensor) -> Tensor:
     """Mask logits [B, Q, H, W] = ``einsum("bqc,bchw->bqhw", embed [B, Q, C], features [B, C, H, W])``
-    (:class:`_MaskProduct`: the backward skips queries without gradient)."""
+    (:class:`_MaskProduct`: the backward skips queries without gradient).  Under ``torch.jit.trace``
+    (fvcore's FLOP count) the plain einsum, which tracers see into."""
+    if torch.jit.is_tracing():
+        return torch.einsum("bqc,bchw->bqhw", embed, features)
     return _MaskProduct.apply(embed, features)
 
 
