@@ -33,7 +33,7 @@ def _best(fn: Callable[[], Any], iters: int) -> float:
 
 
 def gemm_table(iters: int, shapes: Sequence[tuple] = SHAPES) -> List[Dict[str, Any]]:
-    from kernels.cpu_gemm import _mm_nt
+    from kernels.cpu_gemm import _mm_nt, _weight_grad
 
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -42,7 +42,7 @@ def gemm_table(iters: int, shapes: Sequence[tuple] = SHAPES) -> List[Dict[str, A
         flop = 2.0 * M * K * N
         pairs = {"forward x W^T": (lambda: x @ w.t(), lambda: _mm_nt(x, w)),
                  "input grad g W": (lambda: gy @ w, lambda: _mm_nt(gy, w.t())),
-                 "weight grad g^T x": (lambda: gy.t() @ x, lambda: _mm_nt(gy.t(), x.t()))}
+                 "weight grad g^T x": (lambda: gy.t() @ x, lambda: _weight_grad(gy, x))}
         for op, (blas, dnn) in pairs.items():
             tb, td = _best(blas, iters), _best(dnn, iters)
             rows.append({"M": M, "K": K, "N": N, "op": op, "blas_gflops": flop / tb / 1e9,

@@ -10,8 +10,8 @@ difference should be small.
 
 What: :func:`linear` is ``F.linear`` computed by ``torch.ops.mkldnn._linear_pointwise`` (the
 oneDNN linear op PyTorch's own CPU compiler emits), with an autograd function whose backward also
-runs through it (input gradient ``g @ W``; weight gradient ``g^T @ x``, through oneDNN when the
-input has >= 128 features, where it is faster).  Same function in float32 up to summation order
+runs through it (input gradient ``g @ W``, weight gradient ``g^T @ x``; the op copies its first
+operand contiguous, so the narrower of ``g^T`` and ``x^T`` goes first).  Same function in float32 up to summation order
 (oneDNN accumulates in float32, no reduced-precision mode is enabled).  :func:`conv2d` routes 1x1,
 stride-1, ungrouped convolutions of channels-last input to :func:`linear` on the [B*H*W, C] view
 (no copies) and everything else to ``F.conv2d``.
@@ -32,9 +32,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 BACKENDS = ("auto", "onednn", "reference")
-# The weight gradient g^T @ x through oneDNN is slower than MKL when x has few features (its
-# transposed operands are re-laid out): measured crossover ~128 (kernels.bench_gemm).
-_MIN_FEATURES_FOR_WEIGHT_GRAD = 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,6 +80,12 @@ def _mm_nt(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
 
 
+def _weight_grad(g: Tensor, x: Tensor) -> Tensor:
+    """g [M, N]^T @ x [M, K] -> [N, K] through oneDNN, which copies its first operand contiguous:
+    the narrower of g^T and x^T goes first."""
+    return _mm_nt(g.t(), x.t()) if g.shape[1] <= x.shape[1] else _mm_nt(x.t(), g.t()).t().contiguous()
+
+
 class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:  # x [M, K]
@@ -104,7 +107,7 @@ class _OneDNNLinear(torch.autograd.Function):
             if need_x:
                 gx = _mm_nt(g, weight.t())  # g @ W
             if need_w:
-                gw = _mm_nt(g.t(), x.t()) if x.shape[1] >= _MIN_FEATURES_FOR_WEIGHT_GRAD else g.t() @ x
+                gw = _weight_grad(g, x)
         if need_b and ctx.has_bias:
             gb = g.sum(0)
         return gx, gw, gb
