@@ -5,7 +5,8 @@
 
 Deformable attention: the grid_sample reference (kernels.ms_deform_attn) vs the embedding_bag
 gather the model runs (m2f.models.pixel_decoders.msdeform); masked cross-attention: explicit
-softmax vs scaled_dot_product_attention; point sampling; the Hungarian matcher.
+softmax vs scaled_dot_product_attention; point sampling; the Hungarian matcher; a linear layer per GEMM
+backend (kernels/cpu_gemm.py).
 """
 from __future__ import annotations
 
@@ -96,3 +97,24 @@ def test_hungarian_matcher(benchmark):
     matcher = HungarianMatcher(mode="point")
     out = benchmark(matcher, cls, masks, tgt)
     assert len(out[0][0]) == 20
+
+
+@pytest.mark.parametrize("backend", ["reference", "onednn"])
+def test_linear_forward_backward(benchmark, backend):
+    """The pixel decoder's FFN expansion (tokens x 256 -> 1024) forward + backward per GEMM backend
+    (kernels/cpu_gemm.py; "reference" = F.linear, MKL on x86)."""
+    from kernels.cpu_gemm import linear, onednn_available
+
+    if backend == "onednn" and not onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN linear op")
+    g = torch.Generator().manual_seed(0)
+    S = sum(h * w for h, w in SHAPES)
+    x = torch.randn(S, 256, generator=g, requires_grad=True)
+    w = torch.randn(1024, 256, generator=g, requires_grad=True)
+    b = torch.zeros(1024, requires_grad=True)
+
+    def step():
+        linear(x, w, b, backend).sum().backward()
+        return w.grad
+
+    assert benchmark(step) is not None
