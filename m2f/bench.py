@@ -644,6 +644,9 @@ def render_summary(out_dir: Path) -> str:
         if "bandwidth_bound" in r and "results" in r:  # python -m kernels.bench
             rows.extend(_kernel_summary_rows(path, r))
             continue
+        if r.get("kind") == "gemm":  # python -m kernels.bench_gemm
+            rows.extend(_gemm_summary_rows(path, r))
+            continue
         env = r.get("environment") or {}
         dev = "cuda" if str(env.get("device", "")).startswith("cuda") else "cpu"
         n = env.get("threads")
@@ -676,6 +679,24 @@ def render_summary(out_dir: Path) -> str:
 
 
 KERNEL_GOAL = 3.0  # Triton deformable attention fwd+bwd vs the reference path (H100)
+
+
+def _gemm_summary_rows(path: Path, r: Dict[str, Any]) -> List[str]:
+    dev = f"cpu, {r.get('threads')} thread{'' if r.get('threads') == 1 else 's'}"
+    sp = sorted(x["onednn_speedup"] for x in r.get("rows", []))
+    rows = []
+    if sp:
+        med = statistics.median(sp)
+        rows.append(f"| float32 GEMMs, oneDNN vs BLAS (`{path.name}`) | {dev} | {len(sp) // 3} model shapes x "
+                    f"(forward, input grad, weight grad) | median {statistics.median(x['onednn_gflops'] for x in r['rows']):.0f}"
+                    f" GFLOP/s | {statistics.median(x['blas_gflops'] for x in r['rows']):.0f} GFLOP/s | "
+                    f"**{med:.2f}x** ({sp[0]:.2f}-{sp[-1]:.2f}) | — |")
+    st = r.get("step")
+    if st:
+        rows.append(f"| training step, gemm_backend auto vs reference (`{path.name}`) | {dev} | {st['preset']} "
+                    f"{st['size']}px, fp32 | {st['auto_s']:.2f} s | {st['reference_s']:.2f} s | "
+                    f"**{st['speedup']:.2f}x** | — |")
+    return rows
 
 
 def _kernel_summary_rows(path: Path, r: Dict[str, Any]) -> List[str]:

@@ -365,3 +365,21 @@ def test_summary_table_against_goals(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith(f"{bench.SUMMARY_END}\noutro\n") and "old" not in text
     assert "**1.60x**" in text
+
+
+def test_gemm_report_rows(tmp_path):
+    """kernels.bench_gemm's JSON lands in the README summary: median speed-up and the training step."""
+    from kernels import bench_gemm
+    from kernels.cpu_gemm import onednn_available
+
+    if not onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN linear op")
+    rows = bench_gemm.gemm_table(iters=1, shapes=[(64, 32, 16)])
+    assert [r["op"] for r in rows] == ["forward x W^T", "input grad g W", "weight grad g^T x"]
+    assert all(r["blas_gflops"] > 0 and r["onednn_gflops"] > 0 for r in rows)
+    fake = {"kind": "gemm", "threads": 1, "rows": [{"onednn_speedup": s, "onednn_gflops": 2.0 * s, "blas_gflops": 2.0}
+                                                   for s in (1.5, 2.0, 2.5)],
+            "step": {"preset": "r50_coco_panoptic", "size": 512, "reference_s": 5.0, "auto_s": 4.0, "speedup": 1.25}}
+    (tmp_path / "gemm_cpu.json").write_text(json.dumps(fake))
+    text = bench.render_summary(tmp_path)
+    assert "**2.00x** (1.50-2.50)" in text and "| 4.00 s | 5.00 s | **1.25x** |" in text
