@@ -122,6 +122,17 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, backend: st
     return out.view(*lead, weight.shape[0])
 
 
+def bmm_nt(a: Tensor, b: Tensor, backend: str = "auto") -> Tensor:
+    """``torch.bmm(a, b.transpose(1, 2))``: a [B, M, K], b [B, N, K] -> [B, M, N] (strided operands
+    accepted), one oneDNN product per batch element when ``backend`` resolves to it.  No autograd:
+    for use inside autograd functions' forward and backward."""
+    if resolve_backend(backend, a, b) == "reference" or a.numel() == 0 or b.numel() == 0:
+        return torch.bmm(a, b.transpose(1, 2))
+    if a.shape[0] == 1:
+        return _mm_nt(a[0], b[0]).unsqueeze(0)
+    return torch.stack([_mm_nt(x, y) for x, y in zip(a, b)])
+
+
 def _is_pointwise(weight: Tensor, stride, padding, dilation, groups: int) -> bool:
     def ones(v):
         return all(int(s) == 1 for s in (v if isinstance(v, (tuple, list)) else (v, v)))
@@ -170,14 +181,14 @@ class FastConv2d(nn.Conv2d):
 def set_gemm_backend(model: nn.Module, backend: str) -> nn.Module:
     """Every plain ``nn.Linear`` / ``nn.Conv2d`` of ``model`` (also inside third-party blocks such as
     timm's Swin) becomes a :class:`FastLinear` / :class:`FastConv2d` -- the same object, parameters,
-    state-dict keys and ``isinstance`` answers, only ``forward`` changes -- and takes ``backend``.
-    Returns ``model``."""
+    state-dict keys and ``isinstance`` answers, only ``forward`` changes -- and takes ``backend``, as
+    does every module whose class declares a ``gemm_backend`` attribute.  Returns ``model``."""
     check_backend(backend)
     for m in model.modules():
         if type(m) is nn.Linear:
             m.__class__ = FastLinear
         elif type(m) is nn.Conv2d:
             m.__class__ = FastConv2d
-        if isinstance(m, (FastLinear, FastConv2d)):
-            m.gemm_backend = backend
+        if isinstance(m, (FastLinear, FastConv2d)) or hasattr(type(m), "gemm_backend"):
+            m.gemm_backend = backend  # also modules that declare their own GEMMs (the mask head product)
     return model

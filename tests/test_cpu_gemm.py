@@ -174,3 +174,16 @@ def test_model_with_onednn_gemms_equals_reference(monkeypatch):
     assert max(errs.values()) < 1e-2, max(errs.items(), key=lambda kv: kv[1])
     heads = {n: e for n, e in errs.items() if ".class_embed." in n or ".mask_embed." in n}
     assert len(heads) >= 4 and max(heads.values()) < 1e-5, heads
+
+
+@needs_onednn
+@pytest.mark.parametrize("batch", [1, 3])
+def test_bmm_nt_equals_bmm(monkeypatch, batch):
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(batch, 50, 24, generator=g)
+    b = torch.randn(batch, 24, 30, generator=g).transpose(1, 2)  # [B, 30, 24], strided
+    calls = _count_onednn_calls(monkeypatch)
+    out = cpu_gemm.bmm_nt(a, b, "auto")
+    torch.testing.assert_close(out, torch.bmm(a, b.transpose(1, 2)), rtol=1e-5, atol=1e-5)
+    assert out.shape == (batch, 50, 30) and len(calls) == batch
+    assert torch.equal(cpu_gemm.bmm_nt(a, b, "reference"), torch.bmm(a, b.transpose(1, 2)))

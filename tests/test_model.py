@@ -350,13 +350,14 @@ def _sparse_grad(shape, rows_per_image, seed=0):
     return grad
 
 
+@pytest.mark.parametrize("gemm", ["reference", "auto"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("rows", [[[3, 7, 50], [7, 9]], [[], [0]], [list(range(20)), list(range(20))]])
-def test_mask_product_equals_einsum_with_sparse_gradients(rows, layout):
+def test_mask_product_equals_einsum_with_sparse_gradients(rows, layout, gemm):
     g = torch.Generator().manual_seed(1)
     emb = torch.randn(2, 20 if len(rows[0]) == 20 else 60, 32, generator=g, requires_grad=True)
     feats = torch.randn(2, 32, 9, 11, generator=g).contiguous(memory_format=layout).requires_grad_()
-    out = mask_product(emb, feats)
+    out = mask_product(emb, feats, gemm)
     ref = torch.einsum("bqc,bchw->bqhw", emb, feats)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5)
     # channels-last features give channels-last logits (and a gradient in the features' layout)

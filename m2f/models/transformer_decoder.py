@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.cpu_gemm import bmm_nt
 from m2f.config import DecoderCfg
 from m2f.models.outputs import Mask2FormerOutput, MaskPrediction
 from m2f.models.position_encoding import PositionEmbeddingSine
@@ -80,14 +81,15 @@ class _MaskProduct(torch.autograd.Function):
     runs without the two layout copies it makes of NCHW input on CPU (~4 ms each call at 512 px)."""
 
     @staticmethod
-    def forward(ctx, embed: Tensor, features: Tensor) -> Tensor:
+    def forward(ctx, embed: Tensor, features: Tensor, backend: str) -> Tensor:
         ctx.save_for_backward(embed, features)
+        ctx.backend = backend
         B, C, H, W = features.shape
         Q = embed.shape[1]
         if _channels_inner(features):  # [B, HW, C] x [B, C, Q] -> [B, HW, Q], viewed [B, Q, H, W]
-            out = torch.bmm(features.permute(0, 2, 3, 1).reshape(B, H * W, C), embed.transpose(1, 2))
+            out = bmm_nt(features.permute(0, 2, 3, 1).reshape(B, H * W, C), embed, backend)
             return out.view(B, H, W, Q).permute(0, 3, 1, 2)
-        return torch.bmm(embed, features.reshape(B, C, H * W)).view(B, Q, H, W)
+        return bmm_nt(embed, features.reshape(B, C, H * W).transpose(1, 2), backend).view(B, Q, H, W)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -105,9 +107,11 @@ class _MaskProduct(torch.autograd.Function):
             if live.numel() < Q:
                 rows = live
                 g, e = g[:, rows], e[:, rows]  # [B, R, HW], [B, R, C]
+        # create_graph: plain differentiable bmm; else the GEMM backend's products
+        backend = "reference" if torch.is_grad_enabled() else ctx.backend
         grad_e = grad_f = None
         if ctx.needs_input_grad[0]:
-            grad_e = torch.bmm(g, f.transpose(1, 2))  # [B, R, C]
+            grad_e = bmm_nt(g, f, backend)  # [B, R, HW] x [B, HW, C] -> [B, R, C]
             if rows is not None:
                 full = grad_e.new_zeros(B, Q, C)
                 full[:, rows] = grad_e
@@ -115,11 +119,11 @@ class _MaskProduct(torch.autograd.Function):
             grad_e = grad_e.to(embed.dtype)
         if ctx.needs_input_grad[1]:
             if cl:  # [B, HW, R] x [B, R, C] -> [B, HW, C]: the features' channels-last layout
-                grad_f = torch.bmm(g.transpose(1, 2), e).view(B, H, W, C).permute(0, 3, 1, 2)
+                grad_f = bmm_nt(g.transpose(1, 2), e.transpose(1, 2), backend).view(B, H, W, C).permute(0, 3, 1, 2)
             else:
-                grad_f = torch.bmm(e.transpose(1, 2), g).view(B, C, H, W)
+                grad_f = bmm_nt(e.transpose(1, 2), g.transpose(1, 2), backend).view(B, C, H, W)
             grad_f = grad_f.to(features.dtype)
-        return grad_e, grad_f
+        return grad_e, grad_f, None
 
 
 def _channels_inner(x: Tensor) -> bool:
@@ -127,13 +131,14 @@ def _channels_inner(x: Tensor) -> bool:
     return x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1 and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def mask_product(embed: Tensor, features: Tensor) -> Tensor:
+def mask_product(embed: Tensor, features: Tensor, gemm_backend: str = "reference") -> Tensor:
     """Mask logits [B, Q, H, W] = ``einsum("bqc,bchw->bqhw", embed [B, Q, C], features [B, C, H, W])``
-    (:class:`_MaskProduct`: the backward skips queries without gradient).  Under ``torch.jit.trace``
-    (fvcore's FLOP count) the plain einsum, which tracers see into."""
+    (:class:`_MaskProduct`: the backward skips queries without gradient; the products through
+    ``gemm_backend``, kernels/cpu_gemm.py).  Under ``torch.jit.trace`` (fvcore's FLOP count) the
+    plain einsum, which tracers see into."""
     if torch.jit.is_tracing():
         return torch.einsum("bqc,bchw->bqhw", embed, features)
-    return _MaskProduct.apply(embed, features)
+    return _MaskProduct.apply(embed, features, gemm_backend)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,6 +337,9 @@ class MaskedTransformerDecoder(nn.Module):
             mask_features [B, mask_dim, H/4, W/4], return_attention=False) -> Mask2FormerOutput
     """
 
+    # The mask head product's GEMMs (kernels/cpu_gemm.py); set model-wide by set_gemm_backend.
+    gemm_backend = "reference"
+
     def __init__(self, in_channels: int, mask_dim: int, num_classes: int, hidden_dim: int = 256,
                  num_heads: int = 8, ffn_dim: int = 2048, num_queries: int = 100, num_layers: int = 9,
                  dropout: float = 0.0, pre_norm: bool = False, cross_attention: str = "masked",
@@ -395,7 +403,7 @@ class MaskedTransformerDecoder(nn.Module):
     def predict(self, x: Tensor, mask_features: Tensor) -> MaskPrediction:
         """x [B,Q,C] -> class [B,Q,K+1], masks [B,Q,H/4,W/4] (decoder_norm applied first)."""
         y = self.decoder_norm(x)
-        mask_logits = mask_product(self.mask_embed(y), mask_features)
+        mask_logits = mask_product(self.mask_embed(y), mask_features, self.gemm_backend)
         return MaskPrediction(self.class_embed(y), mask_logits)
 
     def _cross_inputs(self, prev_masks: Optional[Tensor], sizes: Sequence[Tuple[int, int]]):
