@@ -619,6 +619,20 @@ def render_readme(out_dir: Path) -> str:
             parts.append("\nTop ops of one step (self CPU): " + ", ".join(
                 f"{o['op']} {o['self_cpu_ms']:.0f} ms ({o['calls']})" for o in r["top_ops_self_cpu_ms"]))
             parts.append("")
+        elif r.get("kind") == "gemm":  # python -m kernels.bench_gemm
+            parts.append(f"## float32 GEMMs `{path.name}`: {r.get('blas')} vs oneDNN, {r.get('threads')} thread(s)\n\n"
+                         f"cpu {r.get('cpu')}, torch {r.get('torch')}; best of the timed repetitions\n")
+            parts.append("| M | K | N | product | BLAS GFLOP/s | oneDNN GFLOP/s | speed-up |")
+            parts.append("|---|---|---|---|---|---|---|")
+            for x in r.get("rows", []):
+                parts.append(f"| {x['M']} | {x['K']} | {x['N']} | {x['op']} | {x['blas_gflops']:.0f} | "
+                             f"{x['onednn_gflops']:.0f} | {x['onednn_speedup']:.2f}x |")
+            st = r.get("step")
+            if st:
+                parts.append(f"\nTraining step ({st['preset']} {st['size']}px, forward + loss + backward, median): "
+                             f"gemm_backend reference {st['reference_s']:.2f} s, auto {st['auto_s']:.2f} s "
+                             f"({st['speedup']:.2f}x)")
+            parts.append("")
     return "\n".join(parts) + "\n"
 
 

@@ -383,3 +383,7 @@ def test_gemm_report_rows(tmp_path):
     (tmp_path / "gemm_cpu.json").write_text(json.dumps(fake))
     text = bench.render_summary(tmp_path)
     assert "**2.00x** (1.50-2.50)" in text and "| 4.00 s | 5.00 s | **1.25x** |" in text
+    fake["rows"] = [dict(r, M=64, K=32, N=16, op="forward x W^T") for r in fake["rows"]]
+    (tmp_path / "gemm_cpu.json").write_text(json.dumps(fake))
+    page = bench.render_readme(tmp_path)
+    assert "## float32 GEMMs `gemm_cpu.json`" in page and "| 64 | 32 | 16 | forward x W^T | 2 | 5 | 2.50x |" in page
