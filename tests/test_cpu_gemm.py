@@ -187,3 +187,20 @@ def test_bmm_nt_equals_bmm(monkeypatch, batch):
     torch.testing.assert_close(out, torch.bmm(a, b.transpose(1, 2)), rtol=1e-5, atol=1e-5)
     assert out.shape == (batch, 50, 30) and len(calls) == batch
     assert torch.equal(cpu_gemm.bmm_nt(a, b, "reference"), torch.bmm(a, b.transpose(1, 2)))
+
+
+@needs_onednn
+@pytest.mark.parametrize("reduce", ["sum", "row_scale", "col_scale", "strided"])
+def test_linear_gradients_for_broadcast_and_strided_output_grads(reduce):
+    """Output gradients with zero strides (from sum / broadcasting) or gaps reach the oneDNN backward."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(50, 160, generator=g, requires_grad=True)
+    w = torch.randn(30, 160, generator=g, requires_grad=True)
+    b = torch.randn(30, generator=g, requires_grad=True)
+    r1, rm = torch.randn(1, 30, generator=g), torch.randn(50, 1, generator=g)
+    fn = {"sum": lambda y: y.sum(), "row_scale": lambda y: (y * r1).sum(), "col_scale": lambda y: (y * rm).sum(),
+          "strided": lambda y: y[:, ::2].sum()}[reduce]
+    got = torch.autograd.grad(fn(linear(x, w, b, "onednn")), (x, w, b))
+    want = torch.autograd.grad(fn(F.linear(x, w, b)), (x, w, b))
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
