@@ -1,6 +1,7 @@
 """float32 CPU GEMMs: the BLAS behind ``torch.mm`` / ``F.linear`` vs oneDNN's linear op
 (kernels/cpu_gemm.py) on the model's linear-layer shapes, forward and both gradients, interleaved in
-one process; GFLOP/s (best of ``--iters``) and the ratio.  Also one R50 training step with
+one process; GFLOP/s (best of ``--iters``), the ratio, and each one's error against the
+float64 product.  Also one R50 training step with
 ``gemm_backend`` reference vs auto (``--step``).
 
     python -m kernels.bench_gemm --threads 1 [--step] [--out reports/bench/gemm_cpu.json]
@@ -45,8 +46,14 @@ def gemm_table(iters: int, shapes: Sequence[tuple] = SHAPES) -> List[Dict[str, A
                  "weight grad g^T x": (lambda: gy.t() @ x, lambda: _weight_grad(gy, x))}
         for op, (blas, dnn) in pairs.items():
             tb, td = _best(blas, iters), _best(dnn, iters)
+            # accuracy: max |error| against the float64 product, relative to its max |value|
+            exact = {"forward x W^T": lambda: x.double() @ w.double().t(), "input grad g W": lambda: gy.double() @ w.double(),
+                     "weight grad g^T x": lambda: gy.double().t() @ x.double()}[op]()
+            scale = float(exact.abs().max())
             rows.append({"M": M, "K": K, "N": N, "op": op, "blas_gflops": flop / tb / 1e9,
-                         "onednn_gflops": flop / td / 1e9, "onednn_speedup": tb / td})
+                         "onednn_gflops": flop / td / 1e9, "onednn_speedup": tb / td,
+                         "blas_rel_err": float((blas().double() - exact).abs().max()) / scale,
+                         "onednn_rel_err": float((dnn().double() - exact).abs().max()) / scale})
     return rows
 
 
@@ -99,10 +106,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("this PyTorch build has no working oneDNN linear op: nothing to compare")
         return 1
     rows = gemm_table(args.iters)
-    print(f"{'M':>6} {'K':>5} {'N':>5}  {'op':<18} {'BLAS':>7} {'oneDNN':>7}  GFLOP/s  speed-up")
+    print(f"{'M':>6} {'K':>5} {'N':>5}  {'op':<18} {'BLAS':>7} {'oneDNN':>7}  GFLOP/s  speed-up  rel. error BLAS / oneDNN")
     for r in rows:
         print(f"{r['M']:6d} {r['K']:5d} {r['N']:5d}  {r['op']:<18} {r['blas_gflops']:7.1f} {r['onednn_gflops']:7.1f}"
-              f"           {r['onednn_speedup']:.2f}x")
+              f"           {r['onednn_speedup']:.2f}x     {r['blas_rel_err']:.1e} / {r['onednn_rel_err']:.1e}")
     result: Dict[str, Any] = {"kind": "gemm", "threads": torch.get_num_threads(), "torch": torch.__version__,
                               "cpu": platform.processor() or platform.machine(), "blas": "torch.mm (MKL on x86)",
                               "rows": rows}

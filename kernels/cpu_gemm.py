@@ -3,7 +3,7 @@
 Why: on CPU, ``F.linear`` / ``torch.mm`` in float32 go to the BLAS PyTorch was built with (MKL on
 x86).  On the AMD EPYC machines this project runs on, MKL's sgemm reaches ~85-110 GFLOP/s per core
 while oneDNN's matmul (shipped inside every x86 PyTorch build, the library behind its CPU
-convolutions) reaches ~180-250 GFLOP/s on the same shapes (``python -m kernels.bench_gemm``; MKL
+convolutions) reaches ~130-250 GFLOP/s on the same shapes (``python -m kernels.bench_gemm``; MKL
 does not take its AVX-512 code path on non-Intel CPUs).  One-thread 1x1 convolutions go to the
 same BLAS through PyTorch's THNN path.  On an Intel CPU both libraries run near peak and the
 difference should be small.

@@ -622,11 +622,13 @@ def render_readme(out_dir: Path) -> str:
         elif r.get("kind") == "gemm":  # python -m kernels.bench_gemm
             parts.append(f"## float32 GEMMs `{path.name}`: {r.get('blas')} vs oneDNN, {r.get('threads')} thread(s)\n\n"
                          f"cpu {r.get('cpu')}, torch {r.get('torch')}; best of the timed repetitions\n")
-            parts.append("| M | K | N | product | BLAS GFLOP/s | oneDNN GFLOP/s | speed-up |")
-            parts.append("|---|---|---|---|---|---|---|")
+            parts.append("| M | K | N | product | BLAS GFLOP/s | oneDNN GFLOP/s | speed-up | max rel. error vs float64 "
+                         "BLAS / oneDNN |")
+            parts.append("|---|---|---|---|---|---|---|---|")
             for x in r.get("rows", []):
+                err = (f"{x['blas_rel_err']:.1e} / {x['onednn_rel_err']:.1e}" if "blas_rel_err" in x else "—")
                 parts.append(f"| {x['M']} | {x['K']} | {x['N']} | {x['op']} | {x['blas_gflops']:.0f} | "
-                             f"{x['onednn_gflops']:.0f} | {x['onednn_speedup']:.2f}x |")
+                             f"{x['onednn_gflops']:.0f} | {x['onednn_speedup']:.2f}x | {err} |")
             st = r.get("step")
             if st:
                 parts.append(f"\nTraining step ({st['preset']} {st['size']}px, forward + loss + backward, median): "

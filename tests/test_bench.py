@@ -377,6 +377,7 @@ def test_gemm_report_rows(tmp_path):
     rows = bench_gemm.gemm_table(iters=1, shapes=[(64, 32, 16)])
     assert [r["op"] for r in rows] == ["forward x W^T", "input grad g W", "weight grad g^T x"]
     assert all(r["blas_gflops"] > 0 and r["onednn_gflops"] > 0 for r in rows)
+    assert all(0 <= r["blas_rel_err"] < 1e-5 and 0 <= r["onednn_rel_err"] < 1e-5 for r in rows)  # float32, not bf16
     fake = {"kind": "gemm", "threads": 1, "rows": [{"onednn_speedup": s, "onednn_gflops": 2.0 * s, "blas_gflops": 2.0}
                                                    for s in (1.5, 2.0, 2.5)],
             "step": {"preset": "r50_coco_panoptic", "size": 512, "reference_s": 5.0, "auto_s": 4.0, "speedup": 1.25}}
@@ -386,4 +387,4 @@ def test_gemm_report_rows(tmp_path):
     fake["rows"] = [dict(r, M=64, K=32, N=16, op="forward x W^T") for r in fake["rows"]]
     (tmp_path / "gemm_cpu.json").write_text(json.dumps(fake))
     page = bench.render_readme(tmp_path)
-    assert "## float32 GEMMs `gemm_cpu.json`" in page and "| 64 | 32 | 16 | forward x W^T | 2 | 5 | 2.50x |" in page
+    assert "## float32 GEMMs `gemm_cpu.json`" in page and "| 64 | 32 | 16 | forward x W^T | 2 | 5 | 2.50x | — |" in page
