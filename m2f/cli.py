@@ -20,6 +20,12 @@ def _add_preset_args(p: argparse.ArgumentParser, default: str = "tiny") -> None:
                    help="dotted config override, repeatable (e.g. decoder.cross_attention=standard)")
 
 
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint that is not in m2f's weights-only format (an older m2f file, or one that "
+                        "needs arbitrary unpickling, which can run code): only for files from a source you trust")
+
+
 def _config(args):
     from m2f.config import get_preset
 
@@ -91,7 +97,7 @@ def cmd_train(args) -> int:
     if extra:
         cfg = apply_overrides(cfg, extra)
     res = train(cfg, args.out, resume=args.resume, device=args.device, progress=not args.no_progress,
-                evaluate_at_end=not args.no_eval)
+                evaluate_at_end=not args.no_eval, trust_checkpoint=args.trust_checkpoint)
     if args.json:
         _print(res, True)
     return 0
@@ -101,7 +107,7 @@ def cmd_eval(args) -> int:
     from m2f.evaluate import evaluate_checkpoint
 
     res = evaluate_checkpoint(args.ckpt, data=args.data, task=args.task, engine=args.engine, device=args.device,
-                              overrides=args.overrides, limit=args.limit)
+                              overrides=args.overrides, limit=args.limit, trust=args.trust_checkpoint)
     _print(res, args.json) if args.json else print(json.dumps(res, indent=2))
     return 0
 
@@ -109,20 +115,50 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from m2f.evaluate import predict_images
 
-    res = predict_images(args.ckpt, args.images, args.out, device=args.device, task=args.task)
+    res = predict_images(args.ckpt, args.images, args.out, device=args.device, task=args.task,
+                         trust=args.trust_checkpoint)
     print(json.dumps(res, indent=2))
     return 0
 
 
+def _rewrite_m2f_checkpoint(args):
+    """An m2f checkpoint in an older or unsafe format -> (model, cfg, extra entries to keep), or None when
+    ``args.weights`` is not an m2f checkpoint (then it is converted as detectron2 weights)."""
+    from pathlib import Path
+
+    from m2f.checkpoint import load_checkpoint, load_model_weights, to_weights_only
+    from m2f.config import from_dict
+    from m2f.errors import InputError
+    from m2f.models.build import build_model
+
+    if Path(args.weights).suffix == ".pkl":
+        return None
+    try:
+        ckpt = load_checkpoint(args.weights, trust=args.trust_checkpoint, require_format=False)
+    except InputError as e:
+        if "not an m2f checkpoint" in str(e) or "cannot be read" in str(e):
+            return None
+        raise
+    cfg = from_dict(ckpt["config"])
+    model = build_model(cfg)
+    load_model_weights(model, ckpt["model"], str(args.weights), "the checkpoint's own config")
+    keep = {k: to_weights_only(ckpt[k]) for k in ("optimizer", "iter", "config_hash", "git", "time") if k in ckpt}
+    return model, cfg, {**keep, "source": {"rewritten_from": str(args.weights)}}
+
+
 def cmd_convert(args) -> int:
-    from m2f.checkpoint import atomic_torch_save
+    from m2f.checkpoint import save_checkpoint
     from m2f.config import config_hash, diff, to_dict
     from m2f.convert import from_detectron2
 
-    model, cfg = from_detectron2(args.weights, base=args.preset, overrides=args.overrides)
+    rewritten = _rewrite_m2f_checkpoint(args)
+    if rewritten is not None:
+        model, cfg, extra = rewritten
+    else:
+        model, cfg = from_detectron2(args.weights, base=args.preset, overrides=args.overrides)
+        extra = {"iter": None, "source": {"detectron2_checkpoint": str(args.weights)}}
     n = sum(p.numel() for p in model.parameters())
-    atomic_torch_save({"model": model.state_dict(), "config": to_dict(cfg), "iter": None,
-                       "source": {"detectron2_checkpoint": str(args.weights)}}, args.out)
+    save_checkpoint({**extra, "model": model.state_dict(), "config": to_dict(cfg)}, args.out)
     out = {"out": str(args.out), "params": n, "config_hash": config_hash(cfg), "overrides_vs_default": diff(cfg)}
     _print(out, True) if args.json else print(f"wrote {args.out}: {n / 1e6:.2f}M parameters, "
                                                f"{cfg.backbone.kind}, {cfg.num_classes} classes, "
@@ -170,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iters", type=int, help="override solver.max_iters")
     s.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
     s.add_argument("--resume", action="store_true", help="continue from OUT/last.pth if it exists")
+    _add_trust_arg(s)
     s.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda if available)")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
@@ -183,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", default="hotcoco", choices=["hotcoco", "reference"])
     s.add_argument("--device", default=None)
     s.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    _add_trust_arg(s)
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help="inference overrides, e.g. inference.object_mask_threshold=0.5")
     s.add_argument("--json", action="store_true")
@@ -194,13 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--task", default="panoptic", choices=["panoptic", "instance", "semantic"])
     s.add_argument("--device", default=None)
+    _add_trust_arg(s)
     s.set_defaults(fn=cmd_predict)
 
     s = sub.add_parser("convert", help="an official (detectron2) Mask2Former checkpoint -> an m2f checkpoint "
                        "for m2f eval / predict")
-    s.add_argument("weights", help="model_final_*.pkl from the official model zoo (or a .pth state dict)")
+    s.add_argument("weights", help="model_final_*.pkl from the official model zoo, a .pth state dict, or an older "
+                   "m2f checkpoint to rewrite in the weights-only format")
     _add_preset_args(s, default="r50_coco_panoptic")
     s.add_argument("--out", required=True, help="the m2f checkpoint to write (e.g. r50_official.pth)")
+    _add_trust_arg(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_convert)
 

@@ -122,30 +122,41 @@ def evaluate_model(model, cfg: Config, device=None, limit: Optional[int] = None,
     return res
 
 
-def load_model_from_checkpoint(path, device=None, overrides: Iterable[str] = ()):
-    from m2f.checkpoint import load_checkpoint
+def load_model_from_checkpoint(path, device=None, overrides: Iterable[str] = (), trust: bool = False):
+    """(model in eval mode on ``device``, config) from an m2f checkpoint (weights-only; ``trust``: see
+    :func:`m2f.checkpoint.load_checkpoint`)."""
+    from m2f.checkpoint import load_checkpoint, load_model_weights
+    from m2f.config import ConfigError
     from m2f.models.build import build_model
 
-    ckpt = load_checkpoint(path)
-    cfg = from_dict(ckpt["config"])
+    ckpt = load_checkpoint(path, trust=trust)
+    try:
+        cfg = from_dict(ckpt["config"])
+    except ConfigError as e:
+        raise InputError(f"checkpoint {path}: its 'config' is not a valid m2f config ({e})") from None
     if overrides:
         cfg = apply_overrides(cfg, list(overrides))
     model = build_model(cfg)
-    model.load_state_dict(ckpt["model"])
+    preset = ckpt.get("preset")
+    load_model_weights(model, ckpt["model"], str(path),
+                       f"the checkpoint's config" + (f" (preset {preset})" if preset else "")
+                       + (f" with --set {' '.join(overrides)}" if overrides else ""))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(dev).eval(), cfg
 
 
 def evaluate_checkpoint(ckpt, data: Optional[str] = None, task: str = "all", engine: str = "hotcoco", device=None,
-                        overrides: Sequence[str] = (), limit: Optional[int] = None) -> Dict[str, Any]:
-    model, cfg = load_model_from_checkpoint(ckpt, device, overrides)
+                        overrides: Sequence[str] = (), limit: Optional[int] = None,
+                        trust: bool = False) -> Dict[str, Any]:
+    model, cfg = load_model_from_checkpoint(ckpt, device, overrides, trust=trust)
     if data:
         cfg = apply_overrides(cfg, {"data.val": data})
     return evaluate_model(model, cfg, limit=limit, task=task, engine=engine)
 
 
 @torch.no_grad()
-def predict_images(ckpt, images: Sequence[str], out_dir, device=None, task: str = "panoptic") -> Dict[str, Any]:
+def predict_images(ckpt, images: Sequence[str], out_dir, device=None, task: str = "panoptic",
+                   trust: bool = False) -> Dict[str, Any]:
     """Predict ``images`` with a checkpoint; write COCO-format predictions and overlay PNGs to ``out_dir``."""
     from PIL import Image
 
@@ -154,7 +165,7 @@ def predict_images(ckpt, images: Sequence[str], out_dir, device=None, task: str 
     from m2f.inference import postprocess
     from m2f.viz import overlay_instances, overlay_panoptic, overlay_semantic
 
-    model, cfg = load_model_from_checkpoint(ckpt, device)
+    model, cfg = load_model_from_checkpoint(ckpt, device, trust=trust)
     dev = next(model.parameters()).device
     md = get_dataset(cfg.data.val, "val", cfg).metadata
     out = Path(out_dir)

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from m2f.checkpoint import (append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint, read_jsonl,
-                            rewrite_jsonl)
+from m2f.checkpoint import (append_jsonl, atomic_write_json, load_checkpoint, load_model_weights, read_jsonl,
+                            rewrite_jsonl, save_checkpoint)
 from m2f.config import Config, config_hash, from_dict, to_dict
 from m2f.data.collate import mix_seed
 from m2f.errors import InputError, NonFiniteLossError
@@ -171,10 +171,11 @@ def git_commit() -> Optional[str]:
 
 def train(cfg: Config, out_dir, resume: bool = False, device: Optional[str] = None, progress: bool = True,
           evaluate_at_end: bool = True, eval_limit: Optional[int] = None, stop_after: Optional[int] = None,
-          log_fn=None) -> Dict[str, Any]:
+          log_fn=None, trust_checkpoint: bool = False) -> Dict[str, Any]:
     """Train ``cfg`` into ``out_dir``.  Returns a summary dict (final losses and metrics, throughput,
     peak memory).  ``stop_after`` stops (with a checkpoint) after that many iterations of this call
-    (for tests and time-sliced jobs)."""
+    (for tests and time-sliced jobs).  ``trust_checkpoint``: resume from a checkpoint that is not in the
+    weights-only format (see :func:`m2f.checkpoint.load_checkpoint`)."""
     from m2f.data.catalog import get_dataset
     from m2f.data.collate import TrainingSampler, collate
     from m2f.loss import build_criterion
@@ -194,7 +195,7 @@ def train(cfg: Config, out_dir, resume: bool = False, device: Optional[str] = No
     start_iter = 0
     ckpt = None
     if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, trust=trust_checkpoint)
         saved = from_dict(ckpt["config"])
         if config_hash(saved) != config_hash(cfg):
             from m2f.config import diff
@@ -210,7 +211,7 @@ def train(cfg: Config, out_dir, resume: bool = False, device: Optional[str] = No
     criterion = build_criterion(cfg.loss, cfg.num_classes).to(dev)
     optimizer = torch.optim.AdamW(param_groups(model, s), lr=s.lr, weight_decay=s.weight_decay)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        load_model_weights(model, ckpt["model"], str(ckpt_path), f"this run's config ({config_hash(cfg)})")
         optimizer.load_state_dict(ckpt["optimizer"])
     ddp_model: nn.Module = model
     if world > 1:
@@ -243,9 +244,9 @@ def train(cfg: Config, out_dir, resume: bool = False, device: Optional[str] = No
 
     def save(it: int) -> None:
         if rank == 0:
-            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
-                               "config": to_dict(cfg), "config_hash": config_hash(cfg),
-                               "git": git_commit(), "time": time.time()}, ckpt_path)
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
+                             "config": to_dict(cfg), "config_hash": config_hash(cfg),
+                             "git": git_commit(), "time": time.time()}, ckpt_path)
 
     bar = None
     if progress and rank == 0:

@@ -92,7 +92,7 @@ def test_resume_continues_the_identical_loss_curve(tmp_path):
     full = train(cfg, tmp_path / "full", progress=False, evaluate_at_end=False)
     assert full["iter"] == 6
     train(cfg, tmp_path / "part", progress=False, evaluate_at_end=False, stop_after=3)
-    assert torch.load(tmp_path / "part" / "last.pth", weights_only=False)["iter"] == 3
+    assert torch.load(tmp_path / "part" / "last.pth", weights_only=True)["iter"] == 3
     # The interrupted run left metric lines for iterations 1..3 only; resuming recomputes 4..6.
     train(cfg, tmp_path / "part", resume=True, progress=False, evaluate_at_end=False)
     a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
@@ -160,12 +160,12 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path):
     ck = tmp_path / "v" / "last.pth"
     deadline = time.time() + 240
     while time.time() < deadline:
-        if ck.exists() and torch.load(ck, weights_only=False)["iter"] >= 3:
+        if ck.exists() and torch.load(ck, weights_only=True)["iter"] >= 3:
             break
         time.sleep(0.2)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    it_killed = torch.load(ck, weights_only=False)["iter"]
+    it_killed = torch.load(ck, weights_only=True)["iter"]
     assert 3 <= it_killed < 10, "killed before the run finished"
     res = _cli(["train", "--preset", "tiny", *_sets(extra), "--out", str(tmp_path / "v"), "--resume",
                 "--no-progress", "--no-eval"])
@@ -185,6 +185,6 @@ def test_ddp_gloo_two_processes(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     recs = losses(out)
     assert [i for i, _ in recs] == [1, 2, 3]
-    ck = torch.load(out / "last.pth", weights_only=False)
+    ck = torch.load(out / "last.pth", weights_only=True)
     assert ck["iter"] == 3
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
