@@ -78,15 +78,15 @@ def bench_speed(s: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def bench_kernels(s: nox.Session) -> None:
     """Kernel benchmarks (reference vs fast) and the end-to-end pixel decoder / training-step speed-up:
-    python -m kernels.bench --end-to-end (args after -- replace the default)."""
-    s.run(PY, "-m", "kernels.bench", *(s.posargs or ["--end-to-end"]), external=True)
+    python -m m2f.bench kernels --end-to-end (args after -- replace the default)."""
+    s.run(PY, "-m", "m2f.bench", "kernels", *(s.posargs or ["--end-to-end"]), external=True)
 
 
 @nox.session(name="bench_gemm", venv_backend="none")
 def bench_gemm(s: nox.Session) -> None:
     """float32 CPU GEMMs, BLAS vs oneDNN (kernels/cpu_gemm.py), and an R50 training step per gemm_backend:
-    python -m kernels.bench_gemm --threads 1 --step --out reports/bench/gemm_cpu.json (args after -- replace)."""
-    s.run(PY, "-m", "kernels.bench_gemm",
+    python -m m2f.bench gemm --threads 1 --step --out reports/bench/gemm_cpu.json (args after -- replace)."""
+    s.run(PY, "-m", "m2f.bench", "gemm",
           *(s.posargs or ["--threads", "1", "--step", "--out", "reports/bench/gemm_cpu.json"]), external=True)
 
 

@@ -9,7 +9,7 @@ from m2f.errors import M2FError
 
 
 def cmd_list(args) -> int:
-    from ablations.runner import runs_path
+    from ablations.records import runs_path
     from ablations.scales import SCALES
     from ablations.spec import list_specs, load_spec
     from m2f.checkpoint import read_jsonl

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from ablations.runner import eval_metric, flat_metrics, runs_path
+from ablations.records import eval_metric, flat_metrics, runs_path
 from ablations.scales import SCALES
 from ablations.spec import PROPOSAL_PATTERN, AblationSpec, expand_metrics, list_specs, load_spec, table_label
 from m2f.checkpoint import atomic_write_text, read_jsonl

@@ -14,46 +14,27 @@ process reports is that run's), each with ``cpu_count // jobs`` torch threads.  
 from __future__ import annotations
 
 import json
-import math
 import os
 import shlex
 import subprocess
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from ablations.records import RESULT_NAME, RunPlan, build_record, eval_metric, flat_metrics, runs_path
 from ablations.scales import Scale, get_scale
-from ablations.spec import EVAL_METRICS, AblationSpec, Row, load_spec, table_label
+from ablations.spec import AblationSpec, Row, load_spec, table_label
 from m2f.checkpoint import append_jsonl, atomic_write_json, read_jsonl
 from m2f.config import Config, apply_overrides, config_hash, from_dict, get_preset, to_dict
 from m2f.errors import InputError
 
-RESULT_NAME = "ablation_result.json"
 FLOPS_CACHE = ".flops_cache.json"
 MEMORY_CACHE = ".memory_cache.json"
 MEMORY_PROBE_MASKS = 20  # synthetic target masks per image in the memory probe
 
 
-@dataclass
-class RunPlan:
-    ablation: str
-    row: Row
-    seed: int
-    scale: str
-    cfg: Config
-    config_hash: str
-    run_dir: Path
-
-    @property
-    def key(self) -> tuple:
-        return (self.row.name, self.seed, self.scale, self.config_hash)
-
-    @property
-    def label(self) -> str:
-        return f"{self.row.name} / seed {self.seed}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,8 +78,6 @@ def plan_runs(spec: AblationSpec, scale: Scale, seeds: Optional[int] = None, dat
     return plans
 
 
-def runs_path(out: Path | str, ablation: str) -> Path:
-    return Path(out) / ablation / "runs.jsonl"
 
 
 def finished_keys(path: Path) -> set:
@@ -117,53 +96,10 @@ def finished_keys(path: Path) -> set:
 # ---------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------
-def _num(x) -> Optional[float]:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
-def eval_metric(ev: Dict[str, Any], name: str) -> Optional[float]:
-    """One named metric from an evaluation dict ``{task: {key: value}}`` (None if absent)."""
-    if not isinstance(ev, dict):
-        return None
-    v = None
-    if name in EVAL_METRICS:
-        task, key = EVAL_METRICS[name]
-        v = _num((ev.get(task) or {}).get(key))
-    elif name.startswith("AR@"):
-        v = _num((ev.get("proposals") or {}).get(name))
-    # Metrics are on the 0-100 scale; COCOeval marks "undefined" as -1 (-100 scaled), NaN elsewhere.
-    return v if v is not None and v >= 0 else None
 
 
-def flat_metrics(record: Dict[str, Any]) -> Dict[str, float]:
-    """Every reportable number of a run record: eval metrics, FLOPs, memory, throughput."""
-    out: Dict[str, float] = {}
-    ev = record.get("eval") or {}
-    for name in EVAL_METRICS:
-        v = eval_metric(ev, name)
-        if v is not None:
-            out[name] = v
-    for k in (ev.get("proposals") or {}):
-        v = eval_metric(ev, k)
-        if v is not None:
-            out[k] = v
-    flops = record.get("flops") or {}
-    if _num(flops.get("gflops")) is not None:
-        out["FLOPs_G"] = _num(flops["gflops"])
-    probe = record.get("memory_probe") or {}
-    mem = probe.get("peak_bytes") or record.get("peak_memory_bytes") or record.get("peak_rss_bytes")
-    if _num(mem) is not None:
-        out["memory_GB"] = _num(mem) / 1e9  # per image (probe) when measured, else the run's peak
-    for src, dst in (("train_images_per_s", "train_images_per_s"), ("train_seconds", "train_seconds")):
-        if _num(record.get(src)) is not None:
-            out[dst] = _num(record[src])
-    if _num(record.get("params")) is not None:
-        out["params_M"] = _num(record["params"]) / 1e6
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +118,7 @@ def execute_run(job: Dict[str, Any]) -> Dict[str, Any]:
     from m2f import evaluate as m2f_evaluate
     from m2f import flops as m2f_flops
     from m2f import train as m2f_train
+    from m2f.provenance import environment
 
     cfg = from_dict(job["config"])
     run_dir = Path(job["run_dir"])
@@ -226,7 +163,7 @@ def execute_run(job: Dict[str, Any]) -> Dict[str, Any]:
             flops = {"error": f"{type(e).__name__}: {e}"}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     result = {"summary": summary, "flops": flops, "peak_rss_bytes": rss if job.get("isolated") else None,
-              "wall_seconds": time.perf_counter() - t0, "environment": m2f_train.environment(),
+              "wall_seconds": time.perf_counter() - t0, "environment": environment(job.get("device")),
               "config_hash": job["config_hash"]}
     atomic_write_json(run_dir / RESULT_NAME, result)
     return result
@@ -240,34 +177,6 @@ def _job(plan: RunPlan, scale: Scale, device: Optional[str], threads: int, need_
             "isolated": isolated, "progress": False}
 
 
-def build_record(spec: AblationSpec, plan: RunPlan, scale: Scale, result: Dict[str, Any],
-                 flops: Optional[Dict[str, Any]], git: Optional[str]) -> Dict[str, Any]:
-    """The ONE line a finished run appends to runs.jsonl."""
-    s = result.get("summary") or {}
-    cfg = plan.cfg
-    rec = {
-        "ablation": spec.name, "table": spec.table, "row": plan.row.name, "overrides": plan.row.overrides,
-        "scale": plan.scale, "seed": plan.seed, "config": to_dict(cfg), "config_hash": plan.config_hash,
-        "git_commit": git, "environment": result.get("environment"),
-        "data": {"train": cfg.data.train, "val": cfg.data.val, "task": cfg.data.task,
-                 "image_size": cfg.data.image_size, "eval_limit": scale.eval_limit},
-        "iters": s.get("iter"), "max_iters": cfg.solver.max_iters, "batch_size": cfg.solver.batch_size,
-        "thresholds": {"object_mask_threshold": cfg.inference.object_mask_threshold,
-                       "overlap_threshold": cfg.inference.overlap_threshold,
-                       "mask_threshold": cfg.decoder.mask_threshold},
-        "metrics_over_training": read_jsonl(plan.run_dir / "metrics.jsonl"),
-        "eval": s.get("eval") or {}, "final_loss": s.get("final_loss"),
-        "peak_memory_bytes": s.get("peak_memory_bytes"), "peak_rss_bytes": result.get("peak_rss_bytes"),
-        "memory_kind": ("cuda_max_allocated" if s.get("peak_memory_bytes") else
-                        "process_peak_rss" if result.get("peak_rss_bytes") else None),
-        "train_images_per_s": s.get("train_images_per_s"), "train_seconds": s.get("train_seconds"),
-        "params": s.get("params"), "flops": flops, "wall_seconds": result.get("wall_seconds"),
-        "kernels": s.get("kernels"),
-        "run_dir": str(plan.run_dir), "shared_from": result.get("shared_from"),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    rec["metrics"] = flat_metrics(rec)
-    return rec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,12 +208,12 @@ def memory_key(cfg: Config, size: int) -> str:
 
 def attach_memory_probes(spec: AblationSpec, plans: List[RunPlan], sc: Scale, out: Path, device: Optional[str],
                          fresh_process: bool = True, print_fn: Callable[[str], None] = print) -> int:
-    """Measure training memory per image (``m2f.bench.probe_memory`` at ``sc.memory_size``) for each
+    """Measure training memory per image (``m2f.bench.memory.probe_memory`` at ``sc.memory_size``) for each
     distinct config of ``plans`` (cached in ``out/.memory_cache.json``: the figure depends on the
     config, not on the seed or the trained weights) and write it into the matching records of
     ``runs.jsonl`` as ``memory_probe`` (atomic rewrite; records already carrying it are kept).
     Returns how many records were updated."""
-    from m2f.bench import probe_memory
+    from m2f.bench.memory import probe_memory
     from m2f.checkpoint import rewrite_jsonl
 
     size = sc.memory_size
@@ -378,7 +287,7 @@ def _run_torchrun(spec: AblationSpec, plan: RunPlan, scale: Scale) -> Dict[str, 
     final = plan.run_dir / "final.json"
     if not final.exists():
         raise RuntimeError(f"{plan.label}: torchrun finished but {final} is missing")
-    from m2f.train import environment
+    from m2f.provenance import environment
 
     summary = json.loads(final.read_text())
     if spec.evaluate_proposals:  # m2f train does not score per-layer proposals: do it here, on one device
@@ -388,7 +297,7 @@ def _run_torchrun(spec: AblationSpec, plan: RunPlan, scale: Scale) -> Dict[str, 
         model, _ = load_model_from_checkpoint(plan.run_dir / CKPT_NAME)
         summary["eval"] = evaluate_model(model, plan.cfg, limit=scale.eval_limit, proposals=True)
     result = {"summary": summary, "flops": None, "peak_rss_bytes": None,
-              "wall_seconds": time.perf_counter() - t0, "environment": environment(),
+              "wall_seconds": time.perf_counter() - t0, "environment": environment("cuda"),
               "config_hash": plan.config_hash}
     atomic_write_json(plan.run_dir / RESULT_NAME, result)
     return result
@@ -507,13 +416,9 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
                     f"{sc.name} run into {p.run_dir} ({p.cfg.solver.max_iters} iterations, config {p.config_hash})"))
         return summary
 
-    git = None
-    try:
-        from m2f.train import git_commit
+    from m2f.provenance import git_commit
 
-        git = git_commit()
-    except Exception:  # noqa: BLE001
-        pass
+    git = git_commit()
     flops_cache = _load_flops_cache(out)
     total = len(todo)
     counter = {"n": 0}

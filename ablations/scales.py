@@ -54,7 +54,7 @@ class Scale:
     flops_size: Tuple[int, int]  # H, W at which FLOPs are counted
     launcher: str = "local"  # "local" (process pool) or "torchrun"
     # Side of the square image at which specs with a memory_GB column measure training memory per
-    # image (m2f.bench.probe_memory: one step, batch 1, in a fresh process); None = no probe.
+    # image (m2f.bench.memory.probe_memory: one step, batch 1, in a fresh process); None = no probe.
     memory_size: Optional[int] = None
     seconds_per_iter: float = 1.0  # ETA before the first run finishes
     seconds_per_eval: float = 10.0

@@ -30,7 +30,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.ve
 step 180 $PY -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_checkpointing.py
 # 2. kernels vs reference at Mask2Former's shapes (batch 2, 1024 px, strides 8-32) + the R50 pixel decoder
 #    and training step with each backend
-step 150 $PY -m kernels.bench --end-to-end --iters 20 --out "$DEST/kernels.json"
+step 150 $PY -m m2f.bench kernels --end-to-end --iters 20 --out "$DEST/kernels.json"
 # 3. training memory per image, the four Table 5 variants, 1024 px (paper: 18 GB full-mask vs 6 GB point)
 step 120 $PY -m m2f.bench memory --device cuda --sizes 1024 --out "$DEST" --set pixel_decoder.deform_attn_backend=auto
 # 4. m2f vs HF transformers, same weights: inference (batch 1, post-processing included) and training step

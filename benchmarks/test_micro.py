@@ -15,8 +15,8 @@ import os
 import pytest
 import torch
 
-from kernels.ms_deform_attn import ms_deform_attn_reference
-from m2f.models.pixel_decoders.msdeform import ms_deform_attn_gather, ms_deform_attn_levels, ms_deform_attn_recompute
+from kernels.ms_deform_attn import (ms_deform_attn_gather, ms_deform_attn_levels, ms_deform_attn_recompute,
+                                    ms_deform_attn_reference)
 from m2f.models.transformer_decoder import Attention, masked_attention_bias
 
 torch.set_num_threads(1)  # the shared 2-core machine: one thread is the stable measurement

@@ -1,12 +1,11 @@
 """float32 CPU GEMMs of the model's linear layers and 1x1 convolutions through oneDNN.
 
 Why: on CPU, ``F.linear`` / ``torch.mm`` in float32 go to the BLAS PyTorch was built with (MKL on
-x86).  On the AMD EPYC machines this project runs on, MKL's sgemm reaches ~85-110 GFLOP/s per core
-while oneDNN's matmul (shipped inside every x86 PyTorch build, the library behind its CPU
-convolutions) reaches ~130-250 GFLOP/s on the same shapes (``python -m kernels.bench_gemm``; MKL
-does not take its AVX-512 code path on non-Intel CPUs).  One-thread 1x1 convolutions go to the
-same BLAS through PyTorch's THNN path.  On an Intel CPU both libraries run near peak and the
-difference should be small.
+x86); oneDNN's matmul (shipped inside every x86 PyTorch build, the library behind its CPU
+convolutions) can be much faster on non-Intel CPUs, where MKL may not take its widest code path.
+One-thread 1x1 convolutions go to the same BLAS through PyTorch's THNN path.  How much faster
+depends on the CPU: measure with ``python -m m2f.bench gemm`` (figures per CPU in
+reports/bench/gemm_cpu*.json and reports/bench/NOTES.md).
 
 What: :func:`linear` is ``F.linear`` computed by ``torch.ops.mkldnn._linear_pointwise`` (the
 oneDNN linear op PyTorch's own CPU compiler emits), with an autograd function whose backward also
@@ -18,8 +17,14 @@ stride-1, ungrouped convolutions of channels-last input to :func:`linear` on the
 
 Backends: ``"reference"`` (``F.linear`` / ``F.conv2d``), ``"onednn"``, ``"auto"`` (oneDNN for
 float32 CPU tensors outside autocast when the op is present and agrees with ``F.linear`` on a probe;
-else reference).  Models pick theirs with :func:`set_gemm_backend` (config field ``gemm_backend``).
-Double backward (``create_graph``) differentiates the plain expressions.
+else reference).  Under ``torch.jit.trace`` (fvcore's FLOP count) every backend runs the reference
+ops, which tracers see into.  Double backward (``create_graph``) differentiates the plain expressions.
+
+Modules: :class:`Linear` and :class:`Conv2d` are ``nn.Linear`` / ``nn.Conv2d`` (same parameters,
+initialisation and state-dict keys) that take the backend as a constructor argument; the model
+builder passes the config field ``gemm_backend`` down.  :func:`adopt_linear` wraps an existing
+``nn.Linear`` (e.g. inside a third-party block) as a :class:`Linear` sharing its parameters.
+Nothing here imports m2f.
 """
 from __future__ import annotations
 
@@ -115,7 +120,8 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     """``F.linear(x, weight, bias)``; x [..., K], weight [N, K] -> [..., N]."""
-    if resolve_backend(backend, x, weight, *(() if bias is None else (bias,))) == "reference" or x.numel() == 0:
+    if (torch.jit.is_tracing() or x.numel() == 0
+            or resolve_backend(backend, x, weight, *(() if bias is None else (bias,))) == "reference"):
         return F.linear(x, weight, bias)
     lead = x.shape[:-1]
     out = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
@@ -126,7 +132,7 @@ def bmm_nt(a: Tensor, b: Tensor, backend: str = "auto") -> Tensor:
     """``torch.bmm(a, b.transpose(1, 2))``: a [B, M, K], b [B, N, K] -> [B, M, N] (strided operands
     accepted), one oneDNN product per batch element when ``backend`` resolves to it.  No autograd:
     for use inside autograd functions' forward and backward."""
-    if resolve_backend(backend, a, b) == "reference" or a.numel() == 0 or b.numel() == 0:
+    if torch.jit.is_tracing() or a.numel() == 0 or b.numel() == 0 or resolve_backend(backend, a, b) == "reference":
         return torch.bmm(a, b.transpose(1, 2))
     if a.shape[0] == 1:
         return _mm_nt(a[0], b[0]).unsqueeze(0)
@@ -148,7 +154,8 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Uni
            backend: str = "auto") -> Tensor:
     """``F.conv2d``; a 1x1 stride-1 convolution of channels-last input [B, C, H, W] runs as
     :func:`linear` on its [B*H*W, C] view and returns channels-last output (no copies)."""
-    if (backend != "reference" and x.dim() == 4 and _is_pointwise(weight, stride, padding, dilation, groups)
+    if (backend != "reference" and not torch.jit.is_tracing() and x.dim() == 4
+            and _is_pointwise(weight, stride, padding, dilation, groups)
             and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
             and resolve_backend(backend, x, weight) == "onednn"):
         B, _, H, W = x.shape
@@ -157,38 +164,42 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Uni
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
-class FastLinear(nn.Linear):
-    """``nn.Linear`` computed by :func:`linear` with the module's ``gemm_backend``."""
+class Linear(nn.Linear):
+    """``nn.Linear`` whose product runs through ``backend`` (:func:`linear`); same parameters, init and keys."""
 
-    gemm_backend = "auto"
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.backend = check_backend(backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias, self.gemm_backend)
+        return linear(x, self.weight, self.bias, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"
 
 
-class FastConv2d(nn.Conv2d):
-    """``nn.Conv2d`` computed by :func:`conv2d` with the module's ``gemm_backend`` (zero padding)."""
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` computed by :func:`conv2d` with ``backend`` (zero padding); same parameters, init and keys."""
 
-    gemm_backend = "auto"
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = check_backend(backend)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.padding_mode != "zeros":
             return super().forward(x)
-        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                      self.gemm_backend)
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"
 
 
-def set_gemm_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Every plain ``nn.Linear`` / ``nn.Conv2d`` of ``model`` (also inside third-party blocks such as
-    timm's Swin) becomes a :class:`FastLinear` / :class:`FastConv2d` -- the same object, parameters,
-    state-dict keys and ``isinstance`` answers, only ``forward`` changes -- and takes ``backend``, as
-    does every module whose class declares a ``gemm_backend`` attribute.  Returns ``model``."""
-    check_backend(backend)
-    for m in model.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = FastLinear
-        elif type(m) is nn.Conv2d:
-            m.__class__ = FastConv2d
-        if isinstance(m, (FastLinear, FastConv2d)) or hasattr(type(m), "gemm_backend"):
-            m.gemm_backend = backend  # also modules that declare their own GEMMs (the mask head product)
-    return model
+def adopt_linear(module: nn.Linear, backend: str) -> Linear:
+    """A :class:`Linear` sharing ``module``'s parameters (the same Parameter objects; nothing is drawn
+    from the RNG), for blocks built by third-party code (timm's attention and MLP layers)."""
+    new = torch.nn.utils.skip_init(Linear, module.in_features, module.out_features, module.bias is not None,
+                                   backend=backend, device="meta")
+    new.weight = module.weight
+    new.bias = module.bias
+    return new

@@ -26,6 +26,15 @@ class ConfigError(M2FError, ValueError):
     """A bad config path or value (the message names the path and what was expected)."""
 
 
+def execution_only(default: Any, kernel: bool = False):
+    """A field that changes how a result is computed, not what (the one mark; :data:`EXECUTION_ONLY`
+    is read from it): left out of a run's identity (:func:`config_hash`, resume, shared ablation runs),
+    so e.g. a run that ran out of memory resumes with activation checkpointing switched on.
+    ``kernel=True``: an implementation choice whose resolved value is recorded with every result
+    (:func:`m2f.train.kernels_used`)."""
+    return field(default=default, metadata={"execution_only": True, "kernel": kernel})
+
+
 # ----------------------------------------------------------------------------------------------
 # Components
 # ----------------------------------------------------------------------------------------------
@@ -50,9 +59,8 @@ class BackboneCfg:
     stride_in_3x3: bool = True
     # Activation checkpointing (mmdet's with_cp, Swin's use_checkpoint): each block keeps only its
     # input for backward and is recomputed there. Same function and gradients, less training memory,
-    # about one more backbone forward per step. Execution-only: not part of config_hash (a run may
-    # resume with it switched).
-    activation_checkpointing: bool = False
+    # about one more backbone forward per step.
+    activation_checkpointing: bool = execution_only(False)
 
 
 PixelDecoderKind = Literal["msdeform", "fpn", "semantic_fpn", "bifpn", "fapn", "transformer_encoder"]
@@ -70,19 +78,19 @@ class PixelDecoderCfg:
     num_points: int = 4
     ffn_dim: int = 1024
     dropout: float = 0.0
-    # Multi-scale deformable attention implementation: "reference" (pure PyTorch, runs everywhere:
-    # per-level grid_sample under autograd, one embedding_bag gather without; both equal
-    # kernels.ms_deform_attn_reference), "reference_recompute" (the same, but training keeps only the
-    # attention's inputs for backward and recomputes the samples there: ~3 x 88 MB less per encoder
-    # layer at 1024 px, ~1.5x the attention's fwd+bwd time), "triton" (kernels/), "auto" (triton on
-    # CUDA when available).
-    deform_attn_backend: Literal["reference", "reference_recompute", "triton", "auto"] = "reference"
+    # Multi-scale deformable attention implementation (kernels/ms_deform_attn.py): "reference" (pure
+    # PyTorch, runs everywhere: per-level grid_sample under autograd, one embedding_bag gather without;
+    # both equal kernels.ms_deform_attn_reference), "reference_recompute" (the same, but training keeps
+    # only the attention's inputs for backward and recomputes the samples there: less memory, more
+    # time; reports/bench/kernels.json), "triton", "auto" (triton on CUDA when available).
+    deform_attn_backend: Literal["reference", "reference_recompute", "triton", "auto"] = execution_only(
+        "reference", kernel=True)
     # BiFPN repeats (only for kind=bifpn)
     bifpn_repeats: int = 2
     # Activation checkpointing of the transformer encoder layers (kinds msdeform and
     # transformer_encoder): each layer keeps only its input for backward and is recomputed there.
-    # Same function and gradients; execution-only (not part of config_hash).
-    activation_checkpointing: bool = False
+    # Same function and gradients.
+    activation_checkpointing: bool = execution_only(False)
 
 
 CrossAttention = Literal["masked", "standard", "mask_pooling", "smca"]
@@ -113,8 +121,8 @@ class DecoderCfg:
     # Always add a 1x1 projection of the pixel-decoder features (official: only if dims differ).
     enforce_input_projection: bool = False
     # Masked attention implementation: "reference" (explicit softmax) or "sdpa"
-    # (scaled_dot_product_attention with an additive bias, kernels/).
-    attention_backend: Literal["reference", "sdpa"] = "sdpa"
+    # (scaled_dot_product_attention with an additive bias).
+    attention_backend: Literal["reference", "sdpa"] = execution_only("sdpa", kernel=True)
 
 
 @dataclass(frozen=True)
@@ -211,10 +219,10 @@ class Config:
     pixel_mean: Tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: Tuple[float, float, float] = (58.395, 57.12, 57.375)
     # float32 CPU GEMMs of every linear layer and 1x1 convolution (kernels/cpu_gemm.py): "onednn"
-    # (oneDNN's linear op, ~2x MKL's sgemm on the AMD CPUs measured), "reference" (F.linear /
-    # F.conv2d), "auto" (oneDNN for float32 CPU tensors outside autocast where the build has it, else
-    # reference).  Same function up to float32 summation order; execution-only (not in config_hash).
-    gemm_backend: Literal["auto", "onednn", "reference"] = "auto"
+    # (oneDNN's linear op; how much faster than the BLAS depends on the CPU: reports/bench/gemm_cpu*.json),
+    # "reference" (F.linear / F.conv2d), "auto" (oneDNN for float32 CPU tensors outside autocast where
+    # the build has it, else reference).  Same function up to float32 summation order.
+    gemm_backend: Literal["auto", "onednn", "reference"] = execution_only("auto", kernel=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,9 +519,29 @@ def from_dict(d: Mapping[str, Any]) -> Config:
     return apply_overrides(Config(), flat)
 
 
-# Fields that change how a result is computed, not what: a run's identity (config_hash, resume,
-# shared ablation runs) ignores them, so e.g. a run that ran out of memory resumes with them switched.
-EXECUTION_ONLY = ("backbone.activation_checkpointing", "pixel_decoder.activation_checkpointing", "gemm_backend")
+def _marked(cls, key: str, prefix: str = "") -> Tuple[str, ...]:
+    out: list = []
+    hints = _type_hints(cls)
+    for f in fields(cls):
+        tp = hints[f.name]
+        if isinstance(tp, type) and is_dataclass(tp):
+            out.extend(_marked(tp, key, prefix + f.name + "."))
+        elif f.metadata.get(key):
+            out.append(prefix + f.name)
+    return tuple(out)
+
+
+# Fields marked :func:`execution_only` (read from the dataclass field metadata, the one mark).
+EXECUTION_ONLY: Tuple[str, ...] = _marked(Config, "execution_only")
+# The implementation choices among them (recorded, resolved, with results).
+KERNEL_FIELDS: Tuple[str, ...] = _marked(Config, "kernel")
+
+
+def get_path(cfg: Any, path: str) -> Any:
+    """The value at a dotted path (``get_path(cfg, "decoder.num_queries")``)."""
+    for k in path.split("."):
+        cfg = getattr(cfg, k)
+    return cfg
 
 
 def config_hash(cfg: Config, execution: bool = False) -> str:

@@ -14,21 +14,17 @@ from m2f.config import Config
 
 
 def count_flops(cfg: Config, height: int, width: int, model=None) -> Dict[str, Any]:
+    """fvcore FLOPs of one ``height`` x ``width`` image (``model``: a built model of ``cfg``; default:
+    built here).  Under ``torch.jit.trace`` every fast path runs its reference ops (explicit attention
+    softmax, ``F.linear`` for the oneDNN GEMMs, einsum for the mask head), which fvcore counts."""
     from fvcore.nn import FlopCountAnalysis
 
     from m2f.models.build import build_model
 
-    # fvcore counts matmul/einsum/softmax, not the fused sdpa op: count with the explicit path.
     if model is None:
-        from m2f.config import apply_overrides
-
-        model = build_model(apply_overrides(cfg, {"decoder.attention_backend": "reference"}))
+        model = build_model(cfg)
     model.eval()
     x = torch.randn(1, 3, height, width)
-    # fvcore has no handle for oneDNN's linear op: trace the reference GEMMs (kernels/cpu_gemm.py).
-    gemm = {m: m.gemm_backend for m in model.modules() if hasattr(m, "gemm_backend")}
-    for m in gemm:
-        m.gemm_backend = "reference"
 
     class _Wrap(torch.nn.Module):
         def __init__(self, m):
@@ -46,8 +42,6 @@ def count_flops(cfg: Config, height: int, width: int, model=None) -> Dict[str, A
         total = fca.total()
         by_module = {k: v for k, v in fca.by_module().items() if k.count(".") == 1}
         skipped = dict(fca.unsupported_ops())
-    for m, backend in gemm.items():
-        m.gemm_backend = backend
     return {
         "gflops": total / 1e9,
         "size": [height, width],

@@ -23,9 +23,10 @@ from torch import nn
 
 from m2f.checkpoint import (append_jsonl, atomic_write_json, load_checkpoint, load_model_weights, read_jsonl,
                             rewrite_jsonl, save_checkpoint)
-from m2f.config import Config, config_hash, from_dict, to_dict
+from m2f.config import KERNEL_FIELDS, Config, config_hash, from_dict, get_path, to_dict
 from m2f.data.collate import mix_seed
 from m2f.errors import InputError, NonFiniteLossError
+from m2f.provenance import git_commit
 
 CKPT_NAME = "last.pth"
 
@@ -130,43 +131,23 @@ def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return out
 
 
-def environment() -> Dict[str, Any]:
-    import platform
-
-    env = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-           "cuda": torch.version.cuda, "device": "cpu", "hostname": platform.node()}
-    if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name()
-    else:
-        env["device"] = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return env
-
-
 def kernels_used(cfg: Config, device) -> Dict[str, str]:
-    """The implementations that actually ran ("auto" resolved on ``device``), recorded with results."""
+    """The implementations that actually ran: every kernel field of the config (marked
+    ``execution_only(..., kernel=True)`` in m2f.config) with "auto" resolved on ``device``, recorded
+    with results.  The deformable-attention backend only for the msdeform pixel decoder."""
     from kernels.cpu_gemm import resolve_for_device
     from kernels.ms_deform_attn import resolve_backend
 
     amp = amp_context(cfg.solver, torch.device(device).type) is not nullcontext
-    out = {"decoder.attention_backend": cfg.decoder.attention_backend,
-           "gemm_backend": resolve_for_device(cfg.gemm_backend, device, amp=amp)}
-    if cfg.pixel_decoder.kind == "msdeform":
-        out["pixel_decoder.deform_attn_backend"] = resolve_backend(cfg.pixel_decoder.deform_attn_backend, device)
+    resolvers = {"gemm_backend": lambda v: resolve_for_device(v, device, amp=amp),
+                 "pixel_decoder.deform_attn_backend": lambda v: resolve_backend(v, device)}
+    out = {}
+    for path in KERNEL_FIELDS:
+        if path.startswith("pixel_decoder.deform") and cfg.pixel_decoder.kind != "msdeform":
+            continue
+        value = get_path(cfg, path)
+        out[path] = resolvers[path](value) if path in resolvers else value
     return out
-
-
-def git_commit() -> Optional[str]:
-    import subprocess
-
-    try:
-        root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        sha = out.stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True, timeout=5).stdout.strip()
-        return f"{sha}{'-dirty' if dirty else ''}" if sha else None
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def train(cfg: Config, out_dir, resume: bool = False, device: Optional[str] = None, progress: bool = True,

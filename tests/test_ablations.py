@@ -257,7 +257,7 @@ def test_memory_column_is_per_image_when_probed(tmp_path):
 def test_attach_memory_probes(tmp_path, monkeypatch):
     """One probe per distinct config (seeds share it), written into the matching records of runs.jsonl,
     cached: a second call measures nothing and changes nothing."""
-    import m2f.bench
+    import m2f.bench.memory
     from ablations.runner import attach_memory_probes, plan_runs
 
     spec = load_spec("point_loss")
@@ -276,7 +276,7 @@ def test_attach_memory_probes(tmp_path, monkeypatch):
         return {"size": size, "num_masks": num_masks, "peak_bytes": 2e9 if cfg.loss.loss == "mask" else 1e9,
                 "method": "test", "amp": None, "rss_peak_bytes": 3e9}
 
-    monkeypatch.setattr(m2f.bench, "probe_memory", fake_probe)
+    monkeypatch.setattr(m2f.bench.memory, "probe_memory", fake_probe)
     assert attach_memory_probes(spec, plans, sc, out, "cpu", fresh_process=False) == 8
     assert sorted(calls) == sorted({(m, l, 64, 20) for m in ("mask", "point") for l in ("mask", "point")})
     recs = list(read_jsonl(out / "point_loss" / "runs.jsonl"))
@@ -291,7 +291,7 @@ def test_attach_memory_probes(tmp_path, monkeypatch):
 def test_probe_memory_measures_the_given_config():
     """m2f.bench.probe_memory (the ablation memory column) runs the config it is given: its own
     matching/loss switches, at the requested size."""
-    from m2f.bench import probe_memory
+    from m2f.bench.memory import probe_memory
 
     cfg = get_preset("tiny", ["loss.matching=mask", "loss.loss=mask", "loss.num_points=256"])
     r = probe_memory(cfg, 64, "cpu", num_masks=3, fresh_process=False)
@@ -431,20 +431,7 @@ def test_cli_help_and_list(capsys):
 # ---------------------------------------------------------------------------------------------
 # One real smoke-scale run (needs the model, data, loss and evaluation modules)
 # ---------------------------------------------------------------------------------------------
-def _real_stack_missing() -> str | None:
-    try:
-        from m2f.data.catalog import get_dataset  # noqa: F401
-        from m2f.evaluation import InstanceEvaluator, PanopticEvaluator, SemanticEvaluator  # noqa: F401
-        from m2f.inference import postprocess  # noqa: F401
-        from m2f.loss import build_criterion  # noqa: F401
-        from m2f.models.build import build_model  # noqa: F401
-    except ImportError as e:
-        return f"the training stack is not importable yet: {e}"
-    return None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_real_stack_missing() is not None, reason=str(_real_stack_missing()))
 def test_real_smoke_run_produces_table_and_plot(tmp_path):
     from ablations.cli import main
 
@@ -586,7 +573,7 @@ def test_memory_probe_identity_includes_execution_only_fields():
 
 
 def test_failed_memory_probe_keeps_the_run_peak(tmp_path, monkeypatch):
-    import m2f.bench
+    import m2f.bench.memory
     from ablations.runner import attach_memory_probes, plan_runs
 
     spec, sc, out = load_spec("point_loss"), get_scale("smoke"), tmp_path / "reports"
@@ -599,7 +586,7 @@ def test_failed_memory_probe_keeps_the_run_peak(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(m2f.bench, "probe_memory", boom)
+    monkeypatch.setattr(m2f.bench.memory, "probe_memory", boom)
     msgs = []
     assert attach_memory_probes(spec, plans, sc, out, "cpu", print_fn=msgs.append) == 0
     failed = [m for m in msgs if "failed (RuntimeError: out of memory)" in m]

@@ -11,9 +11,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from kernels.ms_deform_attn import ms_deform_attn_reference  # noqa: E402
-from m2f import bench  # noqa: E402
+from m2f.bench import cli, common, memory, profile, report  # noqa: E402
 from m2f.errors import InputError  # noqa: E402
-from m2f.models.pixel_decoders.msdeform import (  # noqa: E402
+from kernels.ms_deform_attn import (  # noqa: E402
     ms_deform_attn_gather,
     ms_deform_attn_levels,
     ms_deform_attn_recompute,
@@ -135,15 +135,15 @@ def test_gather_borders_and_float32_at_encoder_shapes():
 
 def test_memory_ratios_from_measured_values():
     rows = [{"matching": m, "loss": l, "peak_bytes": b}
-            for (m, l), b in zip(bench.VARIANTS, [900, 400, 600, 300])]
-    r = bench.memory_ratios(rows)
+            for (m, l), b in zip(memory.VARIANTS, [900, 400, 600, 300])]
+    r = memory.memory_ratios(rows)
     assert r["mask_mask_over_point_point"] == pytest.approx(3.0)
     assert r["loss_mask_over_point@point_matching"] == pytest.approx(2.0)
     assert r["loss_mask_over_point@mask_matching"] == pytest.approx(2.25)
 
 
 def test_synthetic_targets():
-    t = bench.synthetic_targets(5, 9, 32, 48, "cpu")
+    t = common.synthetic_targets(5, 9, 32, 48, "cpu")
     assert t["masks"].shape == (5, 32, 48) and t["masks"].dtype == torch.bool
     assert t["labels"].shape == (5,) and int(t["labels"].max()) < 9
     assert (t["masks"].flatten(1).sum(1) > 0).all()
@@ -151,31 +151,30 @@ def test_synthetic_targets():
 
 def test_cli_rejects_bad_input(tmp_path):
     with pytest.raises(InputError, match="--sizes"):
-        bench.main(["memory", "--preset", "tiny", "--sizes", "50", "--out", str(tmp_path)])
+        cli.main(["memory", "--preset", "tiny", "--sizes", "50", "--out", str(tmp_path)])
     with pytest.raises(InputError, match="--device"):
-        bench.main(["speed", "--preset", "tiny", "--device", "tpu", "--out", str(tmp_path)])
+        cli.main(["speed", "--preset", "tiny", "--device", "tpu", "--out", str(tmp_path)])
 
 
 def test_memory_cli_tiny(tmp_path):
-    assert bench.main(["memory", "--preset", "tiny", "--sizes", "64", "--num-masks", "3", "--threads", "1",
+    assert cli.main(["memory", "--preset", "tiny", "--sizes", "64", "--num-masks", "3", "--threads", "1",
                        "--out", str(tmp_path), "--name", "mem"]) == 0
     r = json.loads((tmp_path / "mem.json").read_text())
     assert r["kind"] == "memory" and r["environment"]["device"] == "cpu"
     rows = r["sizes"]["64"]["variants"]
-    assert [(v["matching"], v["loss"]) for v in rows] == bench.VARIANTS
+    assert [(v["matching"], v["loss"]) for v in rows] == memory.VARIANTS
     for v in rows:
         assert v["peak_bytes"] > 0 and v["step_s"] > 0 and v["size"] == 64
         assert v["method"].startswith("cpu stand-in: peak live tensor bytes") and v["amp"] is None
         assert v["rss_peak_bytes"] > 0
     ratios = r["sizes"]["64"]["ratios"]
-    assert ratios == pytest.approx(bench.memory_ratios(rows))  # computed from the measured values
+    assert ratios == pytest.approx(memory.memory_ratios(rows))  # computed from the measured values
     assert ratios["mask_mask_over_point_point"] > 0
     assert "Training memory" in (tmp_path / "README.md").read_text()
 
 
 def test_speed_cli_tiny(tmp_path):
-    pytest.importorskip("transformers")
-    assert bench.main(["speed", "--preset", "tiny", "--size", "64", "--iters", "1", "--num-masks", "3",
+    assert cli.main(["speed", "--preset", "tiny", "--size", "64", "--iters", "1", "--num-masks", "3",
                        "--threads", "1", "--out", str(tmp_path), "--name", "spd"]) == 0
     r = json.loads((tmp_path / "spd.json").read_text())
     assert r["kind"] == "speed" and r["size"] == 64
@@ -212,7 +211,7 @@ def test_flop_count_sees_every_op_it_counts():
 def test_profile_cli_tiny(tmp_path):
     """The per-part split of a training step: every part measured, the parts add up to the total,
     every parameter received its gradient (the parts were cut apart and re-joined correctly)."""
-    assert bench.main(["profile", "--preset", "tiny", "--size", "64", "--iters", "1", "--num-masks", "3",
+    assert cli.main(["profile", "--preset", "tiny", "--size", "64", "--iters", "1", "--num-masks", "3",
                        "--threads", "1", "--out", str(tmp_path), "--name", "prof"]) == 0
     r = json.loads((tmp_path / "prof.json").read_text())
     parts = r["parts_median_s"]
@@ -235,12 +234,12 @@ def test_profile_backward_reaches_every_parameter():
     model = build_model(cfg).train()
     crit = build_criterion(cfg.loss, cfg.num_classes)
     x = torch.randn(1, 3, 64, 64)
-    tgt = bench.synthetic_targets(3, cfg.num_classes, 64, 64, "cpu")
+    tgt = common.synthetic_targets(3, cfg.num_classes, 64, 64, "cpu")
     g = torch.Generator().manual_seed(0)
     sum(crit(model(x), [tgt], generator=g).values()).backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    t = bench.profile_step(model, crit, x, [tgt], "cpu", generator=torch.Generator().manual_seed(0))
+    t = profile.profile_step(model, crit, x, [tgt], "cpu", generator=torch.Generator().manual_seed(0))
     assert len(t) == 7 and all(v > 0 for v in t.values())
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(got) == set(ref) and len(ref) > 50
@@ -290,24 +289,23 @@ def test_cpu_allocator_peak_counts_live_tensor_bytes():
         c = torch.ones(2**19)  # 2 MiB, after a was freed: the peak stays 12 MiB
         return b, c
 
-    (b, c), peak = bench.cpu_allocator_peak(fn)
+    (b, c), peak = memory.cpu_allocator_peak(fn)
     assert 12 * 2**20 <= peak < 12 * 2**20 + 2**16, peak
     assert before.numel() == 2**22 and b.numel() == 2**21
 
 
 def test_memory_worker_follows_the_trainers_autocast():
     """solver.amp_on_cpu: the measured step's forward runs under bf16 autocast, as in training."""
-    r = bench.memory_worker("tiny", 64, "point", "point", "cpu", 2, ["solver.amp_on_cpu=true"])
+    r = memory.memory_worker("tiny", 64, "point", "point", "cpu", 2, ["solver.amp_on_cpu=true"])
     assert r["amp"] == "bf16" and r["peak_bytes"] > 0 and math.isfinite(r["total_loss"])
-    r = bench.memory_worker("tiny", 64, "point", "point", "cpu", 2, [])
+    r = memory.memory_worker("tiny", 64, "point", "point", "cpu", 2, [])
     assert r["amp"] is None
 
 
 def test_speed_cli_amp(tmp_path):
     """--amp: both models under bf16 autocast, recorded in the result and its file name; execution
     switches given with --set reach the m2f model converted from HF (same function)."""
-    pytest.importorskip("transformers")
-    assert bench.main(["speed", "--preset", "tiny", "--size", "64", "--iters", "1", "--num-masks", "2", "--threads",
+    assert cli.main(["speed", "--preset", "tiny", "--size", "64", "--iters", "1", "--num-masks", "2", "--threads",
                        "1", "--no-flops", "--no-inference", "--amp", "--out", str(tmp_path),
                        "--set", "backbone.activation_checkpointing=true",
                        "--set", "pixel_decoder.deform_attn_backend=reference_recompute"]) == 0
@@ -337,17 +335,17 @@ def test_summary_table_against_goals(tmp_path):
     (out / "gpu" / "speed_gpu.json").write_text(json.dumps(speed(2.5, 1.9, {"device": "cuda", "gpu": "NVIDIA H200",
                                                                             "threads": 16})))
     variants = [{"matching": m, "loss": l, "peak_bytes": b, "amp": "bf16"}
-                for (m, l), b in zip(bench.VARIANTS, [3.3 * 2**30, 2 * 2**30, 3 * 2**30, 2**30])]
+                for (m, l), b in zip(memory.VARIANTS, [3.3 * 2**30, 2 * 2**30, 3 * 2**30, 2**30])]
     (out / "memory_cpu.json").write_text(json.dumps({
         "kind": "memory", "preset": "r50_coco_panoptic", "overrides": ["solver.amp_on_cpu=true"], "environment": env,
-        "sizes": {"1024": {"variants": variants, "ratios": bench.memory_ratios(variants)}}}))
+        "sizes": {"1024": {"variants": variants, "ratios": memory.memory_ratios(variants)}}}))
     (out / "gpu" / "kernels.json").write_text(json.dumps({
-        "config": {"batch": 2, "size": 1024}, "environment": {"device": "NVIDIA H200"}, "bandwidth_bound": {},
+        "kind": "kernels", "config": {"batch": 2, "size": 1024}, "environment": {"device": "NVIDIA H200"}, "bandwidth_bound": {},
         "results": [{"backend": "reference", "dtype": "float32", "forward_backward_ms": 40.0},
                     {"backend": "triton", "dtype": "float32", "forward_backward_ms": 10.0},
                     {"backend": "reference", "dtype": "bfloat16", "forward_backward_ms": 30.0},
                     {"backend": "triton", "dtype": "bfloat16", "forward_backward_ms": 15.0}]}))
-    rows = bench.render_summary(out).splitlines()
+    rows = report.render_summary(out).splitlines()
     def row(*words):
         hits = [r for r in rows if all(w in r for w in words)]
         assert len(hits) == 1, (words, rows)
@@ -360,16 +358,16 @@ def test_summary_table_against_goals(tmp_path):
     assert "**4.00x** | >= 3.0x: met" in row("deformable", "float32")
     assert "**2.00x** | >= 3.0x: NOT met" in row("deformable", "bfloat16")
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{bench.SUMMARY_BEGIN}\nold\n{bench.SUMMARY_END}\noutro\n")
-    bench.splice_summary(out, readme)
+    readme.write_text(f"intro\n{report.SUMMARY_BEGIN}\nold\n{report.SUMMARY_END}\noutro\n")
+    report.splice_summary(out, readme)
     text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith(f"{bench.SUMMARY_END}\noutro\n") and "old" not in text
+    assert text.startswith("intro\n") and text.endswith(f"{report.SUMMARY_END}\noutro\n") and "old" not in text
     assert "**1.60x**" in text
 
 
 def test_gemm_report_rows(tmp_path):
-    """kernels.bench_gemm's JSON lands in the README summary: median speed-up and the training step."""
-    from kernels import bench_gemm
+    """m2f.bench gemm's JSON lands in the README summary: median speed-up and the training step."""
+    from m2f.bench import gemm as bench_gemm
     from kernels.cpu_gemm import onednn_available
 
     if not onednn_available():
@@ -382,9 +380,9 @@ def test_gemm_report_rows(tmp_path):
                                                    for s in (1.5, 2.0, 2.5)],
             "step": {"preset": "r50_coco_panoptic", "size": 512, "reference_s": 5.0, "auto_s": 4.0, "speedup": 1.25}}
     (tmp_path / "gemm_cpu.json").write_text(json.dumps(fake))
-    text = bench.render_summary(tmp_path)
+    text = report.render_summary(tmp_path)
     assert "**2.00x** (1.50-2.50)" in text and "| 4.00 s | 5.00 s | **1.25x** |" in text
     fake["rows"] = [dict(r, M=64, K=32, N=16, op="forward x W^T") for r in fake["rows"]]
     (tmp_path / "gemm_cpu.json").write_text(json.dumps(fake))
-    page = bench.render_readme(tmp_path)
+    page = report.render_readme(tmp_path)
     assert "## float32 GEMMs `gemm_cpu.json`" in page and "| 64 | 32 | 16 | forward x W^T | 2 | 5 | 2.50x | — |" in page

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from m2f.bench import synthetic_targets
+from m2f.bench.common import synthetic_targets
 from m2f.config import config_hash, get_preset
 from m2f.errors import InputError
 from m2f.loss import build_criterion

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import cpu_gemm
-from kernels.cpu_gemm import FastConv2d, FastLinear, conv2d, linear, onednn_available, set_gemm_backend
+from kernels.cpu_gemm import Conv2d, Linear, adopt_linear, conv2d, linear, onednn_available
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN linear op")
 
@@ -110,22 +110,54 @@ def test_pointwise_conv_of_channels_last_input_runs_as_linear(monkeypatch):
     assert calls == []
 
 
-def test_set_gemm_backend_keeps_objects_parameters_and_keys():
-    model = nn.Sequential(nn.Linear(4, 6), nn.Conv2d(6, 3, 1), nn.Sequential(nn.Linear(3, 2)))
-    keys = list(model.state_dict())
-    ids = [id(m) for m in model.modules()]
-    set_gemm_backend(model, "reference")
-    assert [id(m) for m in model.modules()] == ids and list(model.state_dict()) == keys
-    assert isinstance(model[0], FastLinear) and isinstance(model[0], nn.Linear)
-    assert isinstance(model[1], FastConv2d) and model[2][0].gemm_backend == "reference"
-    clone = copy.deepcopy(model)
+def test_gemm_modules_take_the_backend_at_construction_with_nn_init_and_keys():
+    """Linear / Conv2d are nn.Linear / nn.Conv2d with the same initialisation (same RNG draws), keys
+    and isinstance answers; the backend is a constructor argument (validated there)."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 6), nn.Conv2d(6, 3, 1))
+    torch.manual_seed(0)
+    fast = nn.Sequential(Linear(4, 6, backend="reference"), Conv2d(6, 3, 1, backend="auto"))
+    assert list(plain.state_dict()) == list(fast.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), fast.state_dict().values()))
+    assert isinstance(fast[0], nn.Linear) and isinstance(fast[1], nn.Conv2d)
+    assert (fast[0].backend, fast[1].backend) == ("reference", "auto")
+    assert "backend='auto'" in repr(fast[1])
+    clone = copy.deepcopy(fast)
     buf = io.BytesIO()
-    torch.save(clone, buf)
+    torch.save(clone.state_dict(), buf)
     buf.seek(0)
-    loaded = torch.load(buf, weights_only=False)
-    assert isinstance(loaded[0], FastLinear) and loaded[0].gemm_backend == "reference"
+    fast.load_state_dict(torch.load(buf, weights_only=True))
     with pytest.raises(ValueError, match="valid choices"):
-        set_gemm_backend(model, "fast")
+        Linear(4, 6, backend="fast")
+    # adopt_linear: a third-party nn.Linear computed through the backend, its parameters shared, no RNG drawn
+    state = torch.get_rng_state()
+    adopted = adopt_linear(plain[0], "reference")
+    assert torch.equal(torch.get_rng_state(), state)
+    assert adopted.weight is plain[0].weight and adopted.bias is plain[0].bias and adopted.backend == "reference"
+    x = torch.randn(3, 4)
+    assert torch.equal(adopted(x), plain[0](x))
+
+
+def test_builder_passes_the_configured_backend_to_every_linear_layer():
+    """No plain nn.Linear / nn.Conv2d is left in a built model (timm's Swin blocks included): every
+    GEMM takes the config's gemm_backend through its constructor."""
+    from m2f.config import get_preset
+    from m2f.models.build import build_model
+
+    for preset, extra in (("tiny", []), ("tiny", ["backbone.kind=swin_t", "pixel_decoder.kind=fapn"]),
+                          ("tiny", ["pixel_decoder.kind=transformer_encoder"]), ("tiny", ["pixel_decoder.kind=bifpn"])):
+        model = build_model(get_preset(preset, extra + ["gemm_backend=reference"]))
+        # The ResNet trunk keeps torchvision's convolutions and computes them through cpu_gemm.conv2d with
+        # its own constructor backend; Swin's 4x4 patch embedding is never a GEMM; nn.MultiheadAttention's
+        # out_proj (transformer_encoder) runs inside F.multi_head_attention_forward.
+        exempt = ("backbone.conv1", "backbone.layer", "backbone.patch_embed")
+        mods = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        plain = [n for n, m in mods if not isinstance(m, (Linear, Conv2d)) and not n.startswith(exempt)
+                 and not n.endswith("self_attn.out_proj")]
+        assert plain == [], (extra, plain)
+        assert {m.backend for _, m in mods if isinstance(m, (Linear, Conv2d))} == {"reference"}
+        assert model.transformer_decoder.gemm_backend == "reference"
+        assert getattr(model.backbone, "gemm_backend", "reference") == "reference"
 
 
 @needs_onednn
@@ -138,9 +170,11 @@ def test_model_with_onednn_gemms_equals_reference(monkeypatch):
     from m2f.loss import build_criterion
     from m2f.models.build import build_model
 
-    cfg = get_preset("tiny", {"loss.matching": "mask", "loss.loss": "mask"})
+    over = {"loss.matching": "mask", "loss.loss": "mask"}
+    cfg = get_preset("tiny", over)
     torch.manual_seed(0)
-    model = build_model(cfg).train()
+    models = {b: build_model(get_preset("tiny", {**over, "gemm_backend": b})).train() for b in ("reference", "auto")}
+    models["auto"].load_state_dict(models["reference"].state_dict())
     crit = build_criterion(cfg.loss, cfg.num_classes)
     x = torch.randn(1, 3, 64, 96)
     masks = torch.zeros(2, 64, 96, dtype=torch.bool)
@@ -149,7 +183,7 @@ def test_model_with_onednn_gemms_equals_reference(monkeypatch):
     x = x.contiguous(memory_format=torch.channels_last)
 
     def run(backend):
-        set_gemm_backend(model, backend)
+        model = models[backend]
         model.zero_grad(set_to_none=True)
         out = model(x)
         loss = sum(crit(out, tgt, generator=torch.Generator().manual_seed(0)).values())

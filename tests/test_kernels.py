@@ -21,11 +21,8 @@ from kernels.ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
-try:
-    from kernels.ms_deform_attn_triton import _HAS_TRITON as HAS_TRITON
-    from kernels.ms_deform_attn_triton import _interpreter_active, ms_deform_attn_triton, triton_available
-except ImportError:  # pragma: no cover
-    HAS_TRITON = False
+from kernels.ms_deform_attn import _HAS_TRITON as HAS_TRITON  # noqa: E402
+from kernels.ms_deform_attn import _interpreter_active, ms_deform_attn_triton, triton_available  # noqa: E402
 
 
 def _triton_device():
@@ -225,7 +222,7 @@ def _compile_sm90(which: str, dtype: str, Dh: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import ms_deform_attn_triton as mod
+    from kernels import ms_deform_attn as mod
 
     sig = {"value_ptr": f"*{dtype}", "levels_ptr": "*i32", "loc_ptr": f"*{dtype}", "attn_ptr": f"*{dtype}"}
     if which == "fwd":
@@ -310,12 +307,18 @@ def test_triton_parity_interpreter():
 
 
 def test_dispatcher_auto_on_cpu_is_reference():
+    """The one dispatch: "auto" on CPU runs the "reference" backend (its gather formulation without
+    autograd, the levels one with), which equals the grid_sample specification."""
     shapes = [(3, 5), (2, 2)]
     value, loc, attn = _inputs(shapes, 2, 2, 4, 3, 2, torch.float32, "cpu")
     ref = ms_deform_attn(value, shapes, loc, attn, backend="reference")
     assert torch.equal(ms_deform_attn(value, shapes, loc, attn, backend="auto"), ref)
-    assert torch.equal(ms_deform_attn_reference(value, shapes, loc, attn), ref)
-    with pytest.raises(ValueError, match="unknown ms_deform_attn backend"):
+    torch.testing.assert_close(ms_deform_attn_reference(value, shapes, loc, attn), ref, rtol=1e-5, atol=1e-6)
+    leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    with_grad = ms_deform_attn(leaves[0], shapes, leaves[1], leaves[2], backend="auto")
+    torch.testing.assert_close(with_grad, ref, rtol=1e-5, atol=1e-6)
+    assert with_grad.grad_fn is not None
+    with pytest.raises(ValueError, match="is not a backend; valid choices"):
         ms_deform_attn(value, shapes, loc, attn, backend="cuda")
 
 
@@ -332,11 +335,12 @@ def test_dispatcher_triton_on_cpu_without_interpreter_raises():
 
 
 def test_bench_smoke(tmp_path):
-    from kernels import bench
+    from m2f.bench import cli
 
     out = tmp_path / "kernels.json"
-    assert bench.main(["--size", "64", "--batch", "1", "--iters", "1", "--warmup", "0", "--out", str(out)]) == 0
+    assert cli.main(["kernels", "--size", "64", "--batch", "1", "--iters", "1", "--warmup", "0", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
+    assert report["kind"] == "kernels"
     assert report["config"]["spatial_shapes"] == [[8, 8], [4, 4], [2, 2]]
     assert report["config"]["num_queries"] == 84
     rows = {(r["backend"], r["dtype"]): r for r in report["results"]}
@@ -355,12 +359,12 @@ def test_bench_smoke(tmp_path):
 
 
 def test_bench_end_to_end(tmp_path):
-    """--end-to-end: one model, its deformable-attention backend switched; the same loss, timings and a
-    speed-up relative to the first backend."""
-    from kernels import bench
+    """--end-to-end: one model per deformable-attention backend, the same weights; the same loss, timings
+    and a speed-up relative to the first backend."""
+    from m2f.bench import cli
 
     out = tmp_path / "kernels.json"
-    assert bench.main(["--size", "64", "--batch", "1", "--iters", "1", "--warmup", "0", "--backends", "reference",
+    assert cli.main(["kernels", "--size", "64", "--batch", "1", "--iters", "1", "--warmup", "0", "--backends", "reference",
                        "--dtypes", "float32", "--end-to-end", "--preset", "tiny",
                        "--model-backends", "reference,reference_recompute", "--out", str(out)]) == 0
     e = json.loads(out.read_text())["end_to_end"]
@@ -374,10 +378,10 @@ def test_bench_end_to_end(tmp_path):
 
 
 def test_bench_rejects_unknown_model_backend(capsys):
-    from kernels import bench
+    from m2f.bench import cli
 
     with pytest.raises(SystemExit):
-        bench.main(["--end-to-end", "--model-backends", "reference,cuda_ext"])
+        cli.main(["kernels", "--end-to-end", "--model-backends", "reference,cuda_ext"])
     assert "--model-backends: unknown backend 'cuda_ext'" in capsys.readouterr().err
 
 
@@ -451,7 +455,7 @@ def test_model_step_triton_backend_matches_reference():
     device = _triton_device()
     if device is None:
         pytest.skip("no CUDA device and the Triton interpreter is off here (see test_triton_parity_interpreter)")
-    from m2f.bench import synthetic_targets
+    from m2f.bench.common import synthetic_targets
     from m2f.config import get_preset
     from m2f.loss import build_criterion
     from m2f.models.build import build_model
@@ -473,10 +477,13 @@ def test_model_step_triton_backend_matches_reference():
     x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1)).to(device)
     targets = [synthetic_targets(3, cfg.num_classes, 64, 96, device, seed=s) for s in range(2)]
 
-    from m2f.models.pixel_decoders.msdeform import set_deform_attn_backend
+    models = {"reference": model}
+    models["triton"] = build_model(get_preset("tiny", ["loss.num_points=256",
+                                                      "pixel_decoder.deform_attn_backend=triton"])).to(device).train()
+    models["triton"].load_state_dict(model.state_dict())
 
     def step(backend, autocast):
-        set_deform_attn_backend(model, backend)
+        model = models[backend]
         model.zero_grad(set_to_none=True)
         torch.manual_seed(2)
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):

@@ -2,28 +2,23 @@
 options, parameter counts and the absence of host synchronisation."""
 from __future__ import annotations
 
-import sys
-import types
+from typing import get_args
 
 import pytest
 import torch
 
-try:  # build.py imports the Swin module; tolerate it being absent while it is written
-    import m2f.models.swin  # noqa: F401
-except ModuleNotFoundError as _e:
-    if _e.name != "m2f.models.swin":
-        raise
-    sys.modules["m2f.models.swin"] = types.ModuleType("m2f.models.swin")
-
+from kernels.mask_product import mask_product  # noqa: E402
+from m2f.config import CrossAttention, FeatureSchedule, LayerOrder, QueryFeatures  # noqa: E402
 from m2f.config import DecoderCfg, get_preset  # noqa: E402
 from m2f.errors import InputError  # noqa: E402
 from m2f.models.backbone import FrozenBatchNorm2d, ResNetBackbone  # noqa: E402
 from m2f.models.build import build_model  # noqa: E402
 from m2f.models.transformer_decoder import (  # noqa: E402
+    CROSS_ATTENTION,
+    SCHEDULES,
     Attention,
     build_transformer_decoder,
     foreground_attention,
-    mask_product,
     masked_attention_bias,
 )
 
@@ -155,10 +150,10 @@ def test_foreground_attention_masked_vs_standard():
 # (d) every decoder switch: forward + backward
 # ----------------------------------------------------------------------------------------------
 SWITCHES = [
-    *[{"cross_attention": v} for v in ("masked", "standard", "mask_pooling", "smca")],
-    *[{"feature_schedule": v} for v in ("multi_scale", "single_32", "single_16", "single_8", "naive_multi_scale")],
-    *[{"layer_order": v} for v in ("ca_first", "sa_first")],
-    *[{"query_features": v} for v in ("learnable_supervised", "learnable", "zero")],
+    *[{"cross_attention": v} for v in sorted(CROSS_ATTENTION)],
+    *[{"feature_schedule": v} for v in sorted(SCHEDULES)],
+    *[{"layer_order": v} for v in get_args(LayerOrder)],
+    *[{"query_features": v} for v in get_args(QueryFeatures)],
     {"query_features": "zero", "cross_attention": "mask_pooling"},
     {"pre_norm": True}, {"dropout": 0.1}, {"attention_backend": "reference"}, {"enforce_input_projection": True},
     {"num_layers": 4, "num_queries": 3},
@@ -197,12 +192,26 @@ def test_decoder_switch_forward_backward(switch):
     assert all(g is None or torch.isfinite(g).all() for g in grads)
 
 
+def test_cross_attention_registry_is_the_config_literal():
+    """One switch, one place: the registry's variants are exactly the config's choices, and each
+    decoder picks its variant once at construction."""
+    assert set(CROSS_ATTENTION) == set(get_args(CrossAttention))
+    assert set(SCHEDULES) == set(get_args(FeatureSchedule))
+    for name, variant in CROSS_ATTENTION.items():
+        dec = build_transformer_decoder(DecoderCfg(hidden_dim=C, num_heads=4, ffn_dim=128, num_queries=NQ,
+                                                   cross_attention=name), C, C, K)
+        assert dec.cross_variant is variant
+        assert all(layer.mask_pooling == variant.pools for layer in dec.layers)
+    with pytest.raises(ValueError, match="valid choices"):
+        build_transformer_decoder(DecoderCfg(hidden_dim=C, num_heads=4, cross_attention="sparse"), C, C, K)
+
+
 def test_cross_attention_kinds_differ():
     torch.manual_seed(5)
     ms, mf = _features()
     outs = {}
     base = build_transformer_decoder(DecoderCfg(hidden_dim=C, num_heads=4, ffn_dim=128, num_queries=NQ), C, C, K)
-    for kind in ("masked", "standard", "mask_pooling", "smca"):
+    for kind in sorted(CROSS_ATTENTION):
         dec = build_transformer_decoder(DecoderCfg(hidden_dim=C, num_heads=4, ffn_dim=128, num_queries=NQ,
                                                    cross_attention=kind), C, C, K).eval()
         dec.load_state_dict(base.state_dict())
@@ -294,7 +303,7 @@ def _forbid(*_a, **_k):
     raise AssertionError("host synchronisation in the model forward")
 
 
-@pytest.mark.parametrize("kind", ["masked", "smca", "mask_pooling"])
+@pytest.mark.parametrize("kind", sorted(CROSS_ATTENTION))
 def test_no_host_sync_in_forward(monkeypatch, kind):
     cfg = get_preset("tiny", {"decoder.cross_attention": kind})
     model = build_model(cfg).eval()

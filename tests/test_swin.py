@@ -16,8 +16,8 @@ from m2f.models.swin import (
 )
 from m2f.registry import BACKBONES
 
-transformers = pytest.importorskip("transformers")
-timm = pytest.importorskip("timm")
+import transformers  # noqa: E402  (test dependencies: a missing one fails)
+import timm  # noqa: E402
 
 TOL = 1e-4
 STAGES = ["stage1", "stage2", "stage3", "stage4"]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 
+from kernels.cpu_gemm import check_backend as check_gemm_backend
 from kernels.cpu_gemm import conv2d as gemm_conv2d
 from m2f.config import BackboneCfg
 from m2f.errors import InputError
@@ -89,28 +90,29 @@ class FrozenBatchNorm2d(nn.Module):
         return module
 
 
-def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
-    """``norm(conv(x))``; a FrozenBatchNorm2d is folded into the convolution (weight * scale, bias
-    shift): one conv instead of conv + two full-size elementwise passes, same function (gradients
-    still reach ``conv.weight``)."""
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, backend: str = "reference") -> Tensor:
+    """``norm(conv(x))`` with the convolution through the GEMM ``backend`` (kernels/cpu_gemm.py); a
+    FrozenBatchNorm2d is folded into the convolution (weight * scale, bias shift): one conv instead of
+    conv + two full-size elementwise passes, same function (gradients still reach ``conv.weight``)."""
     if isinstance(norm, FrozenBatchNorm2d):
         scale, shift = norm.scale_shift()  # [C_out] each
         weight = conv.weight * scale.to(conv.weight.dtype)[:, None, None, None]
         bias = shift if conv.bias is None else conv.bias * scale + shift
         return gemm_conv2d(x, weight, bias.to(weight.dtype), conv.stride, conv.padding, conv.dilation, conv.groups,
-                           backend=getattr(conv, "gemm_backend", "reference"))
-    return norm(conv(x))
+                           backend=backend)
+    return norm(gemm_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+                            backend=backend))
 
 
-def _block_forward(block: nn.Module, x: Tensor) -> Tensor:
+def _block_forward(block: nn.Module, x: Tensor, backend: str = "reference") -> Tensor:
     """torchvision Bottleneck / BasicBlock forward with :func:`conv_norm` (same parameters)."""
-    out = F.relu(conv_norm(block.conv1, block.bn1, x))
+    out = F.relu(conv_norm(block.conv1, block.bn1, x, backend))
     if hasattr(block, "conv3"):  # bottleneck
-        out = F.relu(conv_norm(block.conv2, block.bn2, out))
-        out = conv_norm(block.conv3, block.bn3, out)
+        out = F.relu(conv_norm(block.conv2, block.bn2, out, backend))
+        out = conv_norm(block.conv3, block.bn3, out, backend)
     else:
-        out = conv_norm(block.conv2, block.bn2, out)
-    identity = x if block.downsample is None else conv_norm(block.downsample[0], block.downsample[1], x)
+        out = conv_norm(block.conv2, block.bn2, out, backend)
+    identity = x if block.downsample is None else conv_norm(block.downsample[0], block.downsample[1], x, backend)
     return F.relu(out + identity)
 
 
@@ -138,10 +140,13 @@ class ResNetBackbone(nn.Module):
             False = stride in the first 1x1 conv (original ResNet / MSRA weights).
         weights: optional local weights: a torchvision state dict or a detectron2 ``.pkl``
             (``stem`` / ``res2..res5`` names, e.g. the official configs' ``R-50.pkl``).
+        gemm_backend: the convolutions' 1x1 GEMMs (kernels/cpu_gemm.py).
+        activation_checkpointing: recompute each block in backward (same gradients, less memory).
     """
 
     def __init__(self, depth_name: str = "resnet50", norm: str = "frozen_bn", freeze_at: int = 0,
-                 stride_in_3x3: bool = True, weights: Optional[str] = None):
+                 stride_in_3x3: bool = True, weights: Optional[str] = None, gemm_backend: str = "reference",
+                 activation_checkpointing: bool = False):
         super().__init__()
         if depth_name not in _RESNETS:
             raise InputError(f"backbone.kind: unknown ResNet {depth_name!r}; expected one of {sorted(_RESNETS)}")
@@ -160,7 +165,8 @@ class ResNetBackbone(nn.Module):
         widths = [64, 128, 256, 512]
         self.out_channels: Dict[str, int] = {f"res{i + 2}": w * expansion for i, w in enumerate(widths)}
         self.out_strides: Dict[str, int] = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
-        self.activation_checkpointing = False  # see m2f.models.checkpointing
+        self.gemm_backend = check_gemm_backend(gemm_backend)
+        self.activation_checkpointing = activation_checkpointing  # see m2f.models.checkpointing
         if weights:
             self.load_weights(weights)
         self.freeze(freeze_at)
@@ -198,11 +204,11 @@ class ResNetBackbone(nn.Module):
         # channels_last: oneDNN (CPU) and cuDNN (tensor cores) convolutions run without layout
         # reorders; the outputs are channels_last views of the usual [B, C, H, W] tensors.
         x = x.contiguous(memory_format=torch.channels_last)
-        x = self.maxpool(F.relu(conv_norm(self.conv1, self.bn1, x)))  # [B, 64, H/4, W/4]
+        x = self.maxpool(F.relu(conv_norm(self.conv1, self.bn1, x, self.gemm_backend)))  # [B, 64, H/4, W/4]
         feats = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
-                x = run_block(self.activation_checkpointing, _block_forward, block, x)
+                x = run_block(self.activation_checkpointing, _block_forward, block, x, self.gemm_backend)
             feats.append(x)
         res2, res3, res4, res5 = feats  # [B, C_i, H/s_i, W/s_i], s = 4, 8, 16, 32
         return {"res2": res2, "res3": res3, "res4": res4, "res5": res5}
@@ -210,9 +216,10 @@ class ResNetBackbone(nn.Module):
 
 def _register(name: str) -> None:
     @BACKBONES.register(name)
-    def _(cfg: BackboneCfg) -> nn.Module:
+    def _(cfg: BackboneCfg, gemm_backend: str = "reference") -> nn.Module:
         return ResNetBackbone(name, norm=cfg.norm, freeze_at=cfg.freeze_at, stride_in_3x3=cfg.stride_in_3x3,
-                              weights=cfg.weights)
+                              weights=cfg.weights, gemm_backend=gemm_backend,
+                              activation_checkpointing=cfg.activation_checkpointing)
 
 
 for _name in _RESNETS:

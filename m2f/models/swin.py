@@ -35,6 +35,7 @@ from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models.swin_transformer import PatchMerging, WindowAttention
 from torch import Tensor, nn
 
+from kernels.cpu_gemm import adopt_linear
 from m2f.config import BackboneCfg
 from m2f.errors import InputError
 from m2f.models.checkpointing import run_block
@@ -99,7 +100,7 @@ class SwinBlock(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float = 4.0,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, gemm_backend: str = "reference"):
         super().__init__()
         self.window = window
         self.shift = shift
@@ -109,6 +110,9 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        # timm builds plain nn.Linear layers: compute them through the GEMM backend (same parameters)
+        self.attn.qkv, self.attn.proj = adopt_linear(self.attn.qkv, gemm_backend), adopt_linear(self.attn.proj, gemm_backend)
+        self.mlp.fc1, self.mlp.fc2 = adopt_linear(self.mlp.fc1, gemm_backend), adopt_linear(self.mlp.fc2, gemm_backend)
 
     def _attn(self, x: Tensor) -> Tensor:
         _B, H, W, _C = x.shape
@@ -137,15 +141,18 @@ class SwinStage(nn.Module):
     SW-MSA.  ``forward(x [B, H, W, C_in]) -> [B, ceil(H/2), ceil(W/2), C_out]`` (or same size)."""
 
     def __init__(self, in_dim: int, out_dim: int, depth: int, num_heads: int, window: int,
-                 downsample: bool, drop_path: Sequence[float], mlp_ratio: float = 4.0):
+                 downsample: bool, drop_path: Sequence[float], mlp_ratio: float = 4.0, gemm_backend: str = "reference",
+                 activation_checkpointing: bool = False):
         super().__init__()
         self.downsample = PatchMerging(in_dim, out_dim) if downsample else nn.Identity()
+        if downsample:
+            self.downsample.reduction = adopt_linear(self.downsample.reduction, gemm_backend)
         self.blocks = nn.Sequential(*[
             SwinBlock(out_dim, num_heads, window, shift=0 if j % 2 == 0 else window // 2,
-                      mlp_ratio=mlp_ratio, drop_path=drop_path[j])
+                      mlp_ratio=mlp_ratio, drop_path=drop_path[j], gemm_backend=gemm_backend)
             for j in range(depth)
         ])
-        self.activation_checkpointing = False  # see m2f.models.checkpointing
+        self.activation_checkpointing = activation_checkpointing  # see m2f.models.checkpointing
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
@@ -164,12 +171,14 @@ class SwinBackbone(nn.Module):
         drop_path_rate: stochastic depth, linearly increasing from 0 over all blocks.
         patch_size: 4 (stride of res2).
         weights: optional local checkpoint (timm or official Swin layout); never downloaded.
+        gemm_backend: the linear layers' GEMMs (kernels/cpu_gemm.py).
+        activation_checkpointing: recompute each block in backward (same gradients, less memory).
     """
 
     def __init__(self, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7,
                  drop_path_rate: float = 0.3, mlp_ratio: float = 4.0, patch_size: int = 4,
-                 weights: str | None = None):
+                 weights: str | None = None, gemm_backend: str = "reference", activation_checkpointing: bool = False):
         super().__init__()
         if len(depths) != 4 or len(num_heads) != 4:
             raise InputError(f"SwinBackbone: expected 4 stages, got depths={depths}, num_heads={num_heads}")
@@ -187,7 +196,8 @@ class SwinBackbone(nn.Module):
         starts = [sum(depths[:i]) for i in range(4)]
         self.layers = nn.Sequential(*[
             SwinStage(dims[max(i - 1, 0)], dims[i], depths[i], num_heads[i], window_size, downsample=i > 0,
-                      drop_path=dpr[starts[i]:starts[i] + depths[i]], mlp_ratio=mlp_ratio)
+                      drop_path=dpr[starts[i]:starts[i] + depths[i]], mlp_ratio=mlp_ratio, gemm_backend=gemm_backend,
+                      activation_checkpointing=activation_checkpointing)
             for i in range(4)
         ])
         self.out_norms = nn.ModuleDict({name: nn.LayerNorm(d) for name, d in zip(_OUT_NAMES, dims)})
@@ -264,9 +274,10 @@ def _register(kind: str) -> None:
     embed_dim, depths, heads = SWIN_VARIANTS[kind]
 
     @BACKBONES.register(kind)
-    def _(cfg: BackboneCfg) -> nn.Module:
+    def _(cfg: BackboneCfg, gemm_backend: str = "reference") -> nn.Module:
         return SwinBackbone(embed_dim=embed_dim, depths=depths, num_heads=heads, window_size=cfg.window_size,
-                            drop_path_rate=cfg.drop_path_rate, weights=cfg.weights)
+                            drop_path_rate=cfg.drop_path_rate, weights=cfg.weights, gemm_backend=gemm_backend,
+                            activation_checkpointing=cfg.activation_checkpointing)
 
 
 for _kind in SWIN_VARIANTS:

@@ -33,112 +33,30 @@ tensor values): empty masks are handled with tensor ops.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.cpu_gemm import bmm_nt
-from m2f.config import DecoderCfg
+from kernels.cpu_gemm import Conv2d, Linear
+from kernels.mask_product import mask_product
+from m2f.config import CrossAttention, DecoderCfg, FeatureSchedule, LayerOrder, QueryFeatures
 from m2f.models.outputs import Mask2FormerOutput, MaskPrediction
 from m2f.models.position_encoding import PositionEmbeddingSine
 
 NUM_LEVELS = 3  # the pixel decoder hands over [1/32, 1/16, 1/8]
 
 # feature_schedule -> function(layer index) -> tuple of level indices attended
-_SCHEDULES = {
+SCHEDULES: Dict[str, Callable[[int], Tuple[int, ...]]] = {
     "multi_scale": lambda i: (i % NUM_LEVELS,),
     "single_32": lambda i: (0,),
     "single_16": lambda i: (1,),
     "single_8": lambda i: (2,),
     "naive_multi_scale": lambda i: tuple(range(NUM_LEVELS)),
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# Mask head
-
-
-class _MaskProduct(torch.autograd.Function):
-    """``einsum("bqc,bchw->bqhw", embed, features)``, the mask head's product, with a backward that
-    skips queries whose gradient is all zero.
-
-    The losses reach the mask logits only through the *matched* queries (the masked attention's
-    mask is detached, the matcher runs without grad), so most rows of the incoming gradient are zero
-    (e.g. 80 of 100 with 20 targets).  On CPU the backward computes both products over the union of
-    nonzero rows of the batch: the result is the dense one up to float summation order (skipped rows
-    contribute exact zeros), for about (rows kept / Q) of the two [C, Q] x [Q, HW] products.
-    On other devices (finding the rows would synchronise with the host) and under ``create_graph``
-    the plain dense products run.  Under autocast the products run in the gradient's dtype, as
-    autocast's own ``bmm`` does.
-
-    Layout: with channels-last features (the pixel decoders' convolutions on a channels-last
-    backbone) the logits come out channels-last too ([B, H, W, Q] in memory, one [HW, C] x [C, Q]
-    product without a copy of the features), and the features' gradient is returned in their
-    layout.  Downstream, ``F.interpolate`` of channels-last logits (the masked attention's resizing)
-    runs without the two layout copies it makes of NCHW input on CPU (~4 ms each call at 512 px)."""
-
-    @staticmethod
-    def forward(ctx, embed: Tensor, features: Tensor, backend: str) -> Tensor:
-        ctx.save_for_backward(embed, features)
-        ctx.backend = backend
-        B, C, H, W = features.shape
-        Q = embed.shape[1]
-        if _channels_inner(features):  # [B, HW, C] x [B, C, Q] -> [B, HW, Q], viewed [B, Q, H, W]
-            out = bmm_nt(features.permute(0, 2, 3, 1).reshape(B, H * W, C), embed, backend)
-            return out.view(B, H, W, Q).permute(0, 3, 1, 2)
-        return bmm_nt(embed, features.reshape(B, C, H * W).transpose(1, 2), backend).view(B, Q, H, W)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        embed, features = ctx.saved_tensors
-        B, C, H, W = features.shape
-        Q = embed.shape[1]
-        g = grad.reshape(B, Q, H * W)
-        e = embed.to(g.dtype)
-        cl = _channels_inner(features)
-        f = (features.permute(0, 2, 3, 1).reshape(B, H * W, C).transpose(1, 2) if cl
-             else features.reshape(B, C, H * W)).to(g.dtype)  # [B, C, HW] (a view when possible)
-        rows = None
-        if g.device.type == "cpu" and not torch.is_grad_enabled():
-            live = g.ne(0).any(2).any(0).nonzero().squeeze(1)  # [R]
-            if live.numel() < Q:
-                rows = live
-                g, e = g[:, rows], e[:, rows]  # [B, R, HW], [B, R, C]
-        # create_graph: plain differentiable bmm; else the GEMM backend's products
-        backend = "reference" if torch.is_grad_enabled() else ctx.backend
-        grad_e = grad_f = None
-        if ctx.needs_input_grad[0]:
-            grad_e = bmm_nt(g, f, backend)  # [B, R, HW] x [B, HW, C] -> [B, R, C]
-            if rows is not None:
-                full = grad_e.new_zeros(B, Q, C)
-                full[:, rows] = grad_e
-                grad_e = full
-            grad_e = grad_e.to(embed.dtype)
-        if ctx.needs_input_grad[1]:
-            if cl:  # [B, HW, R] x [B, R, C] -> [B, HW, C]: the features' channels-last layout
-                grad_f = bmm_nt(g.transpose(1, 2), e.transpose(1, 2), backend).view(B, H, W, C).permute(0, 3, 1, 2)
-            else:
-                grad_f = bmm_nt(e.transpose(1, 2), g.transpose(1, 2), backend).view(B, C, H, W)
-            grad_f = grad_f.to(features.dtype)
-        return grad_e, grad_f, None
-
-
-def _channels_inner(x: Tensor) -> bool:
-    """[B, C, H, W] stored channels-last (channels innermost), more than one channel and pixel."""
-    return x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1 and x.is_contiguous(memory_format=torch.channels_last)
-
-
-def mask_product(embed: Tensor, features: Tensor, gemm_backend: str = "reference") -> Tensor:
-    """Mask logits [B, Q, H, W] = ``einsum("bqc,bchw->bqhw", embed [B, Q, C], features [B, C, H, W])``
-    (:class:`_MaskProduct`: the backward skips queries without gradient; the products through
-    ``gemm_backend``, kernels/cpu_gemm.py).  Under ``torch.jit.trace`` (fvcore's FLOP count) the
-    plain einsum, which tracers see into."""
-    if torch.jit.is_tracing():
-        return torch.einsum("bqc,bchw->bqhw", embed, features)
-    return _MaskProduct.apply(embed, features, gemm_backend)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,22 +71,23 @@ class Attention(nn.Module):
     backend "reference": explicit softmax(q k^T / sqrt(d) + bias) v; "sdpa":
     torch.nn.functional.scaled_dot_product_attention with the bias as a float ``attn_mask`` (so
     fused backends that accept an additive bias can run it).  Weights are only returned by the
-    reference path (``need_weights=True`` forces it).
+    reference path (``need_weights=True`` forces it; so does ``torch.jit.trace``: fvcore counts it).
     """
 
-    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, backend: str = "sdpa"):
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, backend: str = "sdpa",
+                 gemm_backend: str = "reference"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"Attention: dim {dim} not divisible by num_heads {num_heads}")
-        if backend not in ("reference", "sdpa"):
-            raise ValueError(f"unknown attention backend {backend!r}; valid choices: ['reference', 'sdpa']")
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; valid choices: {list(ATTENTION_BACKENDS)}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.dropout = dropout
         self.backend = backend
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.q_proj = Linear(dim, dim, backend=gemm_backend)
+        self.k_proj = Linear(dim, dim, backend=gemm_backend)
+        self.v_proj = Linear(dim, dim, backend=gemm_backend)
+        self.out_proj = Linear(dim, dim, backend=gemm_backend)
 
     def _heads(self, x: Tensor) -> Tensor:
         B, N, _ = x.shape
@@ -180,7 +99,8 @@ class Attention(nn.Module):
         q, k, v = self._heads(self.q_proj(q_in)), self._heads(self.k_proj(k_in)), self._heads(self.v_proj(v_in))
         p = self.dropout if self.training else 0.0
         weights = None
-        if self.backend == "sdpa" and not need_weights:
+        if self.backend == "sdpa" and not need_weights and not torch.jit.is_tracing():  # tracers (fvcore) see the
+            # explicit softmax path, which they count
             mask = None if bias is None else bias.to(q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # [B, nH, Q, Dh]
         else:
@@ -246,13 +166,46 @@ def smca_bias(mask_logits: Tensor, sizes: Sequence[Tuple[int, int]], eps: float 
         return torch.cat(parts, dim=-1).unsqueeze(1)
 
 
+# ----------------------------------------------------------------------------------------------
+# Cross-attention variants (paper Table 4c): how a layer uses the previous mask prediction
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CrossAttentionVariant:
+    """``prior(prev_mask_logits [B,Q,h,w], level sizes, mask_threshold) -> (bias [B,1,Q,S] or None,
+    pool weights [B,Q,S] or None)``; ``pools``: the attention is replaced by mask pooling (the layer
+    averages value-projected features with the pool weights)."""
+
+    name: str
+    prior: Callable[[Tensor, Sequence[Tuple[int, int]], float], Tuple[Optional[Tensor], Optional[Tensor]]]
+    pools: bool = False
+
+
+CROSS_ATTENTION: Dict[str, CrossAttentionVariant] = {v.name: v for v in (
+    CrossAttentionVariant("masked", lambda m, sizes, thr: (masked_attention_bias(m, sizes, thr), None)),
+    CrossAttentionVariant("standard", lambda m, sizes, thr: (None, None)),
+    CrossAttentionVariant("mask_pooling", lambda m, sizes, thr: (None, _resized_sigmoid(m, sizes)), pools=True),
+    CrossAttentionVariant("smca", lambda m, sizes, thr: (smca_bias(m, sizes), None)),
+)}
+if set(CROSS_ATTENTION) != set(get_args(CrossAttention)):  # pragma: no cover - caught by the tests at import
+    raise AssertionError(f"CROSS_ATTENTION {sorted(CROSS_ATTENTION)} != config's {sorted(get_args(CrossAttention))}")
+if set(SCHEDULES) != set(get_args(FeatureSchedule)):  # pragma: no cover
+    raise AssertionError(f"SCHEDULES {sorted(SCHEDULES)} != config's {sorted(get_args(FeatureSchedule))}")
+ATTENTION_BACKENDS = ("reference", "sdpa")
+
+
+def _choice(field: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"decoder.{field}={value!r}; valid choices: {list(choices)}")
+
+
 class MLP(nn.Module):
     """ReLU MLP; ``layers`` Linear layers (ReLU between them)."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3,
+                 gemm_backend: str = "reference"):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(Linear(a, b, backend=gemm_backend) for a, b in zip(dims[:-1], dims[1:]))
 
     def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):
@@ -271,22 +224,27 @@ class DecoderLayer(nn.Module):
 
     forward(x [B,Q,C], query_pos [B,Q,C], memory [B,S,C], memory_pos [B,S,C],
             cross_bias [B,1,Q,S] or None, pool_weights [B,Q,S] or None) -> (x, attention [B,Q,S] or None)
+
+    ``mask_pooling``: the cross-attention block averages the value-projected memory with
+    ``pool_weights`` instead of attending (:class:`CrossAttentionVariant` ``pools``).
     """
 
     def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float = 0.0, pre_norm: bool = False,
-                 layer_order: str = "ca_first", cross_attention: str = "masked", backend: str = "sdpa"):
+                 layer_order: str = "ca_first", mask_pooling: bool = False, backend: str = "sdpa",
+                 gemm_backend: str = "reference"):
         super().__init__()
-        self.cross_attn = Attention(dim, num_heads, dropout, backend)
+        _choice("layer_order", layer_order, get_args(LayerOrder))
+        self.cross_attn = Attention(dim, num_heads, dropout, backend, gemm_backend)
         self.cross_norm = nn.LayerNorm(dim)
-        self.self_attn = Attention(dim, num_heads, dropout, backend)
+        self.self_attn = Attention(dim, num_heads, dropout, backend, gemm_backend)
         self.self_norm = nn.LayerNorm(dim)
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.linear1 = Linear(dim, ffn_dim, backend=gemm_backend)
+        self.linear2 = Linear(ffn_dim, dim, backend=gemm_backend)
         self.ffn_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
         self.pre_norm = pre_norm
         self.layer_order = layer_order
-        self.cross_attention = cross_attention
+        self.mask_pooling = mask_pooling
 
     def _residual(self, x: Tensor, norm: nn.Module, fn) -> Tensor:
         if self.pre_norm:
@@ -295,7 +253,7 @@ class DecoderLayer(nn.Module):
 
     def _cross(self, x: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor, bias: Optional[Tensor],
                pool_weights: Optional[Tensor], need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
-        if self.cross_attention == "mask_pooling":
+        if self.mask_pooling:
             # Mask pooling: weighted average of value-projected pixel features.
             w = pool_weights / (pool_weights.sum(-1, keepdim=True) + 1e-6)  # [B, Q, S]
             out = self.cross_attn.out_proj(w @ self.cross_attn.v_proj(memory))
@@ -337,33 +295,29 @@ class MaskedTransformerDecoder(nn.Module):
             mask_features [B, mask_dim, H/4, W/4], return_attention=False) -> Mask2FormerOutput
     """
 
-    # The mask head product's GEMMs (kernels/cpu_gemm.py); set model-wide by set_gemm_backend.
-    gemm_backend = "reference"
-
     def __init__(self, in_channels: int, mask_dim: int, num_classes: int, hidden_dim: int = 256,
                  num_heads: int = 8, ffn_dim: int = 2048, num_queries: int = 100, num_layers: int = 9,
                  dropout: float = 0.0, pre_norm: bool = False, cross_attention: str = "masked",
                  feature_schedule: str = "multi_scale", layer_order: str = "ca_first",
                  query_features: str = "learnable_supervised", mask_threshold: float = 0.5,
-                 enforce_input_projection: bool = False, attention_backend: str = "sdpa"):
+                 enforce_input_projection: bool = False, attention_backend: str = "sdpa",
+                 gemm_backend: str = "reference"):
         super().__init__()
-        for name, value, choices in (
-            ("cross_attention", cross_attention, ("masked", "standard", "mask_pooling", "smca")),
-            ("feature_schedule", feature_schedule, tuple(_SCHEDULES)),
-            ("layer_order", layer_order, ("ca_first", "sa_first")),
-            ("query_features", query_features, ("learnable_supervised", "learnable", "zero")),
-        ):
-            if value not in choices:
-                raise ValueError(f"decoder.{name}={value!r}; valid choices: {list(choices)}")
+        _choice("cross_attention", cross_attention, CROSS_ATTENTION)
+        _choice("feature_schedule", feature_schedule, SCHEDULES)
+        _choice("query_features", query_features, get_args(QueryFeatures))
         self.num_queries, self.num_layers, self.num_heads = num_queries, num_layers, num_heads
         self.cross_attention, self.feature_schedule = cross_attention, feature_schedule
+        self.cross_variant = CROSS_ATTENTION[cross_attention]  # picked once: no string dispatch in forward
+        self.schedule = SCHEDULES[feature_schedule]
+        self.gemm_backend = gemm_backend  # the mask head product's GEMMs (kernels/mask_product.py)
         self.query_features, self.mask_threshold = query_features, mask_threshold
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
         self.level_embed = nn.Embedding(NUM_LEVELS, hidden_dim)
         self.input_proj = nn.ModuleList()
         for _ in range(NUM_LEVELS):
             if in_channels != hidden_dim or enforce_input_projection:
-                conv = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
+                conv = Conv2d(in_channels, hidden_dim, kernel_size=1, backend=gemm_backend)
                 nn.init.kaiming_uniform_(conv.weight, a=1)
                 nn.init.zeros_(conv.bias)
                 self.input_proj.append(conv)
@@ -372,13 +326,13 @@ class MaskedTransformerDecoder(nn.Module):
         self.query_pos = nn.Embedding(num_queries, hidden_dim)  # learnable positional embedding P
         self.query_feat = nn.Embedding(num_queries, hidden_dim) if query_features != "zero" else None
         self.layers = nn.ModuleList([
-            DecoderLayer(hidden_dim, num_heads, ffn_dim, dropout, pre_norm, layer_order, cross_attention,
-                         attention_backend)
+            DecoderLayer(hidden_dim, num_heads, ffn_dim, dropout, pre_norm, layer_order, self.cross_variant.pools,
+                         attention_backend, gemm_backend)
             for _ in range(num_layers)
         ])
         self.decoder_norm = nn.LayerNorm(hidden_dim)
-        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
-        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+        self.class_embed = Linear(hidden_dim, num_classes + 1, backend=gemm_backend)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3, gemm_backend=gemm_backend)
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -398,7 +352,7 @@ class MaskedTransformerDecoder(nn.Module):
     def attended_sizes(self, multi_scale: Sequence[Tensor]) -> List[List[Tuple[int, int]]]:
         """Per decoder layer, the (H_l, W_l) of the levels it attends (order of the keys)."""
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in multi_scale]
-        return [[sizes[lvl] for lvl in _SCHEDULES[self.feature_schedule](i)] for i in range(self.num_layers)]
+        return [[sizes[lvl] for lvl in self.schedule(i)] for i in range(self.num_layers)]
 
     def predict(self, x: Tensor, mask_features: Tensor) -> MaskPrediction:
         """x [B,Q,C] -> class [B,Q,K+1], masks [B,Q,H/4,W/4] (decoder_norm applied first)."""
@@ -409,16 +363,10 @@ class MaskedTransformerDecoder(nn.Module):
     def _cross_inputs(self, prev_masks: Optional[Tensor], sizes: Sequence[Tuple[int, int]]):
         """(bias [B,1,Q,S] or None, pool weights [B,Q,S] or None) for the attended levels."""
         if prev_masks is None:
-            if self.cross_attention == "mask_pooling":
+            if self.cross_variant.pools:
                 raise RuntimeError("mask_pooling needs a previous mask prediction")
             return None, None
-        if self.cross_attention == "masked":
-            return masked_attention_bias(prev_masks, sizes, self.mask_threshold), None
-        if self.cross_attention == "smca":
-            return smca_bias(prev_masks, sizes), None
-        if self.cross_attention == "mask_pooling":
-            return None, _resized_sigmoid(prev_masks, sizes)
-        return None, None
+        return self.cross_variant.prior(prev_masks, sizes, self.mask_threshold)
 
     def forward(self, multi_scale: Sequence[Tensor], mask_features: Tensor,
                 return_attention: bool = False) -> Mask2FormerOutput:
@@ -447,13 +395,13 @@ class MaskedTransformerDecoder(nn.Module):
             prev_masks = pred.mask_logits
             if self.query_features == "learnable_supervised":
                 predictions.append(pred)
-        if prev_masks is None and self.cross_attention == "mask_pooling":
+        if prev_masks is None and self.cross_variant.pools:
             # Nothing to pool with yet: the first layer pools uniformly over all pixels.
             prev_masks = torch.zeros(B, x.shape[1], *mask_features.shape[-2:], dtype=x.dtype, device=x.device)
 
         keys = {}  # attended levels -> (memory [B, S, C], pos [B, S, C]); concatenated once
         for i, layer in enumerate(self.layers):
-            levels = _SCHEDULES[self.feature_schedule](i)
+            levels = self.schedule(i)
             lvl_sizes = [sizes[lvl] for lvl in levels]
             if levels not in keys:
                 keys[levels] = (torch.cat([memories[lvl] for lvl in levels], 1),
@@ -492,13 +440,14 @@ def foreground_attention(attention_maps: Sequence[Tensor], fg_masks: Tensor,
     return torch.stack(means)
 
 
-def build_transformer_decoder(cfg: DecoderCfg, in_channels: int, mask_dim: int, num_classes: int) -> nn.Module:
-    """DecoderCfg -> :class:`MaskedTransformerDecoder`."""
+def build_transformer_decoder(cfg: DecoderCfg, in_channels: int, mask_dim: int, num_classes: int,
+                              gemm_backend: str = "reference") -> nn.Module:
+    """DecoderCfg -> :class:`MaskedTransformerDecoder` (``gemm_backend``: the config's root field)."""
     return MaskedTransformerDecoder(
         in_channels=in_channels, mask_dim=mask_dim, num_classes=num_classes, hidden_dim=cfg.hidden_dim,
         num_heads=cfg.num_heads, ffn_dim=cfg.ffn_dim, num_queries=cfg.num_queries, num_layers=cfg.num_layers,
         dropout=cfg.dropout, pre_norm=cfg.pre_norm, cross_attention=cfg.cross_attention,
         feature_schedule=cfg.feature_schedule, layer_order=cfg.layer_order, query_features=cfg.query_features,
         mask_threshold=cfg.mask_threshold, enforce_input_projection=cfg.enforce_input_projection,
-        attention_backend=cfg.attention_backend,
+        attention_backend=cfg.attention_backend, gemm_backend=gemm_backend,
     )

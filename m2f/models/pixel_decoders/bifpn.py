@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.cpu_gemm import Conv2d
 from m2f.config import PixelDecoderCfg
 from m2f.errors import InputError
 from m2f.models.pixel_decoders.fpn import NUM_MULTI_SCALE, c2_xavier_fill, conv_norm, levels_low_res_first
@@ -53,10 +54,10 @@ class FastFusion(nn.Module):
 class SeparableConv(nn.Module):
     """Depthwise 3x3 conv -> pointwise 1x1 conv -> norm.  [B, C, h, w] -> [B, C, h, w]."""
 
-    def __init__(self, dim: int, norm: str):
+    def __init__(self, dim: int, norm: str, gemm_backend: str = "reference"):
         super().__init__()
-        self.depthwise = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
-        self.pointwise = conv_norm(dim, dim, 1, norm)
+        self.depthwise = Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False, backend=gemm_backend)
+        self.pointwise = conv_norm(dim, dim, 1, norm, gemm_backend=gemm_backend)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pointwise(self.depthwise(x))
@@ -70,14 +71,14 @@ def _resize_like(x: Tensor, size: Tuple[int, int]) -> Tensor:
 class BiFPNLayer(nn.Module):
     """One BiFPN layer over ``num_levels`` maps of ``dim`` channels, fine -> coarse order."""
 
-    def __init__(self, dim: int, num_levels: int, norm: str):
+    def __init__(self, dim: int, num_levels: int, norm: str, gemm_backend: str = "reference"):
         super().__init__()
         L = num_levels
         self.fuse_td = nn.ModuleList([FastFusion(2) for _ in range(L - 1)])  # index i: level i (0..L-2)
-        self.conv_td = nn.ModuleList([SeparableConv(dim, norm) for _ in range(L - 1)])
+        self.conv_td = nn.ModuleList([SeparableConv(dim, norm, gemm_backend) for _ in range(L - 1)])
         # index i-1: level i (1..L-1); the coarsest has no top-down node to fuse.
         self.fuse_bu = nn.ModuleList([FastFusion(3 if i < L - 1 else 2) for i in range(1, L)])
-        self.conv_bu = nn.ModuleList([SeparableConv(dim, norm) for _ in range(1, L)])
+        self.conv_bu = nn.ModuleList([SeparableConv(dim, norm, gemm_backend) for _ in range(1, L)])
 
     def forward(self, xs: List[Tensor]) -> List[Tensor]:
         L = len(xs)
@@ -101,15 +102,16 @@ class BiFPNPixelDecoder(nn.Module):
     [1/32, 1/16, 1/8] maps with conv_dim channels)``."""
 
     def __init__(self, in_channels: Dict[str, int], in_strides: Dict[str, int], conv_dim: int = 256,
-                 mask_dim: int = 256, norm: str = "GN", repeats: int = 2):
+                 mask_dim: int = 256, norm: str = "GN", repeats: int = 2, gemm_backend: str = "reference"):
         super().__init__()
         if repeats < 1:
             raise InputError(f"pixel_decoder.bifpn_repeats={repeats}: expected >= 1")
         self.names = levels_low_res_first(in_strides)[::-1]  # fine -> coarse: res2 .. res5
         self.conv_dim, self.mask_dim = conv_dim, mask_dim
-        self.input_proj = nn.ModuleList([conv_norm(in_channels[n], conv_dim, 1, norm) for n in self.names])
-        self.layers = nn.ModuleList([BiFPNLayer(conv_dim, len(self.names), norm) for _ in range(repeats)])
-        self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=1)
+        self.input_proj = nn.ModuleList([conv_norm(in_channels[n], conv_dim, 1, norm, gemm_backend=gemm_backend)
+                                         for n in self.names])
+        self.layers = nn.ModuleList([BiFPNLayer(conv_dim, len(self.names), norm, gemm_backend) for _ in range(repeats)])
+        self.mask_features = Conv2d(conv_dim, mask_dim, kernel_size=1, backend=gemm_backend)
         c2_xavier_fill(self.mask_features)
 
     def forward(self, features: Dict[str, Tensor]) -> Tuple[Tensor, List[Tensor]]:
@@ -120,6 +122,7 @@ class BiFPNPixelDecoder(nn.Module):
 
 
 @PIXEL_DECODERS.register("bifpn")
-def _(cfg: PixelDecoderCfg, in_channels: Dict[str, int], in_strides: Dict[str, int]) -> nn.Module:
+def _(cfg: PixelDecoderCfg, in_channels: Dict[str, int], in_strides: Dict[str, int],
+      gemm_backend: str = "reference") -> nn.Module:
     return BiFPNPixelDecoder(in_channels, in_strides, conv_dim=cfg.conv_dim, mask_dim=cfg.mask_dim, norm=cfg.norm,
-                             repeats=cfg.bifpn_repeats)
+                             repeats=cfg.bifpn_repeats, gemm_backend=gemm_backend)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import deform_conv2d
 
+from kernels.cpu_gemm import Conv2d
 from m2f.config import PixelDecoderCfg
 from m2f.errors import InputError
 from m2f.models.pixel_decoders.fpn import NUM_MULTI_SCALE, c2_xavier_fill, conv_norm, levels_low_res_first
@@ -35,11 +36,11 @@ from m2f.registry import PIXEL_DECODERS
 class FeatureSelection(nn.Module):
     """FSM: [B, C_in, h, w] -> [B, C_out, h, w]; channel attention from global average pooling."""
 
-    def __init__(self, in_ch: int, out_ch: int, norm: str):
+    def __init__(self, in_ch: int, out_ch: int, norm: str, gemm_backend: str = "reference"):
         super().__init__()
-        self.attention = nn.Conv2d(in_ch, in_ch, kernel_size=1, bias=False)
+        self.attention = Conv2d(in_ch, in_ch, kernel_size=1, bias=False, backend=gemm_backend)
         c2_xavier_fill(self.attention)
-        self.proj = conv_norm(in_ch, out_ch, 1, norm)
+        self.proj = conv_norm(in_ch, out_ch, 1, norm, gemm_backend=gemm_backend)
 
     def forward(self, x: Tensor) -> Tensor:
         att = torch.sigmoid(self.attention(x.mean(dim=(2, 3), keepdim=True)))  # [B, C_in, 1, 1]
@@ -53,7 +54,7 @@ class ModulatedDeformConv(nn.Module):
     Offsets: [B, 2 * G * 9, h, w] as (dy, dx) per group and kernel tap; modulation [B, G * 9, h, w].
     """
 
-    def __init__(self, dim: int, offset_in: int, groups: int = 8, kernel: int = 3):
+    def __init__(self, dim: int, offset_in: int, groups: int = 8, kernel: int = 3, gemm_backend: str = "reference"):
         super().__init__()
         if dim % groups:
             raise InputError(f"fapn: conv_dim={dim} must be divisible by the {groups} deformable groups")
@@ -61,7 +62,8 @@ class ModulatedDeformConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dim, kernel, kernel))
         self.bias = nn.Parameter(torch.zeros(dim))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        self.offset_mask = nn.Conv2d(offset_in, 3 * groups * kernel * kernel, kernel, padding=kernel // 2)
+        self.offset_mask = Conv2d(offset_in, 3 * groups * kernel * kernel, kernel, padding=kernel // 2,
+                                  backend=gemm_backend)
         nn.init.zeros_(self.offset_mask.weight)  # DCNv2: start from the regular grid
         nn.init.zeros_(self.offset_mask.bias)
 
@@ -80,11 +82,11 @@ class ModulatedDeformConv(nn.Module):
 class FeatureAlign(nn.Module):
     """FAM: ``forward(lateral_in [B, C_in, h, w], top [B, D, h', w']) -> [B, D, h, w]``."""
 
-    def __init__(self, in_ch: int, dim: int, norm: str, deformable_groups: int = 8):
+    def __init__(self, in_ch: int, dim: int, norm: str, deformable_groups: int = 8, gemm_backend: str = "reference"):
         super().__init__()
-        self.lateral = FeatureSelection(in_ch, dim, norm)
-        self.offset = conv_norm(2 * dim, dim, 1, norm)
-        self.dcn = ModulatedDeformConv(dim, dim, groups=deformable_groups)
+        self.lateral = FeatureSelection(in_ch, dim, norm, gemm_backend)
+        self.offset = conv_norm(2 * dim, dim, 1, norm, gemm_backend=gemm_backend)
+        self.dcn = ModulatedDeformConv(dim, dim, groups=deformable_groups, gemm_backend=gemm_backend)
 
     def forward(self, lateral_in: Tensor, top: Tensor) -> Tensor:
         lat = self.lateral(lateral_in)  # [B, D, h, w]
@@ -98,15 +100,16 @@ class FaPNPixelDecoder(nn.Module):
     [1/32, 1/16, 1/8] maps with conv_dim channels)``."""
 
     def __init__(self, in_channels: Dict[str, int], in_strides: Dict[str, int], conv_dim: int = 256,
-                 mask_dim: int = 256, norm: str = "GN", deformable_groups: int = 8):
+                 mask_dim: int = 256, norm: str = "GN", deformable_groups: int = 8, gemm_backend: str = "reference"):
         super().__init__()
         self.names = levels_low_res_first(in_strides)  # res5 .. res2
         self.conv_dim, self.mask_dim = conv_dim, mask_dim
-        self.top_lateral = FeatureSelection(in_channels[self.names[0]], conv_dim, norm)
+        self.top_lateral = FeatureSelection(in_channels[self.names[0]], conv_dim, norm, gemm_backend)
         self.align = nn.ModuleList(
-            [FeatureAlign(in_channels[n], conv_dim, norm, deformable_groups) for n in self.names[1:]])
-        self.output_convs = nn.ModuleList([conv_norm(conv_dim, conv_dim, 3, norm, relu=True) for _ in self.names])
-        self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=3, padding=1)
+            [FeatureAlign(in_channels[n], conv_dim, norm, deformable_groups, gemm_backend) for n in self.names[1:]])
+        self.output_convs = nn.ModuleList([conv_norm(conv_dim, conv_dim, 3, norm, relu=True, gemm_backend=gemm_backend)
+                                           for _ in self.names])
+        self.mask_features = Conv2d(conv_dim, mask_dim, kernel_size=3, padding=1, backend=gemm_backend)
         c2_xavier_fill(self.mask_features)
 
     def forward(self, features: Dict[str, Tensor]) -> Tuple[Tensor, List[Tensor]]:
@@ -119,5 +122,7 @@ class FaPNPixelDecoder(nn.Module):
 
 
 @PIXEL_DECODERS.register("fapn")
-def _(cfg: PixelDecoderCfg, in_channels: Dict[str, int], in_strides: Dict[str, int]) -> nn.Module:
-    return FaPNPixelDecoder(in_channels, in_strides, conv_dim=cfg.conv_dim, mask_dim=cfg.mask_dim, norm=cfg.norm)
+def _(cfg: PixelDecoderCfg, in_channels: Dict[str, int], in_strides: Dict[str, int],
+      gemm_backend: str = "reference") -> nn.Module:
+    return FaPNPixelDecoder(in_channels, in_strides, conv_dim=cfg.conv_dim, mask_dim=cfg.mask_dim, norm=cfg.norm,
+                            gemm_backend=gemm_backend)

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.cpu_gemm import Conv2d
 from m2f.config import PixelDecoderCfg
 from m2f.errors import InputError
 from m2f.registry import PIXEL_DECODERS
@@ -44,9 +45,12 @@ def c2_xavier_fill(conv: nn.Conv2d) -> None:
         nn.init.zeros_(conv.bias)
 
 
-def conv_norm(in_ch: int, out_ch: int, kernel: int, norm: str, relu: bool = False, groups: int = 1) -> nn.Sequential:
-    """conv(kernel, stride 1, 'same' padding) -> norm -> optional ReLU.  Bias only without a norm."""
-    conv = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=norm == "none", groups=groups)
+def conv_norm(in_ch: int, out_ch: int, kernel: int, norm: str, relu: bool = False, groups: int = 1,
+              gemm_backend: str = "reference") -> nn.Sequential:
+    """conv(kernel, stride 1, 'same' padding) -> norm -> optional ReLU.  Bias only without a norm.
+    ``gemm_backend``: kernels/cpu_gemm.py (1x1 convolutions of channels-last input)."""
+    conv = Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=norm == "none", groups=groups,
+                  backend=gemm_backend)
     c2_xavier_fill(conv)
     layers: List[nn.Module] = [conv, make_norm(norm, out_ch)]
     if relu:
@@ -71,22 +75,23 @@ class FPNPixelDecoder(nn.Module):
     """
 
     def __init__(self, in_channels: Dict[str, int], in_strides: Dict[str, int], conv_dim: int = 256,
-                 mask_dim: int = 256, norm: str = "GN"):
+                 mask_dim: int = 256, norm: str = "GN", gemm_backend: str = "reference"):
         super().__init__()
+        self.gemm_backend = gemm_backend
         self.names = levels_low_res_first(in_strides)  # res5, res4, res3, res2
         self.conv_dim, self.mask_dim = conv_dim, mask_dim
         # lateral_convs[0] is unused for the coarsest level (it has no lateral): Identity.
         self.lateral_convs = nn.ModuleList(
-            [nn.Identity()] + [conv_norm(in_channels[n], conv_dim, 1, norm) for n in self.names[1:]])
+            [nn.Identity()] + [conv_norm(in_channels[n], conv_dim, 1, norm, gemm_backend=self.gemm_backend) for n in self.names[1:]])
         self.output_convs = nn.ModuleList(
             [self.top_output_conv(in_channels[self.names[0]], conv_dim, norm)]
-            + [conv_norm(conv_dim, conv_dim, 3, norm, relu=True) for _ in self.names[1:]])
-        self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=3, padding=1)
+            + [conv_norm(conv_dim, conv_dim, 3, norm, relu=True, gemm_backend=self.gemm_backend) for _ in self.names[1:]])
+        self.mask_features = Conv2d(conv_dim, mask_dim, kernel_size=3, padding=1, backend=gemm_backend)
         c2_xavier_fill(self.mask_features)
 
     def top_output_conv(self, in_ch: int, conv_dim: int, norm: str) -> nn.Module:
         """The 3x3 conv applied to the coarsest level (MaskFormer: straight from res5)."""
-        return conv_norm(in_ch, conv_dim, 3, norm, relu=True)
+        return conv_norm(in_ch, conv_dim, 3, norm, relu=True, gemm_backend=self.gemm_backend)
 
     def top(self, x: Tensor) -> Tensor:
         """Coarsest level [B, C5, h, w] -> y_5 [B, conv_dim, h, w]."""
@@ -103,5 +108,7 @@ class FPNPixelDecoder(nn.Module):
 
 
 @PIXEL_DECODERS.register("fpn")
-def _(cfg: PixelDecoderCfg, in_channels: Dict[str, int], in_strides: Dict[str, int]) -> nn.Module:
-    return FPNPixelDecoder(in_channels, in_strides, conv_dim=cfg.conv_dim, mask_dim=cfg.mask_dim, norm=cfg.norm)
+def _(cfg: PixelDecoderCfg, in_channels: Dict[str, int], in_strides: Dict[str, int],
+      gemm_backend: str = "reference") -> nn.Module:
+    return FPNPixelDecoder(in_channels, in_strides, conv_dim=cfg.conv_dim, mask_dim=cfg.mask_dim, norm=cfg.norm,
+                           gemm_backend=gemm_backend)

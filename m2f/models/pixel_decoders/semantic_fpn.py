@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.cpu_gemm import Conv2d
 from m2f.config import PixelDecoderCfg
 from m2f.errors import InputError
 from m2f.models.pixel_decoders.fpn import NUM_MULTI_SCALE, c2_xavier_fill, conv_norm, levels_low_res_first
@@ -31,13 +32,14 @@ class SemanticFPNPixelDecoder(nn.Module):
     (Panoptic FPN: 128; default: conv_dim)."""
 
     def __init__(self, in_channels: Dict[str, int], in_strides: Dict[str, int], conv_dim: int = 256,
-                 mask_dim: int = 256, norm: str = "GN", head_dim: int = 0):
+                 mask_dim: int = 256, norm: str = "GN", head_dim: int = 0, gemm_backend: str = "reference"):
         super().__init__()
+        self.gemm_backend = gemm_backend
         head_dim = head_dim or conv_dim
         self.names = levels_low_res_first(in_strides)  # res5 .. res2
         self.conv_dim, self.mask_dim = conv_dim, mask_dim
-        self.lateral_convs = nn.ModuleList([conv_norm(in_channels[n], conv_dim, 1, norm) for n in self.names])
-        self.output_convs = nn.ModuleList([conv_norm(conv_dim, conv_dim, 3, norm) for _ in self.names])
+        self.lateral_convs = nn.ModuleList([conv_norm(in_channels[n], conv_dim, 1, norm, gemm_backend=self.gemm_backend) for n in self.names])
+        self.output_convs = nn.ModuleList([conv_norm(conv_dim, conv_dim, 3, norm, gemm_backend=self.gemm_backend) for _ in self.names])
         finest = in_strides[self.names[-1]]
         if any(in_strides[a] != 2 * in_strides[b] for a, b in zip(self.names, self.names[1:])):
             raise InputError(f"semantic_fpn: backbone strides must halve level by level, got {in_strides}")
@@ -47,9 +49,9 @@ class SemanticFPNPixelDecoder(nn.Module):
         for n in self.names:
             steps = max(1, int(round(math.log2(in_strides[n] / finest))))
             self.heads.append(nn.ModuleList(
-                [conv_norm(conv_dim if k == 0 else head_dim, head_dim, 3, norm, relu=True) for k in range(steps)]))
+                [conv_norm(conv_dim if k == 0 else head_dim, head_dim, 3, norm, relu=True, gemm_backend=self.gemm_backend) for k in range(steps)]))
         self.upsample_steps = [int(round(math.log2(in_strides[n] / finest))) for n in self.names]
-        self.mask_features = nn.Conv2d(head_dim, mask_dim, kernel_size=1)
+        self.mask_features = Conv2d(head_dim, mask_dim, kernel_size=1, backend=gemm_backend)
         c2_xavier_fill(self.mask_features)
 
     def forward(self, features: Dict[str, Tensor]) -> Tuple[Tensor, List[Tensor]]:
@@ -75,6 +77,7 @@ class SemanticFPNPixelDecoder(nn.Module):
 
 
 @PIXEL_DECODERS.register("semantic_fpn")
-def _(cfg: PixelDecoderCfg, in_channels: Dict[str, int], in_strides: Dict[str, int]) -> nn.Module:
+def _(cfg: PixelDecoderCfg, in_channels: Dict[str, int], in_strides: Dict[str, int],
+      gemm_backend: str = "reference") -> nn.Module:
     return SemanticFPNPixelDecoder(in_channels, in_strides, conv_dim=cfg.conv_dim, mask_dim=cfg.mask_dim,
-                                   norm=cfg.norm)
+                                   norm=cfg.norm, gemm_backend=gemm_backend)

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.cpu_gemm import Conv2d, Linear
 from m2f.config import PixelDecoderCfg
 from m2f.errors import InputError
 from m2f.models.checkpointing import run_block
@@ -31,11 +32,11 @@ class EncoderLayer(nn.Module):
     ``forward(x [B, S, D], pos [B, S, D]) -> [B, S, D]``.
     """
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float = 0.0, gemm_backend: str = "reference"):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.linear1 = Linear(dim, ffn_dim, backend=gemm_backend)
+        self.linear2 = Linear(ffn_dim, dim, backend=gemm_backend)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
@@ -55,23 +56,25 @@ class TransformerEncoderPixelDecoder(FPNPixelDecoder):
 
     def __init__(self, in_channels: Dict[str, int], in_strides: Dict[str, int], conv_dim: int = 256,
                  mask_dim: int = 256, norm: str = "GN", num_encoder_layers: int = 6, num_heads: int = 8,
-                 ffn_dim: int = 2048, dropout: float = 0.0):
+                 ffn_dim: int = 2048, dropout: float = 0.0, gemm_backend: str = "reference",
+                 activation_checkpointing: bool = False):
         if conv_dim % num_heads:
             raise InputError(f"pixel_decoder.conv_dim={conv_dim} must be divisible by pixel_decoder.num_heads={num_heads}")
         if conv_dim % 2:
             raise InputError(f"pixel_decoder.conv_dim={conv_dim} must be even (sine encoding: half y, half x)")
-        super().__init__(in_channels, in_strides, conv_dim=conv_dim, mask_dim=mask_dim, norm=norm)
-        self.input_proj = nn.Conv2d(in_channels[self.names[0]], conv_dim, kernel_size=1)
+        super().__init__(in_channels, in_strides, conv_dim=conv_dim, mask_dim=mask_dim, norm=norm,
+                         gemm_backend=gemm_backend)
+        self.input_proj = Conv2d(in_channels[self.names[0]], conv_dim, kernel_size=1, backend=gemm_backend)
         nn.init.xavier_uniform_(self.input_proj.weight)
         nn.init.zeros_(self.input_proj.bias)
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
         self.layers = nn.ModuleList(
-            [EncoderLayer(conv_dim, num_heads, ffn_dim, dropout) for _ in range(num_encoder_layers)])
-        self.activation_checkpointing = False  # encoder layers; see m2f.models.checkpointing
+            [EncoderLayer(conv_dim, num_heads, ffn_dim, dropout, gemm_backend) for _ in range(num_encoder_layers)])
+        self.activation_checkpointing = activation_checkpointing  # encoder layers; m2f.models.checkpointing
 
     def top_output_conv(self, in_ch: int, conv_dim: int, norm: str) -> nn.Module:
         # After the encoder the coarsest map already has conv_dim channels.
-        return conv_norm(conv_dim, conv_dim, 3, norm, relu=True)
+        return conv_norm(conv_dim, conv_dim, 3, norm, relu=True, gemm_backend=self.gemm_backend)
 
     def top(self, x: Tensor) -> Tensor:
         src = self.input_proj(x)  # [B, D, h, w]
@@ -84,8 +87,9 @@ class TransformerEncoderPixelDecoder(FPNPixelDecoder):
 
 
 @PIXEL_DECODERS.register("transformer_encoder")
-def _(cfg: PixelDecoderCfg, in_channels: Dict[str, int], in_strides: Dict[str, int]) -> nn.Module:
+def _(cfg: PixelDecoderCfg, in_channels: Dict[str, int], in_strides: Dict[str, int],
+      gemm_backend: str = "reference") -> nn.Module:
     return TransformerEncoderPixelDecoder(
         in_channels, in_strides, conv_dim=cfg.conv_dim, mask_dim=cfg.mask_dim, norm=cfg.norm,
         num_encoder_layers=cfg.num_encoder_layers, num_heads=cfg.num_heads, ffn_dim=cfg.ffn_dim,
-        dropout=cfg.dropout)
+        dropout=cfg.dropout, gemm_backend=gemm_backend, activation_checkpointing=cfg.activation_checkpointing)

@@ -1,16 +1,15 @@
 """float32 CPU GEMMs: the BLAS behind ``torch.mm`` / ``F.linear`` vs oneDNN's linear op
 (kernels/cpu_gemm.py) on the model's linear-layer shapes, forward and both gradients, interleaved in
 one process; GFLOP/s (best of ``--iters``), the ratio, and each one's error against the
-float64 product.  Also one R50 training step with
-``gemm_backend`` reference vs auto (``--step``).
+float64 product.  Also one R50 training step with ``gemm_backend`` reference vs auto (``--step``).
 
-    python -m kernels.bench_gemm --threads 1 [--step] [--out reports/bench/gemm_cpu.json]
+    python -m m2f.bench gemm --threads 1 [--step] [--out reports/bench/gemm_cpu.json]
 """
 from __future__ import annotations
 
 import argparse
-import platform
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -61,46 +60,49 @@ def step_times(preset: str, size: int, iters: int) -> Dict[str, float]:
     """Median training step (forward, loss, backward) with gemm_backend reference vs auto, alternating."""
     import statistics
 
-    from kernels.cpu_gemm import set_gemm_backend
-    from m2f.bench import synthetic_targets
+    from m2f.bench.common import synthetic_targets
     from m2f.config import get_preset
     from m2f.loss import build_criterion
     from m2f.models.build import build_model
 
+    models = {}
+    for backend in ("reference", "auto"):  # one model per backend, the same weights
+        torch.manual_seed(0)
+        models[backend] = build_model(get_preset(preset, [f"gemm_backend={backend}"])).train()
+    models["auto"].load_state_dict(models["reference"].state_dict())
     cfg = get_preset(preset)
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
     crit = build_criterion(cfg.loss, cfg.num_classes)
     x = torch.randn(1, 3, size, size)
     tgt = [synthetic_targets(20, cfg.num_classes, size, size, "cpu")]
 
-    def step():
+    def step(model):
         sum(crit(model(x), tgt).values()).backward()
         model.zero_grad(set_to_none=True)
 
     times: Dict[str, List[float]] = {"reference": [], "auto": []}
     for _ in range(iters + 1):
         for backend in times:
-            set_gemm_backend(model, backend)
             t0 = time.perf_counter()
-            step()
+            step(models[backend])
             times[backend].append(time.perf_counter() - t0)
     med = {k: statistics.median(v[1:]) for k, v in times.items()}  # first round: warm-up
     return {"preset": preset, "size": size, "reference_s": med["reference"], "auto_s": med["auto"],
             "speedup": med["reference"] / med["auto"]}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernels.bench_gemm", description=__doc__.split("\n\n")[0])
-    p.add_argument("--iters", type=int, default=5)
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--iters", type=int, default=5, help="timed repetitions per shape (best is kept)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0 = leave)")
     p.add_argument("--step", action="store_true", help="also time an R50 training step per backend")
     p.add_argument("--size", type=int, default=512, help="image size for --step")
     p.add_argument("--out", default=None, help="JSON report path (written atomically)")
-    args = p.parse_args(argv)
+
+
+def run_cli(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from kernels.cpu_gemm import onednn_available
+    from m2f.provenance import cpu_info, environment
 
     if not onednn_available():
         print("this PyTorch build has no working oneDNN linear op: nothing to compare")
@@ -111,26 +113,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{r['M']:6d} {r['K']:5d} {r['N']:5d}  {r['op']:<18} {r['blas_gflops']:7.1f} {r['onednn_gflops']:7.1f}"
               f"           {r['onednn_speedup']:.2f}x     {r['blas_rel_err']:.1e} / {r['onednn_rel_err']:.1e}")
     result: Dict[str, Any] = {"kind": "gemm", "threads": torch.get_num_threads(), "torch": torch.__version__,
-                              "cpu": platform.processor() or platform.machine(), "blas": "torch.mm (MKL on x86)",
-                              "rows": rows}
-    try:
-        with open("/proc/cpuinfo") as f:
-            result["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                                 result["cpu"])
-    except OSError:
-        pass
+                              "cpu": cpu_info()["model"], "blas": "torch.mm (MKL on x86)", "rows": rows,
+                              "environment": environment("cpu")}
     if args.step:
         result["step"] = step_times("r50_coco_panoptic", args.size, max(1, args.iters // 2))
         s = result["step"]
         print(f"training step {s['size']}px: reference {s['reference_s']:.2f} s, auto {s['auto_s']:.2f} s "
               f"-> {s['speedup']:.2f}x")
     if args.out:
-        from m2f.checkpoint import atomic_write_json
+        from m2f.bench.report import write_result_path
 
-        atomic_write_json(args.out, result)
+        write_result_path(Path(args.out), result)
         print(f"wrote {args.out}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,10 +1,10 @@
 """Benchmark multi-scale deformable attention: reference (grid_sample) vs Triton, forward and
 forward+backward, at Mask2Former's pixel-decoder shapes, beside a memory-bandwidth lower bound.
 
-    python -m kernels.bench                       # CUDA: 1024x1024 input; CPU: reference at --size 256
-    python -m kernels.bench --size 512 --dtypes bfloat16 --iters 50
-    python -m kernels.bench --bandwidth-tbs 4.8   # H200's peak instead of H100's 3.35 TB/s
-    python -m kernels.bench --end-to-end          # + the R50 pixel decoder and a training step per backend
+    python -m m2f.bench kernels                       # CUDA: 1024x1024 input; CPU: reference at --size 256
+    python -m m2f.bench kernels --size 512 --dtypes bfloat16 --iters 50
+    python -m m2f.bench kernels --bandwidth-tbs 4.8   # H200's peak instead of H100's 3.35 TB/s
+    python -m m2f.bench kernels --end-to-end          # + the R50 pixel decoder and a training step per backend
 
 Shapes (Mask2Former's MSDeformAttn encoder, one layer): batch 2, levels at strides 8, 16, 32 of the input
 (128^2 + 64^2 + 32^2 = 21504 keys at 1024x1024), every key is also a query, 256 channels in 8 heads,
@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
@@ -36,9 +33,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 H100_TBS = 3.35  # H100 SXM HBM3 peak, TB/s
 
 
-def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=None,
                    help="square input image side in pixels (default: 1024 on CUDA, 256 on CPU)")
     p.add_argument("--batch", type=int, default=2)
@@ -63,7 +58,10 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--model-backends", default=None,
                    help="pixel_decoder.deform_attn_backend values compared by --end-to-end, the first is the "
                         "baseline (default: reference,triton on CUDA; reference,reference_recompute on CPU)")
-    args = p.parse_args(argv)
+
+
+def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Validate and complete the parsed arguments (``p.error`` on bad ones)."""
     try:
         args.strides = [int(s) for s in args.strides.split(",") if s]
     except ValueError:
@@ -102,11 +100,11 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def environment(device: str) -> Dict[str, Any]:
-    """Versions and hardware the numbers were taken on."""
-    env: Dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
-                           "cuda": torch.version.cuda, "hostname": platform.node(),
-                           "threads": torch.get_num_threads(),
-                           "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    """:func:`m2f.provenance.environment` plus the Triton version, the GPU's SM count and a timestamp."""
+    from m2f.provenance import environment as _environment
+
+    env = _environment(device)
+    env["timestamp"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     try:
         import triton
 
@@ -117,17 +115,6 @@ def environment(device: str) -> Dict[str, Any]:
         props = torch.cuda.get_device_properties(torch.device(device))
         env["device"] = props.name
         env["multiprocessors"] = props.multi_processor_count
-    else:
-        env["device"] = f"cpu ({platform.processor() or platform.machine()})"
-    try:
-        root = Path(__file__).resolve().parent.parent
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=root, capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False, cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        env["git_commit"] = (sha + ("-dirty" if dirty else "")) if sha else None
-    except Exception:  # noqa: BLE001 - no git here is fine
-        env["git_commit"] = None
     return env
 
 
@@ -189,10 +176,8 @@ def _inputs(B, S, Q, nH, Dh, L, P, dtype, device, seed):
 
 
 def _triton_skip_reason(device: str) -> Optional[str]:
-    try:
-        from kernels.ms_deform_attn_triton import triton_available
-    except ImportError as exc:
-        return f"triton not importable: {exc}"
+    from kernels.ms_deform_attn import triton_available
+
     if not device.startswith("cuda"):
         return "triton backend is timed on CUDA only (the CPU interpreter is for correctness tests)"
     if not triton_available():
@@ -230,6 +215,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     S = Q = sum(h * w for h, w in shapes)
     device = args.device
     report: Dict[str, Any] = {
+        "kind": "kernels",
         "config": {"size": args.size, "batch": B, "channels": args.channels, "heads": nH, "head_dim": Dh,
                    "points": P, "strides": args.strides, "spatial_shapes": [list(s) for s in shapes],
                    "num_keys": S, "num_queries": Q, "iters": args.iters, "warmup": args.warmup,
@@ -242,7 +228,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     fns = {"reference": ms_deform_attn_reference}
     skip = _triton_skip_reason(device) if "triton" in args.backends else None
     if "triton" in args.backends and skip is None:
-        from kernels.ms_deform_attn_triton import ms_deform_attn_triton
+        from kernels.ms_deform_attn import ms_deform_attn_triton
 
         fns["triton"] = ms_deform_attn_triton
     for dname in args.dtypes:
@@ -274,20 +260,25 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 def end_to_end(preset: str, size: int, batch: int, backends: Sequence[str], device: str, iters: int, warmup: int,
                seed: int = 0, num_masks: int = 20) -> Dict[str, Any]:
     """The pixel decoder's forward+backward and a training step (forward under the trainer's autocast,
-    loss, backward; no optimiser) of ``preset`` with each deformable-attention backend; one model, its
-    backend switched between runs, so the weights and inputs are the same.  Speed-ups are relative to
+    loss, backward; no optimiser) of ``preset`` with each deformable-attention backend; one model per
+    backend, built from the config with the same weights loaded, and the same inputs.  Speed-ups are relative to
     ``backends[0]``; ``train_loss`` (one step, same point samples) checks the backends agree end to end."""
-    from m2f.bench import synthetic_targets
+    from m2f.bench.common import synthetic_targets
     from m2f.config import get_preset
     from m2f.loss import build_criterion
     from m2f.models.build import build_model
-    from m2f.models.pixel_decoders.msdeform import set_deform_attn_backend
     from m2f.train import amp_context
 
     cfg = get_preset(preset)
     amp = amp_context(cfg.solver, torch.device(device).type)
     torch.manual_seed(seed)
-    model = build_model(cfg).to(device).train()
+    first = build_model(cfg).to(device).train()
+    models = {}
+    for name in backends:  # the same weights in every backend's model
+        m = build_model(get_preset(preset, [f"pixel_decoder.deform_attn_backend={name}"])).to(device).train()
+        m.load_state_dict(first.state_dict())
+        models[name] = m
+    model = first
     criterion = build_criterion(cfg.loss, cfg.num_classes).to(device)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, size, size, generator=g).to(device)
@@ -309,7 +300,7 @@ def end_to_end(preset: str, size: int, batch: int, backends: Sequence[str], devi
 
     rows: Dict[str, Any] = {}
     for name in backends:
-        set_deform_attn_backend(model, name)
+        model = models[name]
         torch.manual_seed(seed)  # the same point samples for every backend: the losses must agree
         row = {"train_loss": float(train_step())}
         for key, fn in (("pixel_decoder_fwd_bwd", pixel_decoder_step), ("train_step", train_step)):
@@ -348,8 +339,7 @@ def _print_table(report: Dict[str, Any]) -> None:
               f"{peak:>9} {bound_ms:>10.3f} ms ({100 * r['fraction_of_bound']['forward_backward']:.1f}%)")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parse_args(argv)
+def run_cli(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -357,18 +347,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.end_to_end:
         report["end_to_end"] = end_to_end(args.preset, args.size, args.batch, args.model_backends, args.device,
                                           args.iters, args.warmup, args.seed)
-    from m2f.checkpoint import atomic_write_json
+    from m2f.bench.report import write_result_path
 
-    atomic_write_json(args.out, report)
-    from m2f.bench import refresh_reports
-
-    refresh_reports(Path(args.out).parent)  # reports/bench(/gpu): its README and the project README's summary
+    write_result_path(Path(args.out), report)  # + the folder's README and the project README's summary
     _print_table(report)
     if "end_to_end" in report:
         _print_end_to_end(report["end_to_end"])
     print(f"wrote {args.out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

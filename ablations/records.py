@@ -1,0 +1,127 @@
+"""Ablation records: one JSON line per finished run in ``reports/<ablation>/runs.jsonl``.
+
+- Paths: :func:`runs_path` (the records file), :class:`RunPlan` (one (row, seed) at a scale and its run
+  directory ``runs/ablations/<ablation>/<scale>/<row slug>/seed<k>_<config hash>/``), :data:`RESULT_NAME`.
+- :func:`build_record`: the line a finished run appends (config and its hash, seed, code version,
+  environment, metrics over training, final evaluation, FLOPs, memory, throughput).
+- Metric extraction: :func:`eval_metric` (one named metric from an evaluation) and :func:`flat_metrics`
+  (every reportable number of a record).
+
+The runner writes records, the renderer reads them; both import this module and not each other.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from ablations.scales import Scale
+from ablations.spec import EVAL_METRICS, AblationSpec, Row
+from m2f.checkpoint import read_jsonl
+from m2f.config import Config, to_dict
+
+RESULT_NAME = "ablation_result.json"
+
+
+@dataclass
+class RunPlan:
+    ablation: str
+    row: Row
+    seed: int
+    scale: str
+    cfg: Config
+    config_hash: str
+    run_dir: Path
+
+    @property
+    def key(self) -> tuple:
+        return (self.row.name, self.seed, self.scale, self.config_hash)
+
+    @property
+    def label(self) -> str:
+        return f"{self.row.name} / seed {self.seed}"
+
+
+def runs_path(out: Path | str, ablation: str) -> Path:
+    return Path(out) / ablation / "runs.jsonl"
+
+
+def _num(x) -> Optional[float]:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def eval_metric(ev: Dict[str, Any], name: str) -> Optional[float]:
+    """One named metric from an evaluation dict ``{task: {key: value}}`` (None if absent)."""
+    if not isinstance(ev, dict):
+        return None
+    v = None
+    if name in EVAL_METRICS:
+        task, key = EVAL_METRICS[name]
+        v = _num((ev.get(task) or {}).get(key))
+    elif name.startswith("AR@"):
+        v = _num((ev.get("proposals") or {}).get(name))
+    # Metrics are on the 0-100 scale; COCOeval marks "undefined" as -1 (-100 scaled), NaN elsewhere.
+    return v if v is not None and v >= 0 else None
+
+
+def flat_metrics(record: Dict[str, Any]) -> Dict[str, float]:
+    """Every reportable number of a run record: eval metrics, FLOPs, memory, throughput."""
+    out: Dict[str, float] = {}
+    ev = record.get("eval") or {}
+    for name in EVAL_METRICS:
+        v = eval_metric(ev, name)
+        if v is not None:
+            out[name] = v
+    for k in (ev.get("proposals") or {}):
+        v = eval_metric(ev, k)
+        if v is not None:
+            out[k] = v
+    flops = record.get("flops") or {}
+    if _num(flops.get("gflops")) is not None:
+        out["FLOPs_G"] = _num(flops["gflops"])
+    probe = record.get("memory_probe") or {}
+    mem = probe.get("peak_bytes") or record.get("peak_memory_bytes") or record.get("peak_rss_bytes")
+    if _num(mem) is not None:
+        out["memory_GB"] = _num(mem) / 1e9  # per image (probe) when measured, else the run's peak
+    for src, dst in (("train_images_per_s", "train_images_per_s"), ("train_seconds", "train_seconds")):
+        if _num(record.get(src)) is not None:
+            out[dst] = _num(record[src])
+    if _num(record.get("params")) is not None:
+        out["params_M"] = _num(record["params"]) / 1e6
+    return out
+
+
+def build_record(spec: AblationSpec, plan: RunPlan, scale: Scale, result: Dict[str, Any],
+                 flops: Optional[Dict[str, Any]], git: Optional[str]) -> Dict[str, Any]:
+    """The ONE line a finished run appends to runs.jsonl."""
+    s = result.get("summary") or {}
+    cfg = plan.cfg
+    rec = {
+        "ablation": spec.name, "table": spec.table, "row": plan.row.name, "overrides": plan.row.overrides,
+        "scale": plan.scale, "seed": plan.seed, "config": to_dict(cfg), "config_hash": plan.config_hash,
+        "git_commit": git, "environment": result.get("environment"),
+        "data": {"train": cfg.data.train, "val": cfg.data.val, "task": cfg.data.task,
+                 "image_size": cfg.data.image_size, "eval_limit": scale.eval_limit},
+        "iters": s.get("iter"), "max_iters": cfg.solver.max_iters, "batch_size": cfg.solver.batch_size,
+        "thresholds": {"object_mask_threshold": cfg.inference.object_mask_threshold,
+                       "overlap_threshold": cfg.inference.overlap_threshold,
+                       "mask_threshold": cfg.decoder.mask_threshold},
+        "metrics_over_training": read_jsonl(plan.run_dir / "metrics.jsonl"),
+        "eval": s.get("eval") or {}, "final_loss": s.get("final_loss"),
+        "peak_memory_bytes": s.get("peak_memory_bytes"), "peak_rss_bytes": result.get("peak_rss_bytes"),
+        "memory_kind": ("cuda_max_allocated" if s.get("peak_memory_bytes") else
+                        "process_peak_rss" if result.get("peak_rss_bytes") else None),
+        "train_images_per_s": s.get("train_images_per_s"), "train_seconds": s.get("train_seconds"),
+        "params": s.get("params"), "flops": flops, "wall_seconds": result.get("wall_seconds"),
+        "kernels": s.get("kernels"),
+        "run_dir": str(plan.run_dir), "shared_from": result.get("shared_from"),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    rec["metrics"] = flat_metrics(rec)
+    return rec

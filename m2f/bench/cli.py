@@ -1,0 +1,137 @@
+"""``python -m m2f.bench {speed,memory,profile,kernels,gemm,render}`` (each with ``--help``).
+
+    python -m m2f.bench speed --preset r50_coco_panoptic --size 512 --iters 5 --out reports/bench
+    python -m m2f.bench memory --sizes 512,1024 --device cpu --out reports/bench
+    python -m m2f.bench profile --preset tiny --batch 4 --size 128
+    python -m m2f.bench kernels --end-to-end
+    python -m m2f.bench gemm --threads 1 --step --out reports/bench/gemm_cpu.json
+    python -m m2f.bench render --out reports/bench
+
+Results: ``<out>/<name>.json`` (atomic, with a ``kind`` and the environment), and ``<out>/README.md``
+re-rendered from every JSON there (:mod:`m2f.bench.report`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from m2f.config import get_preset, list_presets
+from m2f.errors import InputError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from m2f.bench import gemm, kernels
+
+    ap = argparse.ArgumentParser(prog="python -m m2f.bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, text in (("memory", "training memory per image, paper Table 5's four loss variants"),
+                       ("speed", "m2f vs HF transformers: training step and inference, interleaved"),
+                       ("profile", "where one m2f training step spends its time")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--preset", default="r50_coco_panoptic", help=f"one of {list_presets()}")
+        p.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
+        p.add_argument("--out", default="reports/bench", help="output folder (JSON + README.md)")
+        p.add_argument("--name", default=None, help="result file stem (default: kind_preset_device[_size])")
+        p.add_argument("--num-masks", type=int, default=20, help="target masks per image (default 20)")
+        p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                       help="config override (repeatable)")
+    pm = sub.choices["memory"]
+    pm.add_argument("--sizes", default="512,1024", help="comma-separated square sizes (default 512,1024)")
+    pm.add_argument("--timeout", type=float, default=3600.0, help="seconds per variant")
+    ps = sub.choices["speed"]
+    ps.add_argument("--size", type=int, default=512, help="square input size in pixels")
+    ps.add_argument("--iters", type=int, default=5, help="interleaved repetitions (after 1 warm-up)")
+    ps.add_argument("--no-flops", action="store_true", help="skip the fvcore FLOP count")
+    ps.add_argument("--no-train", action="store_true", help="skip the training-step comparison")
+    ps.add_argument("--no-inference", action="store_true", help="skip the inference comparison")
+    ps.add_argument("--amp", action="store_true", help="both models' forwards under bf16 autocast (default fp32)")
+    pp = sub.choices["profile"]
+    pp.add_argument("--size", type=int, default=512, help="square input size in pixels")
+    pp.add_argument("--iters", type=int, default=3, help="profiled steps (after 1 warm-up; median)")
+
+    pk = sub.add_parser("kernels", help="deformable attention kernels: reference vs Triton, beside a bandwidth bound",
+                        description=kernels.__doc__.split("\n\n")[0])
+    kernels.add_args(pk)
+    pg = sub.add_parser("gemm", help="float32 CPU GEMMs: BLAS vs oneDNN on the model's shapes",
+                        description=gemm.__doc__.split("\n\n")[0])
+    gemm.add_args(pg)
+    pr = sub.add_parser("render", help="re-render the READMEs from the result JSONs (e.g. after copying GPU results in)")
+    pr.add_argument("--out", default="reports/bench", help="folder of result JSONs")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_memory_worker"]:  # internal: one memory variant in a fresh process
+        from m2f.bench.memory import memory_worker
+
+        print(json.dumps(memory_worker(**json.loads(argv[1]))))
+        return 0
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.cmd == "render":
+        from m2f.bench.report import refresh_reports
+
+        refresh_reports(Path(args.out))
+        print(f"rendered {Path(args.out) / 'README.md'}")
+        return 0
+    if args.cmd == "kernels":
+        from m2f.bench import kernels
+
+        return kernels.run_cli(kernels.finish_args(ap, args))
+    if args.cmd == "gemm":
+        from m2f.bench import gemm
+
+        return gemm.run_cli(args)
+    from m2f.bench.common import check_device, parse_sizes
+    from m2f.bench.report import write_result
+
+    device = check_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.num_masks < 0:
+        raise InputError(f"--num-masks: expected >= 0, got {args.num_masks}")
+    get_preset(args.preset, args.overrides)  # validate early
+    if args.cmd == "memory":
+        from m2f.bench.memory import run_memory
+
+        res = run_memory(args.preset, parse_sizes(args.sizes), device, args.num_masks, args.overrides, args.threads,
+                         args.timeout)
+        name = args.name or f"memory_{args.preset}_{device.replace(':', '')}"
+    elif args.cmd == "profile":
+        from m2f.bench.profile import run_profile
+
+        if args.iters < 1:
+            raise InputError(f"--iters: expected >= 1, got {args.iters}")
+        res = run_profile(args.preset, args.size, device, args.iters, args.num_masks, args.overrides)
+        name = args.name or f"profile_{args.preset}_{device.replace(':', '')}_{args.size}"
+    else:
+        from m2f.bench.speed import run_speed
+
+        if args.size < 32 or args.size % 32:
+            raise InputError(f"--size: expected a positive multiple of 32, got {args.size}")
+        if args.iters < 1:
+            raise InputError(f"--iters: expected >= 1, got {args.iters}")
+        res = run_speed(args.preset, args.size, device, args.iters, args.num_masks, args.overrides,
+                        flops=not args.no_flops, train=not args.no_train, infer=not args.no_inference,
+                        amp=args.amp)
+        name = args.name or f"speed_{args.preset}_{device.replace(':', '')}_{args.size}" + ("_amp" if args.amp else "")
+    path = write_result(Path(args.out), name, res)
+    print(f"wrote {path}")
+    return 0
+
+
+def run(argv: Optional[List[str]] = None) -> int:
+    """``main`` with user errors printed on one line (exit code 2)."""
+    try:
+        return main(argv)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
