@@ -13,7 +13,10 @@ runs through it (input gradient ``g @ W``, weight gradient ``g^T @ x``; the op c
 operand contiguous, so the narrower of ``g^T`` and ``x^T`` goes first).  Same function in float32 up to summation order
 (oneDNN accumulates in float32, no reduced-precision mode is enabled).  :func:`conv2d` routes 1x1,
 stride-1, ungrouped convolutions of channels-last input to :func:`linear` on the [B*H*W, C] view
-(no copies) and everything else to ``F.conv2d``.
+(no copies); a larger kernel whose output has at most :data:`IM2COL_MAX_ROWS` positions over the
+batch (B * H_out * W_out; ResNet's last stage at small inputs) runs as one oneDNN GEMM on its
+``F.unfold`` columns (measured on both ISAs: reports/bench/NOTES.md); everything else goes to
+``F.conv2d``.
 
 Backends: ``"reference"`` (``F.linear`` / ``F.conv2d``), ``"onednn"``, ``"auto"`` (oneDNN for
 float32 CPU tensors outside autocast when the op is present and agrees with ``F.linear`` on a probe;
@@ -149,11 +152,41 @@ def _is_pointwise(weight: Tensor, stride, padding, dilation, groups: int) -> boo
     return weight.shape[-2:] == (1, 1) and groups == 1 and ones(stride) and ones(dilation) and zeros(padding)
 
 
+# B * H_out * W_out up to which a k x k convolution runs as unfold + one GEMM (python -m m2f.bench gemm
+# --conv measures the crossover; it was 64-128 rows with AVX-512 and with AVX2 only).
+IM2COL_MAX_ROWS = 64
+
+
+def _pair(v) -> tuple:
+    return tuple(int(s) for s in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _im2col_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, backend: str) -> Tensor:
+    """``F.conv2d`` (groups 1, dilation 1) as ``F.unfold`` + :func:`linear`: channels-last output."""
+    B, _, H, W = x.shape
+    O, _, kh, kw = weight.shape
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    cols = F.unfold(x, (kh, kw), padding=(ph, pw), stride=(sh, sw))  # [B, C*kh*kw, Ho*Wo]
+    y = linear(cols.transpose(1, 2), weight.reshape(O, -1), bias, backend)  # [B, Ho*Wo, O]
+    return y.view(B, Ho, Wo, O).permute(0, 3, 1, 2)
+
+
+def _im2col_applies(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> bool:
+    if groups != 1 or isinstance(padding, str) or _pair(dilation) != (1, 1) or weight.shape[-2:] == (1, 1):
+        return False
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    kh, kw = weight.shape[-2:]
+    rows = x.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
+    return 0 < rows <= IM2COL_MAX_ROWS
+
+
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Union[int, Sequence[int]] = 1,
            padding: Union[int, Sequence[int], str] = 0, dilation: Union[int, Sequence[int]] = 1, groups: int = 1,
            backend: str = "auto") -> Tensor:
     """``F.conv2d``; a 1x1 stride-1 convolution of channels-last input [B, C, H, W] runs as
-    :func:`linear` on its [B*H*W, C] view and returns channels-last output (no copies)."""
+    :func:`linear` on its [B*H*W, C] view and returns channels-last output (no copies); a k x k one
+    with at most :data:`IM2COL_MAX_ROWS` output positions as unfold + :func:`linear`."""
     if (backend != "reference" and not torch.jit.is_tracing() and x.dim() == 4
             and _is_pointwise(weight, stride, padding, dilation, groups)
             and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
@@ -161,6 +194,11 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Uni
         B, _, H, W = x.shape
         y = linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias, backend)  # [B, H, W, C_out]
         return y.permute(0, 3, 1, 2)
+    if (backend != "reference" and not torch.jit.is_tracing() and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and _im2col_applies(x, weight, stride, padding, dilation, groups)
+            and resolve_backend(backend, x, weight) == "onednn"):
+        return _im2col_conv(x, weight, bias, stride, padding, backend)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 

@@ -131,6 +131,51 @@ def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return out
 
 
+def resolve_optimizer_impl(impl: str, device) -> str:
+    """"auto" -> "fused" where this PyTorch has a fused AdamW for ``device``'s type (CPU since 2.4,
+    CUDA), else "foreach"; an explicit choice is kept (an unsupported "fused" fails in AdamW)."""
+    if impl != "auto":
+        return impl
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        supported = _get_fused_kernels_supported_devices()
+    except ImportError:  # an older PyTorch: no fused AdamW on CPU
+        supported = ["cuda"]
+    return "fused" if torch.device(device).type in supported else "foreach"
+
+
+_ALLOCATOR_STATE: Dict[str, str] = {}
+
+
+def tune_cpu_allocator(mode: str) -> str:
+    """Apply ``solver.cpu_allocator`` once per process; returns what is in effect ("tuned", "default",
+    or "default (not glibc)" where mallopt is unavailable).
+
+    "tuned": glibc's mallopt with a fixed 32 MiB mmap threshold (the step's activations, up to tens
+    of MiB, come from the heap instead of fresh zeroed pages on every step), no trimming and a 64 MiB
+    top pad (freed memory stays for the next step).  Memory is reused, never leaked: the process's
+    peak stays the step's peak."""
+    if mode != "tuned":
+        return _ALLOCATOR_STATE.get("mode", "default")
+    if "mode" in _ALLOCATOR_STATE:
+        return _ALLOCATOR_STATE["mode"]
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        _ALLOCATOR_STATE["mode"] = "default (not glibc)"
+        return _ALLOCATOR_STATE["mode"]
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    ok = all(mallopt(opt, val) == 1 for opt, val in ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 31),
+                                                     (M_TOP_PAD, 64 << 20)))
+    _ALLOCATOR_STATE["mode"] = "tuned" if ok else "default (mallopt refused)"
+    return _ALLOCATOR_STATE["mode"]
+
+
 def kernels_used(cfg: Config, device) -> Dict[str, str]:
     """The implementations that actually ran: every kernel field of the config (marked
     ``execution_only(..., kernel=True)`` in m2f.config) with "auto" resolved on ``device``, recorded
@@ -140,7 +185,11 @@ def kernels_used(cfg: Config, device) -> Dict[str, str]:
 
     amp = amp_context(cfg.solver, torch.device(device).type) is not nullcontext
     resolvers = {"gemm_backend": lambda v: resolve_for_device(v, device, amp=amp),
-                 "pixel_decoder.deform_attn_backend": lambda v: resolve_backend(v, device)}
+                 "pixel_decoder.deform_attn_backend": lambda v: resolve_backend(v, device),
+                 "solver.optimizer_impl": lambda v: resolve_optimizer_impl(v, device),
+                 "solver.cpu_allocator": lambda v: ("n/a (not CPU)" if torch.device(device).type != "cpu"
+                                                    else _ALLOCATOR_STATE.get("mode", "default") if v == "tuned"
+                                                    else "default")}
     out = {}
     for path in KERNEL_FIELDS:
         if path.startswith("pixel_decoder.deform") and cfg.pixel_decoder.kind != "msdeform":
@@ -190,7 +239,11 @@ def train(cfg: Config, out_dir, resume: bool = False, device: Optional[str] = No
     torch.manual_seed(s.seed)
     model = build_model(cfg).to(dev)
     criterion = build_criterion(cfg.loss, cfg.num_classes).to(dev)
-    optimizer = torch.optim.AdamW(param_groups(model, s), lr=s.lr, weight_decay=s.weight_decay)
+    if dev.type == "cpu":
+        tune_cpu_allocator(s.cpu_allocator)
+    impl = resolve_optimizer_impl(s.optimizer_impl, dev)
+    optimizer = torch.optim.AdamW(param_groups(model, s), lr=s.lr, weight_decay=s.weight_decay,
+                                  **{impl: True})
     if ckpt is not None:
         load_model_weights(model, ckpt["model"], str(ckpt_path), f"this run's config ({config_hash(cfg)})")
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -216,11 +216,61 @@ def test_profile_cli_tiny(tmp_path):
     r = json.loads((tmp_path / "prof.json").read_text())
     parts = r["parts_median_s"]
     assert set(parts) == {"backbone_forward", "pixel_decoder_forward", "transformer_decoder_forward", "loss",
-                          "transformer_decoder_and_loss_backward", "pixel_decoder_backward", "backbone_backward"}
+                          "transformer_decoder_and_loss_backward", "pixel_decoder_backward", "backbone_backward",
+                          "optimizer_step", "data"}
     assert all(v > 0 for v in parts.values()) and r["step_total_s"] == pytest.approx(sum(parts.values()))
+    assert r["data"]["dataset"] == "synth" and r["optimizer_impl"] == "fused"
+    # the loss's parts from the profiler: positive, and together less than the loss itself
+    assert set(r["loss_split_s"]) == {"matcher", "point_sampling"} and all(v > 0 for v in r["loss_split_s"].values())
+    assert sum(r["loss_split_s"].values()) < parts["loss"] and 0 <= r["python_overhead_share"] < 1
     assert r["top_ops_self_cpu_ms"] and all(o["self_cpu_ms"] >= 0 for o in r["top_ops_self_cpu_ms"])
     md = (tmp_path / "README.md").read_text()
     assert "Training-step profile `prof.json`" in md and "| pixel_decoder_backward |" in md
+    assert "of which matcher" in md and "Python and framework overhead" in md
+
+
+def test_speed_cli_batch_side_by_side_and_flop_floor(tmp_path):
+    assert cli.main(["speed", "--preset", "tiny", "--size", "64", "--iters", "1", "--num-masks", "2", "--batch", "2",
+                     "--threads", "1", "--no-inference", "--side-by-side", "--out", str(tmp_path),
+                     "--name", "sbs"]) == 0
+    r = json.loads((tmp_path / "sbs.json").read_text())
+    assert r["batch"] == 2 and "inference" not in r
+    assert len(r["train_side_by_side"]) == 2
+    for p in r["train_side_by_side"]:
+        assert p["m2f_median_s"] > 0 and p["ratio_m2f_over_hf"] == pytest.approx(p["hf_median_s"] / p["m2f_median_s"])
+    f = r["flop_floor"]
+    assert f["train_step_gflop"] == pytest.approx(3 * 2 * r["flops"]["gflops"])
+    assert f["floor_s"] == pytest.approx(f["train_step_gflop"] / f["gemm_gflops_per_s"]) and f["floor_s"] > 0
+    md = (tmp_path / "README.md").read_text()
+    assert "FLOP floor of the training step" in md and "Two processes side by side" in md
+
+
+def test_trees_compares_two_checkouts_with_real_training_runs(tmp_path):
+    """python -m m2f.bench trees against this same tree: the two trees' loss curves are bit-identical,
+    the speed-up is a ratio of measured medians, and the result renders with its goal."""
+    from pathlib import Path
+
+    import m2f
+
+    here = Path(m2f.__file__).resolve().parents[1]
+    small = ["solver.batch_size=1", "data.image_size=64"]
+    args = ["trees", "--base", str(here), "--iters", "6", "--warmup", "2", "--rounds", "1", "--out", str(tmp_path),
+            "--name", "tr"]
+    for o in small:
+        args += ["--set", o, "--base-set", o]
+    assert cli.main(args) == 0
+    r = json.loads((tmp_path / "tr.json").read_text())
+    assert r["kind"] == "trees" and r["loss_check"]["bit_identical"] and r["loss_check"]["max_rel_diff"] == 0
+    assert r["loss_check"]["deterministic_within_tree"] and len(r["losses"]["this"]) == 6
+    for arr in ("alone", "side_by_side"):
+        s = r["summary"][arr]
+        assert s["speedup"] == pytest.approx(s["base_s_per_iter"] / s["this_s_per_iter"])
+    assert r["environment"]["cpu"]["isa_class"] in ("avx512", "avx2", "other")
+    md = (tmp_path / "README.md").read_text()
+    assert "Training speed vs commit" in md
+    assert "training speed vs" in report.render_summary(tmp_path) and ">= 2.5x" in report.render_summary(tmp_path)
+    with pytest.raises(InputError, match="no m2f/train.py"):
+        cli.main(["trees", "--base", str(tmp_path), "--out", str(tmp_path)])
 
 
 def test_profile_backward_reaches_every_parameter():

@@ -238,3 +238,30 @@ def test_linear_gradients_for_broadcast_and_strided_output_grads(reduce):
     want = torch.autograd.grad(fn(F.linear(x, w, b)), (x, w, b))
     for a, r in zip(got, want):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape,stride,bias", [((4, 96, 4, 4), 1, True), ((2, 64, 8, 6), 2, False),
+                                               ((1, 32, 5, 7), 1, True)])
+def test_small_output_kxk_conv_runs_as_one_gemm_with_the_same_values_and_gradients(monkeypatch, shape, stride, bias):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = (0.1 * torch.randn(48, shape[1], 3, 3, generator=g)).contiguous(memory_format=torch.channels_last)
+    w.requires_grad_()
+    b = torch.randn(48, generator=g, requires_grad=True) if bias else None
+    calls = _count_onednn_calls(monkeypatch)
+    out = conv2d(x, w, b, stride, 1, backend="auto")
+    ref = F.conv2d(x, w, b, stride, 1)
+    assert calls and out.shape == ref.shape and out.shape[0] * out.shape[2] * out.shape[3] <= cpu_gemm.IM2COL_MAX_ROWS
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    ins = (x, w) + ((b,) if bias else ())
+    go = torch.randn(ref.shape, generator=g)
+    for a, r in zip(torch.autograd.grad(out, ins, go), torch.autograd.grad(ref, ins, go)):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
+    calls.clear()  # above the row limit, a reference backend, or NCHW input: F.conv2d itself
+    big = torch.randn(4, shape[1], 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(conv2d(big, w, b, 1, 1, backend="auto"), F.conv2d(big, w, b, 1, 1))
+    assert torch.equal(conv2d(x, w, b, stride, 1, backend="reference"), F.conv2d(x, w, b, stride, 1))
+    assert torch.equal(conv2d(x.detach().contiguous(), w, b, stride, 1, backend="auto"),
+                       F.conv2d(x.detach().contiguous(), w, b, stride, 1))
+    assert calls == []

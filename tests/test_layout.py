@@ -111,7 +111,8 @@ def test_execution_only_fields_are_read_from_one_mark():
 
     walk(Config)
     assert tuple(marked) == EXECUTION_ONLY
-    assert set(KERNEL_FIELDS) == {"gemm_backend", "decoder.attention_backend", "pixel_decoder.deform_attn_backend"}
+    assert set(KERNEL_FIELDS) == {"gemm_backend", "decoder.attention_backend", "pixel_decoder.deform_attn_backend",
+                                  "solver.optimizer_impl", "solver.cpu_allocator"}
     assert set(KERNEL_FIELDS) <= set(EXECUTION_ONLY)
     cfg = get_preset("tiny")
     switched = apply_overrides(cfg, {"gemm_backend": "reference", "decoder.attention_backend": "reference",

@@ -423,3 +423,70 @@ def test_num_masks_is_averaged_over_processes():
             p.join(60)
         assert all(p.exitcode == 0 for p in procs)
         assert [torch.load(os.path.join(d, f"n.{r}")).item() for r in range(2)] == [2.5, 2.5]
+
+
+# ---------------------------------------------------------------------------------------------
+# batched point-mode paths == the per-prediction loops they replace (same generator, same numbers)
+
+
+def _deep_outputs(g, n_pred=4, B=3, Q=6, K=4, h=8, w=8):
+    return [(torch.randn(B, Q, K + 1, generator=g), torch.randn(B, Q, h, w, generator=g)) for _ in range(n_pred)]
+
+
+def test_uncertainty_points_in_groups_equal_one_call_per_group():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 1, 8, 8, generator=g)
+    grouped = uncertainty_point_coords(logits, lambda x: -x.abs(), 20, 3.0, 0.75, torch.Generator().manual_seed(5),
+                                       groups=3)
+    gen = torch.Generator().manual_seed(5)
+    loop = torch.cat([uncertainty_point_coords(logits[i * 4:(i + 1) * 4], lambda x: -x.abs(), 20, 3.0, 0.75, gen)
+                      for i in range(3)])
+    assert torch.equal(grouped, loop)
+    with pytest.raises(ValueError, match="equal groups"):
+        uncertainty_point_coords(logits, lambda x: -x.abs(), 20, 3.0, 0.75, groups=5)
+
+
+def test_batched_point_costs_equal_the_per_pair_loop():
+    from m2f.loss.matcher import point_costs_batched
+
+    g = torch.Generator().manual_seed(1)
+    preds = _deep_outputs(g)
+    targets = [_target(g, 3, K=4), {"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 32, 32) > 0},
+               _target(g, 5, K=4)]
+    batched = point_costs_batched(preds, targets, 2.0, 5.0, 5.0, 64, torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    for p, (cls, msk) in enumerate(preds):
+        for b, t in enumerate(targets):
+            if t["labels"].numel() == 0:
+                assert batched[p][b] is None
+                continue
+            ref = pairwise_cost(cls[b], msk[b], t["labels"], t["masks"], 2.0, 5.0, 5.0, 64, "point", gen)
+            torch.testing.assert_close(batched[p][b], ref, rtol=0, atol=2e-6)
+    # and the matching built on it is the matching of the loop
+    m_batched = hungarian_match(preds, targets, num_points=64, mode="point", generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    m_loop = [hungarian_match([pr], targets, num_points=64, mode="point", generator=gen)[0] for pr in preds]
+    for a, b in zip(m_batched, m_loop):
+        assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+def test_batched_point_mask_losses_equal_the_per_prediction_loop_with_gradients():
+    g = torch.Generator().manual_seed(2)
+    preds = _deep_outputs(g, n_pred=5)
+    targets = [_target(g, 3, K=4), _target(g, 2, K=4), _target(g, 4, K=4)]
+    crit = build_criterion(LossCfg(num_points=50), num_classes=4)
+    masks = [m.clone().requires_grad_(True) for _, m in preds]
+    indices = [crit.matcher(c, m.detach(), targets, generator=torch.Generator().manual_seed(0)) for c, m in preds]
+    nm = crit.num_masks(targets, torch.device("cpu"))
+    batched = crit.point_mask_losses(masks, indices, targets, nm, torch.Generator().manual_seed(3))
+    sum(a + b for a, b in batched).backward()
+    grads = [m.grad.clone() for m in masks]
+    masks2 = [m.detach().clone().requires_grad_(True) for m in masks]
+    gen = torch.Generator().manual_seed(3)
+    loop = [crit.loss_masks(m, idx, targets, nm, gen) for m, idx in zip(masks2, indices)]
+    sum(a + b for a, b in loop).backward()
+    for (ba, bd), (la, ld) in zip(batched, loop):
+        torch.testing.assert_close(ba, la, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(bd, ld, rtol=1e-6, atol=1e-7)
+    for ga, m in zip(grads, masks2):
+        torch.testing.assert_close(ga, m.grad, rtol=1e-5, atol=1e-8)

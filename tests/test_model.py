@@ -423,3 +423,25 @@ def test_mask_product_under_autocast_matches_einsum():
     for a, b in zip(got, want):
         assert a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["resnet18", "resnet50"])
+def test_resnet_channels_last_weights_are_bit_identical(kind):
+    """The ResNet keeps its convolution weights channels_last (a speed choice): outputs and weight
+    gradients equal those of the same weights in the default layout, bit for bit."""
+    import copy
+
+    from m2f.models.backbone import ResNetBackbone
+
+    torch.manual_seed(0)
+    a = ResNetBackbone(kind, norm="frozen_bn" if kind == "resnet50" else "bn")
+    assert a.conv1.weight.is_contiguous(memory_format=torch.channels_last) and not a.conv1.weight.is_contiguous()
+    b = copy.deepcopy(a)
+    for p in b.parameters():
+        p.data = p.data.contiguous()
+    x = torch.randn(2, 3, 64, 64)
+    fa, fb = a(x), b(x)
+    sum((v ** 2).mean() for v in fa.values()).backward()
+    sum((v ** 2).mean() for v in fb.values()).backward()
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(a.parameters(), b.parameters()) if p.grad is not None)

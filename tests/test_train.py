@@ -103,7 +103,25 @@ def test_resume_continues_the_identical_loss_curve(tmp_path):
 
     assert full["kernels"] == {"decoder.attention_backend": cfg.decoder.attention_backend,
                                "gemm_backend": "onednn" if onednn_available() else "reference",
-                               "pixel_decoder.deform_attn_backend": "reference"}  # what ran, "auto" resolved
+                               "pixel_decoder.deform_attn_backend": "reference",
+                               "solver.optimizer_impl": "fused", "solver.cpu_allocator": "tuned"}  # what ran, "auto" resolved
+
+
+def test_optimizer_impls_take_the_same_steps_to_float_tolerance(tmp_path):
+    """solver.optimizer_impl is execution-only: fused and foreach AdamW give the same losses up to
+    float32 rounding (and the same config hash)."""
+    from m2f.config import apply_overrides, config_hash
+
+    cfg = small_cfg()
+    fe = apply_overrides(cfg, ["solver.optimizer_impl=foreach", "solver.cpu_allocator=default"])
+    assert config_hash(fe) == config_hash(cfg)
+    a = train(cfg, tmp_path / "fused", progress=False, evaluate_at_end=False)
+    b = train(fe, tmp_path / "foreach", progress=False, evaluate_at_end=False)
+    assert a["kernels"]["solver.optimizer_impl"] == "fused" and b["kernels"]["solver.optimizer_impl"] == "foreach"
+    la, lb = losses(tmp_path / "fused"), losses(tmp_path / "foreach")
+    assert [i for i, _ in la] == [i for i, _ in lb] and la[0] == lb[0]  # the first loss precedes any step
+    for (_, x), (_, y) in zip(la, lb):
+        assert x == pytest.approx(y, rel=1e-4)
 
 
 def test_resume_with_activation_checkpointing_switched_on(tmp_path):

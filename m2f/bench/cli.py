@@ -1,10 +1,12 @@
-"""``python -m m2f.bench {speed,memory,profile,kernels,gemm,render}`` (each with ``--help``).
+"""``python -m m2f.bench {speed,memory,profile,kernels,gemm,trees,render}`` (each with ``--help``).
 
     python -m m2f.bench speed --preset r50_coco_panoptic --size 512 --iters 5 --out reports/bench
+    python -m m2f.bench speed --preset tiny --batch 4 --size 128 --threads 1 --side-by-side
     python -m m2f.bench memory --sizes 512,1024 --device cpu --out reports/bench
     python -m m2f.bench profile --preset tiny --batch 4 --size 128
     python -m m2f.bench kernels --end-to-end
     python -m m2f.bench gemm --threads 1 --step --out reports/bench/gemm_cpu.json
+    python -m m2f.bench trees --base ../m2f-base --preset tiny --iters 50
     python -m m2f.bench render --out reports/bench
 
 Results: ``<out>/<name>.json`` (atomic, with a ``kind`` and the environment), and ``<out>/README.md``
@@ -52,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--no-train", action="store_true", help="skip the training-step comparison")
     ps.add_argument("--no-inference", action="store_true", help="skip the inference comparison")
     ps.add_argument("--amp", action="store_true", help="both models' forwards under bf16 autocast (default fp32)")
+    ps.add_argument("--side-by-side", action="store_true",
+                    help="also run the training comparison as two processes at once, one thread each (as the "
+                         "ablation runner runs two runs on two cores), and record both")
+    for p in (ps, sub.choices["profile"]):
+        p.add_argument("--batch", type=int, default=1, help="images per training step (default 1)")
     pp = sub.choices["profile"]
     pp.add_argument("--size", type=int, default=512, help="square input size in pixels")
     pp.add_argument("--iters", type=int, default=3, help="profiled steps (after 1 warm-up; median)")
@@ -62,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     pg = sub.add_parser("gemm", help="float32 CPU GEMMs: BLAS vs oneDNN on the model's shapes",
                         description=gemm.__doc__.split("\n\n")[0])
     gemm.add_args(pg)
+    from m2f.bench import trees
+
+    pt = sub.add_parser("trees", help="training speed of this tree vs another commit's worktree, side by side",
+                        description=trees.__doc__.split("\n\n")[0])
+    trees.add_args(pt)
     pr = sub.add_parser("render", help="re-render the READMEs from the result JSONs (e.g. after copying GPU results in)")
     pr.add_argument("--out", default="reports/bench", help="folder of result JSONs")
     return ap
@@ -86,6 +98,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from m2f.bench import kernels
 
         return kernels.run_cli(kernels.finish_args(ap, args))
+    if args.cmd == "trees":
+        from m2f.bench.report import write_result
+        from m2f.bench.trees import run_trees
+
+        env = {}
+        for kv in args.env:
+            if "=" not in kv:
+                raise InputError(f"--env {kv!r}: expected NAME=VALUE")
+            env[kv.split("=", 1)[0]] = kv.split("=", 1)[1]
+        res = run_trees(Path(args.base), args.preset, args.iters, args.warmup, args.rounds, args.overrides,
+                        args.base_overrides, env)
+        base = (res["base"]["commit"] or "base")[:7]
+        path = write_result(Path(args.out), args.name or f"trees_{args.preset}_{base}", res)
+        print(f"wrote {path}")
+        return 0
     if args.cmd == "gemm":
         from m2f.bench import gemm
 
@@ -110,7 +137,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         if args.iters < 1:
             raise InputError(f"--iters: expected >= 1, got {args.iters}")
-        res = run_profile(args.preset, args.size, device, args.iters, args.num_masks, args.overrides)
+        res = run_profile(args.preset, args.size, device, args.iters, args.num_masks, args.overrides,
+                          batch=args.batch)
         name = args.name or f"profile_{args.preset}_{device.replace(':', '')}_{args.size}"
     else:
         from m2f.bench.speed import run_speed
@@ -121,11 +149,52 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise InputError(f"--iters: expected >= 1, got {args.iters}")
         res = run_speed(args.preset, args.size, device, args.iters, args.num_masks, args.overrides,
                         flops=not args.no_flops, train=not args.no_train, infer=not args.no_inference,
-                        amp=args.amp)
-        name = args.name or f"speed_{args.preset}_{device.replace(':', '')}_{args.size}" + ("_amp" if args.amp else "")
+                        amp=args.amp, batch=args.batch)
+        if args.side_by_side and not args.no_train:
+            res["train_side_by_side"] = side_by_side(argv, args)
+        name = args.name or (f"speed_{args.preset}_{device.replace(':', '')}_{args.size}"
+                             + (f"_b{args.batch}" if args.batch != 1 else "") + ("_amp" if args.amp else ""))
     path = write_result(Path(args.out), name, res)
     print(f"wrote {path}")
     return 0
+
+
+def side_by_side(argv: Sequence[str], args) -> List[dict]:
+    """The training comparison of this command run as two processes at the same time, one thread each:
+    per process, m2f's and HF's median step and their ratio."""
+    import os
+    import subprocess
+    import tempfile
+
+    drop = {"--side-by-side", "--no-inference", "--no-flops"}
+    base, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--out", "--name", "--threads"):
+            skip = True
+            continue
+        if a in drop or a.startswith(("--out=", "--name=", "--threads=")):
+            continue
+        base.append(a)
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        procs = [subprocess.Popen([sys.executable, "-m", "m2f.bench", *base, "--no-inference", "--no-flops",
+                                   "--threads", "1", "--out", tmp, "--name", f"sbs{i}"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        out = []
+        for i, p in enumerate(procs):
+            _, err = p.communicate()
+            if p.returncode:
+                raise RuntimeError(f"side-by-side process {i} failed: {err.strip().splitlines()[-1:]}")
+            r = json.loads((Path(tmp) / f"sbs{i}.json").read_text())["train"]
+            out.append({"m2f_median_s": r["m2f"]["median_s"], "hf_median_s": r["hf"]["median_s"],
+                        "ratio_m2f_over_hf": r["ratio_m2f_over_hf"]})
+    for i, r in enumerate(out):
+        print(f"side by side, process {i}: m2f {r['m2f_median_s']:.3f} s, HF {r['hf_median_s']:.3f} s "
+              f"-> {r['ratio_m2f_over_hf']:.2f}x", flush=True)
+    return out
 
 
 def run(argv: Optional[List[str]] = None) -> int:

@@ -44,35 +44,86 @@ def profile_step(model, criterion, x: torch.Tensor, targets, device: str,
     return t
 
 
+def _data_time(cfg, batch: int, reps: int = 3) -> Dict[str, Any]:
+    """Seconds to load and collate one training batch of the preset's data (median), as the trainer
+    does it in its own process (num_workers=0); None with the reason when the data is not at hand."""
+    from functools import partial
+
+    from m2f.data.catalog import get_dataset
+    from m2f.data.collate import collate
+
+    try:
+        ds = get_dataset(cfg.data.train, "train", cfg)
+    except Exception as e:  # noqa: BLE001 -- a benchmark of the step must not need the dataset
+        return {"s": None, "why": f"{cfg.data.train!r} not available: {str(e).splitlines()[0][:120]}"}
+    col = partial(collate, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
+                  size_divisibility=cfg.data.size_divisibility)
+    times = []
+    for r in range(reps + 1):
+        t0 = time.perf_counter()
+        col([ds[(r * batch + i) % len(ds)] for i in range(batch)])
+        times.append(time.perf_counter() - t0)
+    return {"s": statistics.median(times[1:]), "dataset": cfg.data.train}
+
+
 def run_profile(preset: str, size: int, device: str, iters: int, num_masks: int, overrides: Sequence[str] = (),
-                top: int = 12) -> Dict[str, Any]:
+                top: int = 12, batch: int = 1) -> Dict[str, Any]:
     """Where one m2f training step spends its time (:func:`profile_step`, median over ``iters``
-    steps after a warm-up), plus torch.profiler's top ops (self CPU time) of one step."""
+    steps after a warm-up; ``batch`` images of ``size``), with the optimizer step (the trainer's AdamW
+    and parameter groups), the data (one batch of the preset's dataset) and, from torch.profiler on
+    one more step, the loss's matcher and point-sampling shares, the Python/framework overhead (wall
+    time not inside any operator) and the top ops (self CPU time)."""
     from torch.profiler import profile
 
     from m2f.loss import build_criterion
     from m2f.models.build import build_model
+    from m2f.train import param_groups, resolve_optimizer_impl
 
     cfg = get_preset(preset, list(overrides))
     model = build_model(cfg).to(device).train()
     criterion = build_criterion(cfg.loss, cfg.num_classes).to(device)
-    x = torch.randn(1, 3, size, size, device=device)
-    tgt = [synthetic_targets(num_masks, cfg.num_classes, size, size, device)]
+    impl = resolve_optimizer_impl(cfg.solver.optimizer_impl, device)
+    opt = torch.optim.AdamW(param_groups(model, cfg.solver), lr=cfg.solver.lr, weight_decay=cfg.solver.weight_decay,
+                            **{impl: True})
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    tgt = [synthetic_targets(num_masks, cfg.num_classes, size, size, device, seed=i) for i in range(batch)]
 
     def step() -> Dict[str, float]:
         t = profile_step(model, criterion, x, tgt, device)
+        _sync(device)
+        t0 = time.perf_counter()
+        opt.step()
+        _sync(device)
+        t["optimizer_step"] = time.perf_counter() - t0
         model.zero_grad(set_to_none=True)
         return t
 
     step()  # warm-up
     runs = [step() for _ in range(iters)]
     parts = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    data = _data_time(cfg, batch)
+    if data["s"] is not None:
+        parts["data"] = data["s"]
+    total = sum(parts.values())
     with profile() as prof:
+        t0 = time.perf_counter()
         step()
-    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    return {"kind": "profile", "preset": preset, "overrides": list(overrides), "size": size, "iters": iters,
-            "num_masks": num_masks, "environment": environment(device), "parts_median_s": parts,
-            "step_total_s": sum(parts.values()),
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    scope = {e.key: e.cpu_time_total for e in events if e.key.startswith("m2f.")}
+    op_self = sum(e.self_cpu_time_total for e in events if not e.key.startswith(("m2f.", "ProfilerStep")))
+    loss_split = {}
+    # matcher and point sampling as shares of the profiled step, applied to the unprofiled loss time
+    prof_total_us = wall * 1e6
+    for key in ("m2f.matcher", "m2f.point_sampling"):
+        if key in scope:
+            loss_split[key.split(".", 1)[1]] = scope[key] / prof_total_us * total
+    ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"kind": "profile", "preset": preset, "overrides": list(overrides), "size": size, "batch": batch,
+            "iters": iters, "num_masks": num_masks, "environment": environment(device), "parts_median_s": parts,
+            "step_total_s": total, "optimizer_impl": impl, "data": data,
+            "loss_split_s": loss_split,
+            "python_overhead_share": max(0.0, 1 - op_self / prof_total_us),
+            "profiled_step_s": wall,
             "top_ops_self_cpu_ms": [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3}
                                     for e in ops]}
-

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 def _speed_section(path: Path, r: Dict[str, Any], envs: str) -> List[str]:
     """m2f vs HF speed (python -m m2f.bench speed)."""
     out: List[str] = []
-    out.append(f"## Speed `{path.name}`: {r['preset']} {r['size']}x{r['size']}, "
+    out.append(f"## Speed `{path.name}`: {r['preset']} {r.get('batch', 1)}x{r['size']}x{r['size']}, "
                  f"{r['iters']} interleaved reps, {'bf16 autocast' if r.get('amp') else 'fp32'}\n\n"
                  f"{envs}; max |m2f - HF| mask logit "
                  f"{r.get('max_abs_diff_mask_logits', float('nan')):.1e}\n")
@@ -37,6 +37,16 @@ def _speed_section(path: Path, r: Dict[str, Any], envs: str) -> List[str]:
         out.append(f"\nFLOPs (fvcore, m2f): {f['gflops']:.1f} G, params {f['params'] / 1e6:.1f} M; by part "
                      + ", ".join(f"{k} {v:.1f}G" for k, v in f["gflops_by_part"].items())
                      + f"; not counted: {sorted(f['skipped_ops'])}")
+    if "flop_floor" in r:
+        f = r["flop_floor"]
+        m = r.get("train", {}).get("m2f", {}).get("median_s")
+        out.append(f"\nFLOP floor of the training step: {f['train_step_gflop']:.1f} GFLOP at the measured "
+                   f"{f['gemm_gflops_per_s']:.0f} GFLOP/s = **{f['floor_s']:.3f} s** ({f['rule']})"
+                   + (f"; m2f runs at {m / f['floor_s']:.1f}x the floor" if m else ""))
+    if r.get("train_side_by_side"):
+        out.append("\nTwo processes side by side (one thread each): " + "; ".join(
+            f"m2f {p['m2f_median_s']:.3f} s, HF {p['hf_median_s']:.3f} s ({p['ratio_m2f_over_hf']:.2f}x)"
+            for p in r["train_side_by_side"]))
     out.append("")
     return out
 
@@ -95,14 +105,23 @@ def _kernels_section(path: Path, r: Dict[str, Any], envs: str) -> List[str]:
 def _profile_section(path: Path, r: Dict[str, Any], envs: str) -> List[str]:
     """Training-step profile (python -m m2f.bench profile)."""
     out: List[str] = []
-    out.append(f"## Training-step profile `{path.name}`: {r['preset']} {r['size']}x{r['size']}, median of "
-                 f"{r['iters']} steps\n\n{envs}\n")
+    out.append(f"## Training-step profile `{path.name}`: {r['preset']} {r.get('batch', 1)}x{r['size']}x{r['size']}, "
+               f"median of {r['iters']} steps\n\n{envs}\n")
     out.append("| part | s | share |")
     out.append("|---|---|---|")
-    order = ["backbone_forward", "pixel_decoder_forward", "transformer_decoder_forward", "loss",
-             "transformer_decoder_and_loss_backward", "pixel_decoder_backward", "backbone_backward"]
+    order = ["data", "backbone_forward", "pixel_decoder_forward", "transformer_decoder_forward", "loss",
+             "transformer_decoder_and_loss_backward", "pixel_decoder_backward", "backbone_backward", "optimizer_step"]
     for k, v in sorted(r["parts_median_s"].items(), key=lambda kv: (order + [kv[0]]).index(kv[0])):
         out.append(f"| {k} | {v:.3f} | {100 * v / r['step_total_s']:.0f}% |")
+        if k == "loss":
+            for sk, sv in r.get("loss_split_s", {}).items():
+                out.append(f"| &nbsp;&nbsp;of which {sk} (profiled share) | {sv:.3f} | {100 * sv / r['step_total_s']:.0f}% |")
+    if "python_overhead_share" in r:
+        out.append(f"| Python and framework overhead (wall time outside any op, profiled step) | "
+                   f"{r['python_overhead_share'] * r['step_total_s']:.3f} | {100 * r['python_overhead_share']:.0f}% |")
+    out.append(f"| **total** | **{r['step_total_s']:.3f}** | |")
+    if r.get("data", {}).get("why"):
+        out.append(f"\nData not timed: {r['data']['why']}")
     out.append("\nTop ops of one step (self CPU): " + ", ".join(
         f"{o['op']} {o['self_cpu_ms']:.0f} ms ({o['calls']})" for o in r["top_ops_self_cpu_ms"]))
     out.append("")
@@ -130,9 +149,34 @@ def _gemm_section(path: Path, r: Dict[str, Any], envs: str) -> List[str]:
     return out
 
 
+def _trees_section(path: Path, r: Dict[str, Any], envs: str) -> List[str]:
+    """This tree vs a base commit, real training runs (python -m m2f.bench trees)."""
+    lc = r["loss_check"]
+    out = [f"## Training speed vs commit {str(r['base']['commit'])[:10]} `{path.name}`: {r['preset']}, "
+           f"{r['iters']} iterations per run (median s/it after {r['warmup']}), {r['rounds']} rounds, one thread "
+           f"per run\n\n{envs}" + (f"; environment {r['env_extra']}" if r.get("env_extra") else "")
+           + f"; this tree {str(r['this']['commit'])[:10]}"
+           + (f", overrides {r['overrides']}" if r.get("overrides") else "")
+           + (f", base overrides {r['base_overrides']}" if r.get("base_overrides") else "") + "\n",
+           "| arrangement | base s/it | this s/it | speed-up |", "|---|---|---|---|"]
+    for arr, s in r["summary"].items():
+        out.append(f"| {arr.replace('_', ' ')} | {s['base_s_per_iter']:.3f} | {s['this_s_per_iter']:.3f} | "
+                   f"**{s['speedup']:.2f}x** |")
+    cpu = r.get("cpu_time_s", {})
+    if cpu:
+        out.append("\nCPU time per run (alone, median): " + "; ".join(
+            f"{k} user {v['user']:.1f} s, system {v['system']:.1f} s" for k, v in cpu.items()))
+    out.append(f"\nLoss at iteration {r['iters']}: base {lc['loss_at_last_iter']['base']:.6f}, this "
+               f"{lc['loss_at_last_iter']['this']:.6f} (relative difference {lc['rel_diff_at_last_iter']:.1e}; "
+               f"largest over the run {lc['max_rel_diff']:.1e}; bit-identical: {lc['bit_identical']}; "
+               f"this tree's runs identical to each other: {lc['deterministic_within_tree']})")
+    out.append("")
+    return out
+
+
 RENDERERS: Dict[str, Callable[[Path, Dict[str, Any], str], List[str]]] = {
     "speed": _speed_section, "memory": _memory_section, "kernels": _kernels_section,
-    "profile": _profile_section, "gemm": _gemm_section,
+    "profile": _profile_section, "gemm": _gemm_section, "trees": _trees_section,
 }
 
 
@@ -264,9 +308,25 @@ def _kernel_summary_rows(path: Path, r: Dict[str, Any]) -> List[str]:
     return rows
 
 
+def _trees_summary_rows(path: Path, r: Dict[str, Any]) -> List[str]:
+    _, dev_label = _device_label(r)
+    if r.get("env_extra"):
+        dev_label += f", {' '.join(f'{k}={v}' for k, v in r['env_extra'].items())}"
+    rows = []
+    for arr, s in r["summary"].items():
+        goal = TREES_GOAL
+        rows.append(f"| training speed vs {str(r['base']['commit'])[:7]}, {arr.replace('_', ' ')} (`{path.name}`) | "
+                    f"{dev_label} | {r['preset']}, {_overrides_label(r)} | {1 / s['this_s_per_iter']:.3f} iterations/s | "
+                    f"base {1 / s['base_s_per_iter']:.3f} iterations/s | **{s['speedup']:.2f}x** | "
+                    f">= {goal}x: {'met' if s['speedup'] >= goal else 'NOT met'} |")
+    return rows
+
+
+TREES_GOAL = 2.5  # issue 12: the tiny step at least 2.5x the speed of the commit before it
+
 SUMMARY_ROWS: Dict[str, Callable[[Path, Dict[str, Any]], List[str]]] = {
     "speed": _speed_summary_rows, "memory": _memory_summary_rows, "kernels": _kernel_summary_rows,
-    "gemm": _gemm_summary_rows,
+    "gemm": _gemm_summary_rows, "trees": _trees_summary_rows,
 }
 _SUMMARY_ORDER = ("speed", "train_speed", "gemm", "kernels", "memory")
 

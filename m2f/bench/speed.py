@@ -60,10 +60,31 @@ def _freeze_hf_batchnorm(hf) -> None:
 
 
 
+def gemm_rate(device: str, n: int = 1024, reps: int = 5) -> float:
+    """Measured float32 GEMM throughput (GFLOP/s, best of ``reps``) of an n x n x n matrix product
+    with the current thread setting: the rate the FLOP floor divides by."""
+    import time
+
+    from m2f.bench.common import sync
+
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(reps + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
 def run_speed(preset: str, size: int, device: str, iters: int, num_masks: int, overrides: Sequence[str] = (),
-              flops: bool = True, train: bool = True, infer: bool = True, amp: bool = False) -> Dict[str, Any]:
+              flops: bool = True, train: bool = True, infer: bool = True, amp: bool = False,
+              batch: int = 1) -> Dict[str, Any]:
     """m2f vs HF transformers (the same weights), interleaved.  ``amp``: both models' forwards under
-    bf16 autocast (as training runs on GPUs; the losses stay fp32), else both in fp32."""
+    bf16 autocast (as training runs on GPUs; the losses stay fp32), else both in fp32.  ``batch``
+    images per step (training; inference stays one image).  With ``flops``: the FLOP floor of the
+    training step, 3 x forward FLOPs x batch (backward ~ 2x forward) at the measured GEMM rate."""
     from m2f.convert import from_hf
     from m2f.loss import build_criterion
     from m2f.models.build import build_model
@@ -79,10 +100,12 @@ def run_speed(preset: str, size: int, device: str, iters: int, num_masks: int, o
     hf, model = hf.to(device), model.to(device)
     x = torch.randn(1, 3, size, size, device=device, generator=None)
     tgt = synthetic_targets(num_masks, cfg.num_classes, size, size, device)
+    xb = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    tgts = [synthetic_targets(num_masks, cfg.num_classes, size, size, device, seed=i) for i in range(batch)]
     dev_type = torch.device(device).type
     ac = (lambda: torch.autocast(device_type=dev_type, dtype=torch.bfloat16)) if amp else nullcontext
     res: Dict[str, Any] = {"kind": "speed", "preset": preset, "overrides": list(overrides), "size": size,
-                           "iters": iters, "num_masks": num_masks, "amp": "bf16" if amp else None,
+                           "iters": iters, "num_masks": num_masks, "batch": batch, "amp": "bf16" if amp else None,
                            "environment": environment(device),
                            "m2f_config": to_dict(cfg)}
     # Same function check (eval, the final prediction).
@@ -139,15 +162,16 @@ def run_speed(preset: str, size: int, device: str, iters: int, num_masks: int, o
 
         def m2f_step():
             with ac():
-                out = model(x)
-            losses = criterion(out, [tgt])
+                out = model(xb)
+            losses = criterion(out, tgts)
             sum(losses.values()).backward()
             opt_m.step()
             opt_m.zero_grad(set_to_none=True)
 
         def hf_step():
             with ac():  # HF computes its loss inside the forward: under autocast too
-                out = hf(pixel_values=x, mask_labels=[tgt["masks"].float()], class_labels=[tgt["labels"]])
+                out = hf(pixel_values=xb, mask_labels=[t["masks"].float() for t in tgts],
+                         class_labels=[t["labels"] for t in tgts])
             out.loss.backward()
             opt_h.step()
             opt_h.zero_grad(set_to_none=True)
@@ -159,7 +183,7 @@ def run_speed(preset: str, size: int, device: str, iters: int, num_masks: int, o
             "ratio_min_m2f_over_hf": t["hf"]["min_s"] / t["m2f"]["min_s"],
             "step": "forward + own loss + backward + AdamW step (HF: its loss via mask_labels/class_labels)",
         }
-        print(f"train step {size}px: m2f {t['m2f']['median_s']:.3f} s, HF {t['hf']['median_s']:.3f} s "
+        print(f"train step {batch}x{size}px: m2f {t['m2f']['median_s']:.3f} s, HF {t['hf']['median_s']:.3f} s "
               f"-> m2f/HF speed {res['train']['ratio_m2f_over_hf']:.2f}x", flush=True)
 
     if flops:
@@ -168,5 +192,11 @@ def run_speed(preset: str, size: int, device: str, iters: int, num_masks: int, o
         f = count_flops(cfg, size, size)
         res["flops"] = {"gflops": f["gflops"], "params": f["params"], "gflops_by_part": f["gflops_by_part"],
                         "skipped_ops": f["skipped_ops"]}
+        if train:
+            rate = gemm_rate(device)
+            work = 3 * f["gflops"] * batch
+            res["flop_floor"] = {"train_step_gflop": work, "gemm_gflops_per_s": rate, "floor_s": work / rate,
+                                 "rule": "3 x fvcore forward GFLOPs x batch / measured 1024^3 float32 GEMM rate"}
+            print(f"FLOP floor: {work:.1f} GFLOP at {rate:.0f} GFLOP/s = {work / rate:.3f} s per step", flush=True)
     return res
 

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from m2f.errors import InputError
 from m2f.loss.matcher import HungarianMatcher, Indices, check_targets
@@ -130,7 +131,7 @@ class SetCriterion(nn.Module):
         src = mask_logits[b_idx, q_idx].float()  # [M, h, w]
         tgt = torch.cat([t["masks"].to(dev)[j.to(dev)] for t, (_, j) in zip(targets, indices)])  # [M, H, W]
         if self.loss_mode == "point":
-            with torch.no_grad():
+            with torch.no_grad(), record_function("m2f.point_sampling"):
                 coords = uncertainty_point_coords(src[:, None], calculate_uncertainty, self.num_points,
                                                   self.oversample_ratio, self.importance_sample_ratio,
                                                   generator)  # [M, P, 2]
@@ -140,6 +141,43 @@ class SetCriterion(nn.Module):
             logits = F.interpolate(src[:, None], size=tgt.shape[-2:], mode="bilinear", align_corners=False)
             logits, labels = logits.flatten(1), tgt.flatten(1).float()  # [M, H*W]
         return sigmoid_bce_loss(logits, labels, num_masks), dice_loss(logits, labels, num_masks)
+
+    def point_mask_losses(self, mask_logits: Sequence[Tensor], all_indices: Sequence[Indices], targets,
+                          num_masks: Tensor, generator: torch.Generator | None = None) -> list[tuple[Tensor, Tensor]]:
+        """:meth:`loss_masks` (point mode) of several predictions at once: per prediction (BCE, dice),
+        equal to calling it prediction by prediction with the same random points (the draws are made
+        in one call in that order: per prediction, the oversampled points, then the uniform ones).
+        One point sample, one top-k and one target gather for all predictions.
+
+        mask_logits: per prediction [B, Q, h, w] (same shape); all_indices: per prediction, per image
+        (pred_idx, tgt_idx)."""
+        n = len(mask_logits)
+        dev = mask_logits[0].device
+        picked, rows = [], []
+        offsets = [0]
+        for t in targets:
+            offsets.append(offsets[-1] + t["labels"].shape[0])
+        for msk, indices in zip(mask_logits, all_indices):
+            b_idx, q_idx = matched_index(indices, dev)
+            picked.append(msk[b_idx, q_idx])  # [M, h, w]
+            rows.append(torch.cat([j.to(dev) + offsets[b] for b, (_, j) in enumerate(indices)]))  # [M]
+        M = picked[0].shape[0]
+        if M == 0 or any(p.shape[0] != M for p in picked):
+            return [self.loss_masks(m, idx, targets, num_masks, generator) for m, idx in zip(mask_logits, all_indices)]
+        src = torch.cat(picked).float()  # [n * M, h, w]
+        with torch.no_grad():
+            masks = torch.cat([t["masks"].to(dev) for t in targets])  # [sum N, H, W]
+            tgt = masks[torch.cat(rows)]  # [n * M, H, W], each prediction's matched targets
+            with record_function("m2f.point_sampling"):
+                coords = uncertainty_point_coords(src[:, None], calculate_uncertainty, self.num_points,
+                                                  self.oversample_ratio, self.importance_sample_ratio, generator,
+                                                  groups=n)  # [n * M, P, 2]
+            labels = point_sample_masks(tgt, coords)  # [n * M, P]
+        logits = point_sample(src[:, None], coords)[:, 0]  # [n * M, P]
+        bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1).view(n, M).sum(1)
+        p = logits.sigmoid()
+        dice = (1 - (2 * (p * labels).sum(-1) + 1) / (p.sum(-1) + labels.sum(-1) + 1)).view(n, M).sum(1)
+        return [(bce[i] / num_masks, dice[i] / num_masks) for i in range(n)]
 
     def num_masks(self, targets, device: torch.device) -> Tensor:
         """Number of target masks in the batch, averaged over processes (all-reduce), at least 1."""
@@ -176,12 +214,17 @@ class SetCriterion(nn.Module):
         device = output.class_logits.device
         num_masks = self.num_masks(targets, device)
         preds = self.predictions(output)
-        all_indices = self.match([(c, m) for _, c, m in preds], targets, generator)
+        with record_function("m2f.matcher"):  # a label for torch.profiler (python -m m2f.bench profile)
+            all_indices = self.match([(c, m) for _, c, m in preds], targets, generator)
         w = self.weight_dict if weighted else {k: 1.0 for k in self.weight_dict}
         losses: dict[str, Tensor] = {}
-        for (suffix, cls, msk), indices in zip(preds, all_indices):
+        if self.loss_mode == "point" and len({tuple(m.shape) for _, _, m in preds}) == 1:
+            mask_terms = self.point_mask_losses([m for _, _, m in preds], all_indices, targets, num_masks, generator)
+        else:
+            mask_terms = [self.loss_masks(msk, indices, targets, num_masks, generator)
+                          for (_, _, msk), indices in zip(preds, all_indices)]
+        for (suffix, cls, msk), indices, (bce, dice) in zip(preds, all_indices, mask_terms):
             ce = self.loss_labels(cls, indices, targets)
-            bce, dice = self.loss_masks(msk, indices, targets, num_masks, generator)
             for k, v in (("loss_ce", ce), ("loss_mask", bce), ("loss_dice", dice)):
                 losses[k + suffix] = v * w[k]
         return losses

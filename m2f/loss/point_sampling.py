@@ -88,7 +88,7 @@ def calculate_uncertainty(logits: Tensor) -> Tensor:
 
 def uncertainty_point_coords(logits: Tensor, uncertainty_fn: Callable[[Tensor], Tensor], num_points: int,
                              oversample_ratio: float, importance_sample_ratio: float,
-                             generator: torch.Generator | None = None) -> Tensor:
+                             generator: torch.Generator | None = None, groups: int = 1) -> Tensor:
     """Choose ``num_points`` points per mask as PointRend's training sampler (no Python loop over masks).
 
     Draw ``int(oversample_ratio * num_points)`` uniform points, keep the
@@ -98,6 +98,11 @@ def uncertainty_point_coords(logits: Tensor, uncertainty_fn: Callable[[Tensor], 
 
     logits [N, 1, H, W] -> coords [N, num_points, 2] (x, y) in [0, 1], float32.  Call under
     ``torch.no_grad()``: the choice of points is not differentiated.
+
+    ``groups`` = G > 1: the N masks are G equal groups (e.g. several predictions' matched masks) and
+    the random numbers are drawn as G separate calls would draw them, group after group (the
+    oversampled points, then the uniform ones): the result equals G calls on the groups, concatenated,
+    in one draw, one point sample and one top-k.
     """
     if oversample_ratio < 1 or not 0 <= importance_sample_ratio <= 1:
         raise ValueError(f"need oversample_ratio >= 1 and 0 <= importance_sample_ratio <= 1, got "
@@ -106,12 +111,22 @@ def uncertainty_point_coords(logits: Tensor, uncertainty_fn: Callable[[Tensor], 
     n_sampled = int(num_points * oversample_ratio)
     n_imp = int(importance_sample_ratio * num_points)
     n_rand = num_points - n_imp
+    if n % groups:
+        raise ValueError(f"uncertainty_point_coords: {n} masks do not split into {groups} equal groups")
     if n_imp == 0:  # plain uniform sampling: skip the oversampled draw and its grid_sample
         return uniform_coords((n, num_points, 2), dev, generator)
-    coords = uniform_coords((n, n_sampled, 2), dev, generator)  # [N, S, 2]
+    if groups > 1:  # one draw in the order of G calls: per group [m * S * 2 oversampled | m * n_rand * 2 uniform]
+        m = n // groups
+        draws = uniform_coords((groups, m * 2 * (n_sampled + n_rand)), dev, generator)
+        coords = draws[:, : m * n_sampled * 2].reshape(n, n_sampled, 2)
+        fill = draws[:, m * n_sampled * 2:].reshape(n, n_rand, 2)
+    else:
+        coords = uniform_coords((n, n_sampled, 2), dev, generator)  # [N, S, 2]
+        fill = None
     unc = uncertainty_fn(point_sample(logits, coords))[:, 0]  # [N, S]
     idx = unc.topk(n_imp, dim=1, sorted=False).indices  # [N, n_imp]: a set (the loss averages over points)
     chosen = coords.gather(1, idx.unsqueeze(-1).expand(-1, -1, 2))  # [N, n_imp, 2]
     if n_rand > 0:
-        chosen = torch.cat([chosen, uniform_coords((n, n_rand, 2), dev, generator)], dim=1)
+        chosen = torch.cat([chosen, fill if fill is not None else uniform_coords((n, n_rand, 2), dev, generator)],
+                           dim=1)
     return chosen  # [N, num_points, 2]
