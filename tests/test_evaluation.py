@@ -398,6 +398,26 @@ def test_cli_mount(data, capsys):
     assert rc == 0 and "mIoU" in json.loads(capsys.readouterr().out)
 
 
+def test_score_takes_task_as_eval_and_predict_do(data, capsys):
+    """``m2f score --task T`` (the spelling of eval / predict) scores as the positional form does;
+    the two forms given with different tasks, or no task, are refused."""
+    from m2f import cli
+
+    _, gt, pr = data
+    args = ["--gt", f"{gt['pan_json']}:{gt['pan_dir']}", "--pred", f"{pr['pan_json']}:{pr['pan_dir']}", "--json"]
+    assert cli.main(["score", "--task", "panoptic", *args]) == 0
+    flag = json.loads(capsys.readouterr().out)
+    assert cli.main(["score", "panoptic", *args]) == 0
+    pos = json.loads(capsys.readouterr().out)
+    ref = evaluate_panoptic(gt["pan_json"], gt["pan_dir"], pr["pan_json"], pr["pan_dir"])
+    assert flag["task"] == pos["task"] == "panoptic"
+    assert flag["PQ"] == pytest.approx(ref["PQ"]) and pos["PQ"] == pytest.approx(ref["PQ"])
+    assert cli.main(["score", "semantic", "--task", "panoptic", *args]) == 2
+    assert "disagree" in capsys.readouterr().err
+    assert cli.main(["score", *args]) == 2
+    assert "--task" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------
 # bad inputs: InputError naming the file
 def _copy_pred(tmp_path, pr, mutate_json=None, mutate_png=None):
