@@ -155,9 +155,10 @@ def evaluate_checkpoint(ckpt, data: Optional[str] = None, task: str = "all", eng
 
 
 @torch.no_grad()
-def predict_images(ckpt, images: Sequence[str], out_dir, device=None, task: str = "panoptic",
+def predict_images(ckpt, images: Sequence[str], out_dir, device=None, task: Optional[str] = None,
                    trust: bool = False) -> Dict[str, Any]:
-    """Predict ``images`` with a checkpoint; write COCO-format predictions and overlay PNGs to ``out_dir``."""
+    """Predict ``images`` with a checkpoint; write COCO-format predictions and overlay PNGs to ``out_dir``.
+    ``task`` None: the task the checkpoint was trained for (``cfg.data.task``)."""
     from PIL import Image
 
     from m2f.checkpoint import atomic_write_json
@@ -166,6 +167,7 @@ def predict_images(ckpt, images: Sequence[str], out_dir, device=None, task: str 
     from m2f.viz import overlay_instances, overlay_panoptic, overlay_semantic
 
     model, cfg = load_model_from_checkpoint(ckpt, device, trust=trust)
+    task = task or cfg.data.task
     dev = next(model.parameters()).device
     md = get_dataset(cfg.data.val, "val", cfg).metadata
     out = Path(out_dir)

@@ -95,3 +95,36 @@ def test_train_with_wrong_num_classes_names_the_fix(tmp_path, capsys):
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "num_classes=9" in err
+
+
+def _arguments(parser, path=()):
+    """(command path, action) for every argument of every (sub)command, -h/--help left out."""
+    import argparse
+
+    for a in parser._actions:
+        if isinstance(a, argparse._HelpAction):
+            continue
+        if isinstance(a, argparse._SubParsersAction):
+            helps = {c.dest: c.help for c in a._choices_actions}
+            for name, sub in a.choices.items():
+                yield path + (name,), ("subcommand", helps.get(name))
+                yield from _arguments(sub, path + (name,))
+            continue
+        yield path, ("/".join(a.option_strings) or a.dest, a.help)
+
+
+@pytest.mark.parametrize("prog", ["m2f", "python -m ablations", "python -m m2f.bench"])
+def test_every_argument_of_every_command_has_help(prog):
+    from ablations.cli import build_parser as ablations_parser
+    from m2f.bench.cli import build_parser as bench_parser
+    from m2f.cli import build_parser
+
+    parser = {"m2f": build_parser, "python -m ablations": ablations_parser, "python -m m2f.bench": bench_parser}[prog]()
+    found = list(_arguments(parser))
+    missing = [(" ".join(path), name) for path, (name, text) in found if not (text or "").strip()]
+    assert missing == []
+    if prog == "m2f":  # the walk reaches every command and their arguments
+        commands = {path[0] for path, _ in found if path}
+        assert commands == {"info", "flops", "data", "train", "eval", "predict", "convert", "score"}
+        assert (("predict",), ("images", "image files (PNG, JPEG, ...) to predict")) in found
+        assert len(found) > 60
