@@ -81,10 +81,11 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from m2f.train import train
+    from m2f.config import apply_overrides, parse_override_strings
+    from m2f.train import DATA_PROPERTIES, train
 
     cfg = _config(args)
-    from m2f.config import apply_overrides
+    explicit = set(parse_override_strings(args.overrides))
 
     extra = {}
     if args.data:
@@ -97,7 +98,8 @@ def cmd_train(args) -> int:
     if extra:
         cfg = apply_overrides(cfg, extra)
     res = train(cfg, args.out, resume=args.resume, device=args.device, progress=not args.no_progress,
-                evaluate_at_end=not args.no_eval, trust_checkpoint=args.trust_checkpoint)
+                evaluate_at_end=not args.no_eval, trust_checkpoint=args.trust_checkpoint,
+                from_data=[p for p in DATA_PROPERTIES if p not in explicit])
     if args.json:
         _print(res, True)
     return 0
@@ -142,7 +144,8 @@ def _rewrite_m2f_checkpoint(args):
     cfg = from_dict(ckpt["config"])
     model = build_model(cfg)
     load_model_weights(model, ckpt["model"], str(args.weights), "the checkpoint's own config")
-    keep = {k: to_weights_only(ckpt[k]) for k in ("optimizer", "iter", "config_hash", "git", "time") if k in ckpt}
+    keep = {k: to_weights_only(ckpt[k]) for k in ("optimizer", "iter", "config_hash", "data", "git", "time")
+            if k in ckpt}
     return model, cfg, {**keep, "source": {"rewritten_from": str(args.weights)}}
 
 
@@ -198,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="generator seed (default %(default)s)")
     d.set_defaults(fn=cmd_data_synth)
 
-    s = sub.add_parser("train", help="train a model (single process, or under torchrun for DDP)")
+    s = sub.add_parser("train", help="train a model (single process, or under torchrun for DDP)",
+                       description="Train a model.  The training data sets the task (COCO instances -> instance, "
+                       "COCO panoptic -> panoptic or the preset's task, label maps -> semantic), num_classes and the "
+                       "thing / stuff split unless --set names them; a --set that disagrees with the data is an "
+                       "error.  The checkpoint records them, so eval and predict need no flags.")
     _add_preset_args(s)
     s.add_argument("--data", help="train dataset: registered name or path spec "
                    "(coco_panoptic:JSON:PNG_DIR:IMAGE_DIR, coco_instances:JSON:IMAGE_DIR, semantic:IMAGE_DIR:LABEL_DIR:K)")
