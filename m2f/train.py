@@ -232,10 +232,6 @@ def train(cfg: Config, out_dir, resume: bool = False, device: Optional[str] = No
     cfg = task_from_data(cfg, from_data)
     train_set = get_dataset(cfg.data.train, "train", cfg)
     cfg = classes_from_data(cfg, train_set.metadata, from_data)
-    if from_data and rank == 0:
-        import sys
-
-        print(f"m2f train: {describe_data(cfg, train_set.metadata)}", file=sys.stderr, flush=True)
 
     ckpt_path = out / CKPT_NAME
     start_iter = 0
@@ -252,6 +248,10 @@ def train(cfg: Config, out_dir, resume: bool = False, device: Optional[str] = No
     elif not resume and ckpt_path.exists():
         raise InputError(f"{out}: holds a run already ({ckpt_path}); pass --resume to continue it or choose another --out")
 
+    if from_data and rank == 0:  # after the checks above, so that a refusal stays one line
+        import sys
+
+        print(f"m2f train: {describe_data(cfg, train_set.metadata)}", file=sys.stderr, flush=True)
     torch.manual_seed(s.seed)
     model = build_model(cfg).to(dev)
     criterion = build_criterion(cfg.loss, cfg.num_classes).to(dev)
