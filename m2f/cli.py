@@ -81,10 +81,11 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from m2f.train import train
+    from m2f.config import apply_overrides, parse_override_strings
+    from m2f.train import DATA_PROPERTIES, train
 
     cfg = _config(args)
-    from m2f.config import apply_overrides
+    explicit = set(parse_override_strings(args.overrides))
 
     extra = {}
     if args.data:
@@ -97,7 +98,8 @@ def cmd_train(args) -> int:
     if extra:
         cfg = apply_overrides(cfg, extra)
     res = train(cfg, args.out, resume=args.resume, device=args.device, progress=not args.no_progress,
-                evaluate_at_end=not args.no_eval, trust_checkpoint=args.trust_checkpoint)
+                evaluate_at_end=not args.no_eval, trust_checkpoint=args.trust_checkpoint,
+                from_data=[p for p in DATA_PROPERTIES if p not in explicit])
     if args.json:
         _print(res, True)
     return 0
@@ -142,7 +144,8 @@ def _rewrite_m2f_checkpoint(args):
     cfg = from_dict(ckpt["config"])
     model = build_model(cfg)
     load_model_weights(model, ckpt["model"], str(args.weights), "the checkpoint's own config")
-    keep = {k: to_weights_only(ckpt[k]) for k in ("optimizer", "iter", "config_hash", "git", "time") if k in ckpt}
+    keep = {k: to_weights_only(ckpt[k]) for k in ("optimizer", "iter", "config_hash", "data", "git", "time")
+            if k in ckpt}
     return model, cfg, {**keep, "source": {"rewritten_from": str(args.weights)}}
 
 
@@ -179,26 +182,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("info", help="build a model and print its parameter count and resolved config")
     _add_preset_args(s, default="r50_coco_panoptic")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print everything (parameters per part, config) as JSON")
     s.set_defaults(fn=cmd_info)
 
     s = sub.add_parser("flops", help="count FLOPs with fvcore (the paper's tool) at an input size")
     _add_preset_args(s, default="r50_coco_panoptic")
     s.add_argument("--size", default="800x1216", help="HxW (default %(default)s)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the count as JSON")
     s.set_defaults(fn=cmd_flops)
 
     s = sub.add_parser("data", help="datasets")
     dsub = s.add_subparsers(dest="data_command", required=True)
     d = dsub.add_parser("synth", help="write the embedded synthetic dataset (COCO panoptic/instances + semantic PNGs)")
-    d.add_argument("--out", required=True)
+    d.add_argument("--out", required=True, help="folder to write (train/ and val/, each with images, COCO JSONs, PNGs)")
     d.add_argument("--images", type=int, default=400, help="train images (default %(default)s)")
-    d.add_argument("--val-images", type=int, default=100)
-    d.add_argument("--size", type=int, default=128)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--val-images", type=int, default=100, help="validation images (default %(default)s)")
+    d.add_argument("--size", type=int, default=128, help="image side in pixels (default %(default)s)")
+    d.add_argument("--seed", type=int, default=0, help="generator seed (default %(default)s)")
     d.set_defaults(fn=cmd_data_synth)
 
-    s = sub.add_parser("train", help="train a model (single process, or under torchrun for DDP)")
+    s = sub.add_parser("train", help="train a model (single process, or under torchrun for DDP)",
+                       description="Train a model.  The training data sets the task (COCO instances -> instance, "
+                       "COCO panoptic -> panoptic or the preset's task, label maps -> semantic), num_classes and the "
+                       "thing / stuff split unless --set names them; a --set that disagrees with the data is an "
+                       "error.  The checkpoint records them, so eval and predict need no flags.")
     _add_preset_args(s)
     s.add_argument("--data", help="train dataset: registered name or path spec "
                    "(coco_panoptic:JSON:PNG_DIR:IMAGE_DIR, coco_instances:JSON:IMAGE_DIR, semantic:IMAGE_DIR:LABEL_DIR:K)")
@@ -208,30 +215,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from OUT/last.pth if it exists")
     _add_trust_arg(s)
     s.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda if available)")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     s.add_argument("--json", action="store_true", help="print the final result as JSON")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("eval", help="evaluate a checkpoint (PQ / AP / mIoU)")
-    s.add_argument("--ckpt", required=True)
+    s.add_argument("--ckpt", required=True, help="an m2f checkpoint (e.g. runs/tiny/last.pth); its config gives the "
+                   "model, classes and task")
     s.add_argument("--data", help="dataset (default: the checkpoint's validation set)")
-    s.add_argument("--task", default="all", choices=["panoptic", "instance", "semantic", "all"])
-    s.add_argument("--engine", default="hotcoco", choices=["hotcoco", "reference"])
-    s.add_argument("--device", default=None)
+    s.add_argument("--task", default="all", choices=["panoptic", "instance", "semantic", "all"],
+                   help="what to score (default all: every task the model and the data allow; a panoptic model "
+                        "is scored as panoptic, instance and semantic)")
+    s.add_argument("--engine", default="hotcoco", choices=["hotcoco", "reference"],
+                   help="hotcoco (fast, default) or reference (panopticapi / pycocotools)")
+    s.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda if available)")
     s.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     _add_trust_arg(s)
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help="inference overrides, e.g. inference.object_mask_threshold=0.5")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the metrics as JSON")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("predict", help="write COCO-format predictions and overlay PNGs for images")
-    s.add_argument("--ckpt", required=True)
-    s.add_argument("images", nargs="+")
-    s.add_argument("--out", required=True)
-    s.add_argument("--task", default="panoptic", choices=["panoptic", "instance", "semantic"])
-    s.add_argument("--device", default=None)
+    s.add_argument("--ckpt", required=True, help="an m2f checkpoint (e.g. runs/tiny/last.pth); its config and "
+                   "recorded classes are all predict needs")
+    s.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...) to predict")
+    s.add_argument("--out", required=True, help="folder for the predictions (COCO panoptic / results JSON, PNGs) "
+                   "and one IMAGE_overlay.png per image")
+    s.add_argument("--task", default=None, choices=["panoptic", "instance", "semantic"],
+                   help="what to predict (default: the task the checkpoint was trained for)")
+    s.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda if available)")
     _add_trust_arg(s)
     s.set_defaults(fn=cmd_predict)
 
@@ -242,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preset_args(s, default="r50_coco_panoptic")
     s.add_argument("--out", required=True, help="the m2f checkpoint to write (e.g. r50_official.pth)")
     _add_trust_arg(s)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("score", help="score prediction files against ground truth (no model)")

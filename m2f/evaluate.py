@@ -80,6 +80,9 @@ def evaluate_model(model, cfg: Config, device=None, limit: Optional[int] = None,
     device = torch.device(device) if device is not None else next(model.parameters()).device
     ds = dataset if dataset is not None else get_dataset(cfg.data.val, "val", cfg)
     md = ds.metadata
+    if md.num_classes != cfg.num_classes:
+        raise InputError(f"the evaluation data {cfg.data.val!r} has {md.num_classes} classes but the model "
+                         f"predicts num_classes={cfg.num_classes}; evaluate on data with the training classes")
     tasks = tasks_for(cfg, md, task)
     if limit is not None:
         ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
@@ -125,6 +128,25 @@ def evaluate_model(model, cfg: Config, device=None, limit: Optional[int] = None,
 def load_model_from_checkpoint(path, device=None, overrides: Iterable[str] = (), trust: bool = False):
     """(model in eval mode on ``device``, config) from an m2f checkpoint (weights-only; ``trust``: see
     :func:`m2f.checkpoint.load_checkpoint`)."""
+    model, cfg, _ = load_checkpoint_for_inference(path, device, overrides, trust)
+    return model, cfg
+
+
+def checkpoint_metadata(path, record) -> "DatasetMetadata":
+    """The training data's metadata from a checkpoint's ``"data"`` record (see
+    :func:`m2f.train.data_record`): categories in contiguous order, thing / stuff split, colours."""
+    from m2f.data.metadata import DatasetMetadata
+
+    cats = record.get("categories") if isinstance(record, dict) else None
+    if not isinstance(cats, list) or not cats or not all(isinstance(c, dict) and "id" in c for c in cats):
+        raise InputError(f"checkpoint {path}: its 'data' record has no list of categories with ids")
+    return DatasetMetadata.from_categories(cats, sort_by_id=False, name=str(record.get("spec", "")))
+
+
+def load_checkpoint_for_inference(path, device=None, overrides: Iterable[str] = (), trust: bool = False):
+    """(model in eval mode on ``device``, config, metadata of the training data or None) from an m2f
+    checkpoint.  The metadata comes from the checkpoint's ``"data"`` record (None for a checkpoint
+    without one, e.g. converted from detectron2)."""
     from m2f.checkpoint import load_checkpoint, load_model_weights
     from m2f.config import ConfigError
     from m2f.models.build import build_model
@@ -142,7 +164,11 @@ def load_model_from_checkpoint(path, device=None, overrides: Iterable[str] = (),
                        f"the checkpoint's config" + (f" (preset {preset})" if preset else "")
                        + (f" with --set {' '.join(overrides)}" if overrides else ""))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return model.to(dev).eval(), cfg
+    md = checkpoint_metadata(path, ckpt["data"]) if ckpt.get("data") is not None else None
+    if md is not None and md.num_classes != cfg.num_classes:
+        raise InputError(f"checkpoint {path}: its data record has {md.num_classes} classes but its config "
+                         f"num_classes={cfg.num_classes}")
+    return model.to(dev).eval(), cfg, md
 
 
 def evaluate_checkpoint(ckpt, data: Optional[str] = None, task: str = "all", engine: str = "hotcoco", device=None,
@@ -155,9 +181,15 @@ def evaluate_checkpoint(ckpt, data: Optional[str] = None, task: str = "all", eng
 
 
 @torch.no_grad()
-def predict_images(ckpt, images: Sequence[str], out_dir, device=None, task: str = "panoptic",
+def predict_images(ckpt, images: Sequence[str], out_dir, device=None, task: Optional[str] = None,
                    trust: bool = False) -> Dict[str, Any]:
-    """Predict ``images`` with a checkpoint; write COCO-format predictions and overlay PNGs to ``out_dir``."""
+    """Predict ``images`` with a checkpoint; write COCO-format predictions and overlay PNGs to ``out_dir``:
+    panoptic ``panoptic_predictions.json`` + ``IMAGE_panoptic.png``; instance ``predictions_coco.json`` (a
+    COCO results list: ``image_id`` = the image's index in ``images``, dataset ``category_id``, RLE
+    ``segmentation``, ``score``) + ``predictions_images.json`` (its ``images`` and ``categories``, so
+    ``COCO("predictions_images.json").loadRes("predictions_coco.json")`` reads it); semantic
+    ``IMAGE_semantic.png``.  Always ``IMAGE_overlay.png``.
+    ``task`` None: the task the checkpoint was trained for (``cfg.data.task``)."""
     from PIL import Image
 
     from m2f.checkpoint import atomic_write_json
@@ -165,15 +197,17 @@ def predict_images(ckpt, images: Sequence[str], out_dir, device=None, task: str 
     from m2f.inference import postprocess
     from m2f.viz import overlay_instances, overlay_panoptic, overlay_semantic
 
-    model, cfg = load_model_from_checkpoint(ckpt, device, trust=trust)
+    model, cfg, md = load_checkpoint_for_inference(ckpt, device, trust=trust)
+    task = task or cfg.data.task
     dev = next(model.parameters()).device
-    md = get_dataset(cfg.data.val, "val", cfg).metadata
+    if md is None:  # a checkpoint without a data record (converted): the classes of its validation set
+        md = get_dataset(cfg.data.val, "val", cfg).metadata
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     is_thing = _is_thing(md, dev)
     written = {"overlays": [], "predictions": None}
-    pan_records, inst_records = [], []
-    from pycocotools import mask as mask_util
+    pan_records, inst_records, image_records = [], [], []
+    from m2f.evaluation import instances_to_coco_results
 
     for i, path in enumerate(images):
         p = Path(path)
@@ -188,6 +222,7 @@ def predict_images(ckpt, images: Sequence[str], out_dir, device=None, task: str 
         output = model(x.to(dev))
         r = postprocess(output, sizes, [img.shape[:2]], cfg.inference, is_thing, tasks=(task,))[0]
         stem = p.stem
+        image_records.append({"id": i, "file_name": str(p), "height": int(img.shape[0]), "width": int(img.shape[1])})
         if task == "panoptic":
             seg, info = r["panoptic_seg"]
             from m2f.evaluation import panoptic_to_png
@@ -199,11 +234,7 @@ def predict_images(ckpt, images: Sequence[str], out_dir, device=None, task: str 
             ov = overlay_panoptic(img, seg.cpu().numpy(), info, md)
         elif task == "instance":
             inst = r["instances"]
-            for m, s, l in zip(inst["masks"].cpu().numpy(), inst["scores"].tolist(), inst["labels"].tolist()):
-                rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
-                rle["counts"] = rle["counts"].decode()
-                inst_records.append({"image_id": i, "file_name": str(p), "category_id": md.contiguous_to_id[l],
-                                     "score": s, "segmentation": rle})
+            inst_records += instances_to_coco_results(inst, i, md.contiguous_to_id)
             ov = overlay_instances(img, inst, md)
         else:
             sem = r["sem_seg"].argmax(0).to(torch.uint8).cpu().numpy()
@@ -215,7 +246,10 @@ def predict_images(ckpt, images: Sequence[str], out_dir, device=None, task: str 
         atomic_write_json(out / "panoptic_predictions.json", {"annotations": pan_records,
                                                                "categories": list(md.categories)})
         written["predictions"] = str(out / "panoptic_predictions.json")
-    elif task == "instance":
-        atomic_write_json(out / "instances_results.json", inst_records)
-        written["predictions"] = str(out / "instances_results.json")
+    elif task == "instance":  # COCO results (pycocotools' loadRes / m2f score --task instance) + their images
+        atomic_write_json(out / "predictions_coco.json", inst_records)
+        atomic_write_json(out / "predictions_images.json", {"images": image_records,
+                                                            "categories": list(md.categories)})
+        written["predictions"] = str(out / "predictions_coco.json")
+        written["images"] = str(out / "predictions_images.json")
     return written

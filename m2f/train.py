@@ -199,13 +199,70 @@ def kernels_used(cfg: Config, device) -> Dict[str, str]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# What the training data decides
+# ---------------------------------------------------------------------------------------------
+DATA_PROPERTIES = ("data.task", "num_classes")  # config fields the training data can set
+
+
+def task_from_data(cfg: Config, from_data=DATA_PROPERTIES) -> Config:
+    """``cfg`` with ``data.task`` one the training data can train.  When ``"data.task"`` is in
+    ``from_data`` (the user did not set it): the config's task if the data supports it (a preset's
+    instance or semantic task on COCO panoptic data), else the data's own (COCO instances -> instance,
+    label maps -> semantic).  A task set by the user that the data cannot train raises InputError."""
+    from m2f.config import apply_overrides
+    from m2f.data.catalog import data_tasks
+
+    tasks = data_tasks(cfg.data.train)
+    if tasks is None or cfg.data.task in tasks:
+        return cfg
+    if "data.task" in from_data:
+        return apply_overrides(cfg, {"data.task": tasks[0]})
+    raise InputError(f"data.task={cfg.data.task} disagrees with the training data {cfg.data.train!r}, which can only "
+                     f"train {' / '.join(tasks)}; drop --set data.task (m2f train then takes data.task={tasks[0]} "
+                     f"from the data)")
+
+
+def classes_from_data(cfg: Config, metadata, from_data=DATA_PROPERTIES) -> Config:
+    """``cfg`` with ``num_classes`` the training data's (``metadata.num_classes``) when ``"num_classes"``
+    is in ``from_data``; otherwise a different count raises InputError naming both."""
+    from m2f.config import apply_overrides
+
+    n = metadata.num_classes
+    if n == cfg.num_classes:
+        return cfg
+    if "num_classes" in from_data:
+        return apply_overrides(cfg, {"num_classes": n})
+    raise InputError(f"num_classes={cfg.num_classes} disagrees with the training data {cfg.data.train!r}, which has "
+                     f"{n} classes (task {cfg.data.task}); drop --set num_classes (m2f train then takes "
+                     f"num_classes={n} from the data)")
+
+
+def data_record(cfg: Config, metadata) -> Dict[str, Any]:
+    """What a checkpoint records of its training data (plain values, weights-only safe): the spec,
+    task, number of classes and the categories (``id, name, isthing, color`` in contiguous order), so
+    that ``m2f predict`` needs neither flags nor the data set."""
+    cats = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in c.items()} for c in metadata.categories]
+    return {"spec": cfg.data.train, "task": cfg.data.task, "num_classes": metadata.num_classes, "categories": cats}
+
+
+def describe_data(cfg: Config, metadata) -> str:
+    """One line: what the training data set (task, classes, thing / stuff split)."""
+    things = sum(bool(t) for t in metadata.is_thing)
+    return (f"from the training data {cfg.data.train!r}: task {cfg.data.task}, num_classes={metadata.num_classes} "
+            f"({things} thing, {metadata.num_classes - things} stuff)")
+
+
 def train(cfg: Config, out_dir, resume: bool = False, device: Optional[str] = None, progress: bool = True,
           evaluate_at_end: bool = True, eval_limit: Optional[int] = None, stop_after: Optional[int] = None,
-          log_fn=None, trust_checkpoint: bool = False) -> Dict[str, Any]:
+          log_fn=None, trust_checkpoint: bool = False, from_data=()) -> Dict[str, Any]:
     """Train ``cfg`` into ``out_dir``.  Returns a summary dict (final losses and metrics, throughput,
     peak memory).  ``stop_after`` stops (with a checkpoint) after that many iterations of this call
     (for tests and time-sliced jobs).  ``trust_checkpoint``: resume from a checkpoint that is not in the
-    weights-only format (see :func:`m2f.checkpoint.load_checkpoint`)."""
+    weights-only format (see :func:`m2f.checkpoint.load_checkpoint`).  ``from_data``: the fields of
+    :data:`DATA_PROPERTIES` the training data sets (``m2f train``: those the user did not ``--set``;
+    one line on stderr says what they became); any other that disagrees with the data raises
+    InputError.  The resolved config is the run's (its hash, ``config.json``, the checkpoint)."""
     from m2f.data.catalog import get_dataset
     from m2f.data.collate import TrainingSampler, collate
     from m2f.loss import build_criterion
@@ -220,6 +277,10 @@ def train(cfg: Config, out_dir, resume: bool = False, device: Optional[str] = No
         raise InputError(f"solver.batch_size={s.batch_size} must be divisible by world_size x solver.grad_accum "
                          f"= {world} x {s.grad_accum}")
     micro = s.batch_size // (world * s.grad_accum)
+
+    cfg = task_from_data(cfg, from_data)
+    train_set = get_dataset(cfg.data.train, "train", cfg)
+    cfg = classes_from_data(cfg, train_set.metadata, from_data)
 
     ckpt_path = out / CKPT_NAME
     start_iter = 0
@@ -236,6 +297,10 @@ def train(cfg: Config, out_dir, resume: bool = False, device: Optional[str] = No
     elif not resume and ckpt_path.exists():
         raise InputError(f"{out}: holds a run already ({ckpt_path}); pass --resume to continue it or choose another --out")
 
+    if from_data and rank == 0:  # after the checks above, so that a refusal stays one line
+        import sys
+
+        print(f"m2f train: {describe_data(cfg, train_set.metadata)}", file=sys.stderr, flush=True)
     torch.manual_seed(s.seed)
     model = build_model(cfg).to(dev)
     criterion = build_criterion(cfg.loss, cfg.num_classes).to(dev)
@@ -252,11 +317,6 @@ def train(cfg: Config, out_dir, resume: bool = False, device: Optional[str] = No
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
 
-    train_set = get_dataset(cfg.data.train, "train", cfg)
-    n_data = train_set.metadata.num_classes
-    if n_data != cfg.num_classes:
-        raise InputError(f"num_classes={cfg.num_classes} but the training data {cfg.data.train!r} has {n_data} "
-                         f"classes (task {cfg.data.task}); pass --set num_classes={n_data}")
     sampler = TrainingSampler(len(train_set), micro, s.seed, start_iter * s.grad_accum, rank, world)
     loader = torch.utils.data.DataLoader(
         train_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
@@ -280,6 +340,7 @@ def train(cfg: Config, out_dir, resume: bool = False, device: Optional[str] = No
         if rank == 0:
             save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
                              "config": to_dict(cfg), "config_hash": config_hash(cfg),
+                             "data": data_record(cfg, train_set.metadata),
                              "git": git_commit(), "time": time.time()}, ckpt_path)
 
     bar = None

@@ -398,6 +398,26 @@ def test_cli_mount(data, capsys):
     assert rc == 0 and "mIoU" in json.loads(capsys.readouterr().out)
 
 
+def test_score_takes_task_as_eval_and_predict_do(data, capsys):
+    """``m2f score --task T`` (the spelling of eval / predict) scores as the positional form does;
+    the two forms given with different tasks, or no task, are refused."""
+    from m2f import cli
+
+    _, gt, pr = data
+    args = ["--gt", f"{gt['pan_json']}:{gt['pan_dir']}", "--pred", f"{pr['pan_json']}:{pr['pan_dir']}", "--json"]
+    assert cli.main(["score", "--task", "panoptic", *args]) == 0
+    flag = json.loads(capsys.readouterr().out)
+    assert cli.main(["score", "panoptic", *args]) == 0
+    pos = json.loads(capsys.readouterr().out)
+    ref = evaluate_panoptic(gt["pan_json"], gt["pan_dir"], pr["pan_json"], pr["pan_dir"])
+    assert flag["task"] == pos["task"] == "panoptic"
+    assert flag["PQ"] == pytest.approx(ref["PQ"]) and pos["PQ"] == pytest.approx(ref["PQ"])
+    assert cli.main(["score", "semantic", "--task", "panoptic", *args]) == 2
+    assert "disagree" in capsys.readouterr().err
+    assert cli.main(["score", *args]) == 2
+    assert "--task" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------
 # bad inputs: InputError naming the file
 def _copy_pred(tmp_path, pr, mutate_json=None, mutate_png=None):
@@ -578,16 +598,60 @@ def test_overlays():
     seg[30:58, 5:60] = 2
     info = [{"id": 1, "category_id": 2, "isthing": False}, {"id": 2, "category_id": 0, "isthing": True, "score": 0.87}]
     out = np.asarray(overlay_panoptic(img, torch.from_numpy(seg), info, md))
-    assert out.shape == (60, 80, 3) and out.dtype == np.uint8
+    k = 9  # 60 px -> drawn at 540 x 720 (the shorter side upscaled to >= 512)
+    assert out.shape == (60 * k, 80 * k, 3) and out.dtype == np.uint8
+
+    def px(y, x):  # the drawn pixel at the centre of input pixel (y, x)
+        return out[y * k + k // 2, x * k + k // 2]
+
     sky = np.asarray(CATS[2]["color"], np.float32)
-    assert np.allclose(out[5, 2], 0.5 * 100 + 0.5 * sky, atol=1)  # blended stuff colour
-    assert (out[19, 40] == 255).all() and (out[30, 30] == 255).all()  # contours
-    assert (out[25, 70] == 100).all()  # void untouched
-    centre = out[38:50, 15:50]
+    assert np.allclose(px(5, 2), 0.5 * 100 + 0.5 * sky, atol=1)  # blended stuff colour
+    assert (out[20 * k - 1, 40 * k] == 255).all() and (out[30 * k, 30 * k] == 255).all()  # contours
+    assert (px(25, 70) == 100).all()  # void untouched
+    centre = out[38 * k:50 * k, 15 * k:50 * k]
     assert (centre == 0).all(-1).any() and (centre > 200).all(-1).any()  # black label box with light text
+    native = np.asarray(overlay_panoptic(img, torch.from_numpy(seg), info, md, min_side=0))
+    assert native.shape == (60, 80, 3) and np.allclose(native[5, 2], 0.5 * 100 + 0.5 * sky, atol=1)
     inst = {"masks": torch.from_numpy(np.stack([seg == 2, seg == 1])), "scores": torch.tensor([0.9, 0.3]),
             "labels": torch.tensor([1, 0])}
     out = np.asarray(overlay_instances(img, inst, md))
-    assert (out[5, 2] == 100).all() and not (out[35, 8] == 100).all()  # low score not drawn
+    assert (px(5, 2) == 100).all() and not (px(35, 8) == 100).all()  # low score not drawn
     out = np.asarray(overlay_semantic(img, seg.astype(np.int64), md))
-    assert not (out[25, 70] == 100).all()  # class 0 region drawn
+    assert not (px(25, 70) == 100).all()  # class 0 region drawn
+
+
+def test_overlay_of_a_small_image_is_legible():
+    """A 128 px prediction is drawn at >= 512 px; each label box is a small fraction of the drawing and
+    its text is of a readable height; a 6 x 6 px segment keeps its colour (no label on it)."""
+    from m2f.viz import draw_segments, upscale_factor
+
+    img = np.full((128, 128, 3), 90, np.uint8)
+    big = np.zeros((128, 128), bool)
+    big[10:120, 10:70] = True
+    tiny = np.zeros((128, 128), bool)
+    tiny[60:66, 90:96] = True
+    colors = [(0, 200, 0), (250, 0, 250)]
+    out = np.asarray(draw_segments(img, [big, tiny], colors, ["a long class name 0.97", "small thing 0.51"]))
+    k = upscale_factor(128, 128)
+    assert k == 4 and out.shape == (512, 512, 3)
+    # label boxes: pure black rectangles (nothing else in this drawing is black)
+    black = (out == 0).all(-1)
+    from scipy import ndimage
+
+    lab, n = ndimage.label(ndimage.binary_closing(black, iterations=3))
+    assert n == 2
+    for i in range(1, n + 1):
+        ys, xs = np.nonzero(lab == i)
+        h, w = np.ptp(ys) + 1, np.ptp(xs) + 1
+        assert 0.001 < h * w / out[..., 0].size < 0.03  # a bounded fraction of the drawing
+        assert 10 <= h <= 40  # text height follows the drawing: readable, not the whole picture
+    # the small segment's pixels (inside its contour) all keep the segment colour
+    inner = tiny.repeat(k, 0).repeat(k, 1)
+    for _ in range(2):
+        inner = ndimage.binary_erosion(inner)
+    want = 0.5 * 90 + 0.5 * np.asarray(colors[1], np.float32)
+    assert inner.sum() > 200 and np.allclose(out[inner], want, atol=1)
+    # the big segment's label sits inside it, covering at most a quarter of it
+    big_up = big.repeat(k, 0).repeat(k, 1)
+    on_big = black & big_up
+    assert 0 < on_big.sum() <= 0.25 * big_up.sum()

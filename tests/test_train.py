@@ -206,3 +206,34 @@ def test_ddp_gloo_two_processes(tmp_path):
     ck = torch.load(out / "last.pth", weights_only=True)
     assert ck["iter"] == 3
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_the_task_comes_from_the_kind_of_training_data():
+    """instances -> instance, label maps -> semantic, panoptic -> panoptic (or a task the preset names that
+    panoptic ground truth can train); a task the user set that the data cannot train is refused."""
+    from m2f.data.catalog import data_tasks
+    from m2f.train import classes_from_data, task_from_data
+
+    def task(spec, preset="tiny", from_data=("data.task", "num_classes"), *extra):
+        return task_from_data(get_preset(preset, [f"data.train={spec}", *extra]), from_data).data.task
+
+    assert data_tasks("coco_instances:a.json:imgs") == ("instance",)
+    assert data_tasks("semantic:imgs:labels:3") == ("semantic",)
+    assert data_tasks("coco_2017_train") == ("instance",) and data_tasks("ade20k_sem_seg_train") == ("semantic",)
+    assert task("coco_instances:a.json:imgs") == "instance"
+    assert task("semantic:imgs:labels:3") == "semantic"
+    assert task("coco_panoptic:p.json:png:imgs") == "panoptic"
+    assert task("coco_panoptic:p.json:png:imgs", "r50_coco_instance") == "instance"
+    assert task("synth", "r50_ade20k_semantic") == "semantic"
+    with pytest.raises(InputError, match="only train semantic"):
+        task("semantic:imgs:labels:3", "tiny", ("num_classes",), "data.task=instance")
+    with pytest.raises(InputError, match="not understood"):
+        data_tasks("cityscapes:x")
+
+    class Md:
+        num_classes = 4
+
+    cfg = small_cfg()
+    assert classes_from_data(cfg, Md(), ("num_classes",)).num_classes == 4
+    with pytest.raises(InputError, match="num_classes=9 disagrees .* has 4 classes"):
+        classes_from_data(cfg, Md(), ())

@@ -36,9 +36,9 @@ H100_TBS = 3.35  # H100 SXM HBM3 peak, TB/s
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=None,
                    help="square input image side in pixels (default: 1024 on CUDA, 256 on CPU)")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, default=2, help="batch size (default %(default)s)")
     p.add_argument("--channels", type=int, default=256, help="model width (nH * Dh)")
-    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8, help="attention heads nH (default %(default)s)")
     p.add_argument("--points", type=int, default=4, help="sampling points per level and head")
     p.add_argument("--strides", default="8,16,32", help="comma-separated feature strides, one level each")
     p.add_argument("--dtypes", default="float32,bfloat16", help=f"comma-separated, from {sorted(DTYPES)}")
@@ -48,7 +48,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--bandwidth-tbs", type=float, default=H100_TBS,
                    help="peak memory bandwidth in TB/s for the lower bound (default: H100 3.35)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave)")
     p.add_argument("--out", default="reports/bench/kernels.json", help="JSON report path (written atomically)")
     p.add_argument("--end-to-end", action="store_true",

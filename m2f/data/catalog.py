@@ -22,16 +22,19 @@
 
 ``split == "train"`` applies the training augmentation of ``cfg.data.task`` (and, for COCO instances,
 drops images without non-crowd annotations, as detectron2); any other split the test-time resize.  ``register_dataset(name, fn)`` adds a name; ``fn(split, cfg)`` returns the dataset.
+
+``data_tasks(spec)`` names the tasks a dataset can train, its own first (COCO panoptic: panoptic, instance,
+semantic; COCO instances: instance; semantic label maps: semantic); ``m2f train`` takes the task from it.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 from m2f.errors import InputError
 
-__all__ = ["register_dataset", "get_dataset", "list_datasets", "datasets_root", "SPEC_FORMS"]
+__all__ = ["register_dataset", "get_dataset", "list_datasets", "datasets_root", "data_tasks", "SPEC_FORMS"]
 
 SPEC_FORMS = (
     "a registered name ({names})",
@@ -41,15 +44,39 @@ SPEC_FORMS = (
 )
 
 _REGISTRY: Dict[str, Callable] = {}
+# The tasks each kind of ground truth can train, its own task first.
+_KIND_TASKS: Dict[str, Tuple[str, ...]] = {
+    "coco_panoptic": ("panoptic", "instance", "semantic"),  # things and stuff: every task
+    "coco_instances": ("instance",),  # things only
+    "semantic": ("semantic",),  # label maps: no instances
+}
+_TASKS: Dict[str, Tuple[str, ...]] = {}
 
 
-def register_dataset(name: str, fn: Callable) -> None:
-    """Register ``fn(split: str, cfg) -> SegmentationDataset`` under ``name``."""
+def register_dataset(name: str, fn: Callable, kind: Optional[str] = None) -> None:
+    """Register ``fn(split: str, cfg) -> SegmentationDataset`` under ``name``; ``kind`` (one of
+    ``coco_panoptic``, ``coco_instances``, ``semantic``) says what ground truth it has, so that
+    :func:`data_tasks` knows the tasks it trains (None: unknown)."""
     if ":" in name:
         raise ValueError(f"dataset name {name!r} must not contain ':'")
     if name in _REGISTRY:
         raise ValueError(f"dataset {name!r} is registered already")
+    if kind is not None and kind not in _KIND_TASKS:
+        raise ValueError(f"dataset {name!r}: kind {kind!r} is not one of {sorted(_KIND_TASKS)}")
     _REGISTRY[name] = fn
+    if kind is not None:
+        _TASKS[name] = _KIND_TASKS[kind]
+
+
+def data_tasks(spec: str) -> Optional[Tuple[str, ...]]:
+    """The tasks the dataset ``spec`` can train, its own task first (``coco_instances:...`` ->
+    ``("instance",)``); None for a registered name of unknown kind.  Reads no file."""
+    if spec in _REGISTRY:
+        return _TASKS.get(spec)
+    kind = spec.partition(":")[0] if isinstance(spec, str) else None
+    if kind in _KIND_TASKS:
+        return _KIND_TASKS[kind]
+    raise InputError(f"dataset spec {spec!r} not understood; accepted forms: {_forms()}")
 
 
 def list_datasets() -> List[str]:
@@ -164,10 +191,10 @@ def _ade(s: str):
     return fn
 
 
-register_dataset("synth", _synth("train"))
-register_dataset("synth_val", _synth("val"))
+register_dataset("synth", _synth("train"), kind="coco_panoptic")
+register_dataset("synth_val", _synth("val"), kind="coco_panoptic")
 for _s in ("train", "val"):
-    register_dataset(f"coco_2017_{_s}_panoptic", _coco_panoptic(_s))
-    register_dataset(f"coco_2017_{_s}", _coco_instances(_s))
-register_dataset("ade20k_sem_seg_train", _ade("training"))
-register_dataset("ade20k_sem_seg_val", _ade("validation"))
+    register_dataset(f"coco_2017_{_s}_panoptic", _coco_panoptic(_s), kind="coco_panoptic")
+    register_dataset(f"coco_2017_{_s}", _coco_instances(_s), kind="coco_instances")
+register_dataset("ade20k_sem_seg_train", _ade("training"), kind="semantic")
+register_dataset("ade20k_sem_seg_val", _ade("validation"), kind="semantic")

@@ -1,8 +1,11 @@
 """``m2f score``: score prediction files against ground truth, without a model.
 
-    m2f score panoptic --gt panoptic_val.json:panoptic_val/ --pred pred.json:pred_png/ [--json]
-    m2f score instance --gt instances_val.json --pred results.json
-    m2f score semantic --gt labels/ --pred pred_labels/ --num-classes 150 [--reduce-zero-label]
+    m2f score --task panoptic --gt panoptic_val.json:panoptic_val/ --pred pred.json:pred_png/ [--json]
+    m2f score --task instance --gt instances_val.json --pred results.json
+    m2f score --task semantic --gt labels/ --pred pred_labels/ --num-classes 150 [--reduce-zero-label]
+
+``--task`` is the spelling ``m2f eval`` and ``m2f predict`` use; ``m2f score panoptic ...`` (the task as
+the first argument) also works.
 """
 from __future__ import annotations
 
@@ -56,7 +59,9 @@ def score(task: str, gt, pred, num_classes: Optional[int] = None, engine: str = 
 def add_score_args(p: argparse.ArgumentParser) -> None:
     p.description = __doc__
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("task", choices=TASKS, help="what to score")
+    p.add_argument("--task", choices=TASKS, default=None, help="what to score")
+    p.add_argument("task_positional", nargs="?", choices=TASKS, default=None, metavar="TASK",
+                   help="the task as the first argument (older spelling of --task)")
     p.add_argument("--gt", required=True, help="ground truth: JSON:PNG_DIR (panoptic), instances JSON (instance), "
                    "label folder (semantic)")
     p.add_argument("--pred", required=True, help="predictions: JSON:PNG_DIR (panoptic), results JSON (instance), "
@@ -74,7 +79,19 @@ def _fmt(v) -> str:
     return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
+def resolve_task(args) -> str:
+    """The task from ``--task`` or the positional form; both given must agree."""
+    flag, pos = getattr(args, "task", None), getattr(args, "task_positional", None)
+    if flag and pos and flag != pos:
+        raise InputError(f"m2f score: --task {flag} and the positional task {pos} disagree; give one")
+    task = flag or pos
+    if task is None:
+        raise InputError(f"m2f score: no task; pass --task one of {list(TASKS)}")
+    return task
+
+
 def run(args) -> int:
+    args.task = resolve_task(args)
     t0 = time.perf_counter()
     res = score(args.task, args.gt, args.pred, num_classes=args.num_classes, engine=args.engine,
                 ignore_label=args.ignore_label, reduce_zero_label=args.reduce_zero_label)
