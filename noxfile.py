@@ -3,7 +3,7 @@
 Every session runs in the CURRENT environment (``venv_backend="none"``): no fresh torch install.
 Arguments after ``--`` pass through, e.g.::
 
-    nox -s ablation_masked_attention                       # cpu scale (~20 min on 2 cores)
+    nox -s ablation_masked_attention                       # cpu scale (time: README, Set up)
     nox -s ablation_masked_attention -- --scale smoke      # minutes, pipeline check
     nox -s ablation_point_loss -- --seeds 3 --device cuda
     nox -s ablation_queries -- --scale paper --dry-run     # print the torchrun commands
@@ -49,6 +49,18 @@ def ablation_all(s: nox.Session) -> None:
     """Every ablation in turn (args after -- go to each); runs identical across tables train once."""
     for ablation in ABLATIONS.values():
         s.run(PY, "-m", "ablations", "run", ablation, *s.posargs, external=True)
+
+
+@nox.session(venv_backend="none")
+def calibrate(s: nox.Session) -> None:
+    """The cpu recipe's evidence (python -m ablations calibrate): Table 4a's rows x 3 seeds -> reports/calibration/."""
+    s.run(PY, "-m", "ablations", "calibrate", *s.posargs, external=True)
+
+
+@nox.session(venv_backend="none")
+def bench_trees(s: nox.Session) -> None:
+    """Training speed of this tree vs another commit's worktree (python -m m2f.bench trees --base DIR)."""
+    s.run(PY, "-m", "m2f.bench", "trees", *s.posargs, external=True)
 
 
 @nox.session(venv_backend="none")

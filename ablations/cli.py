@@ -1,4 +1,4 @@
-"""``python -m ablations {list,run,report}`` (each with ``--help``)."""
+"""``python -m ablations {list,run,collect,report,calibrate}`` (each with ``--help``)."""
 from __future__ import annotations
 
 import argparse
@@ -9,20 +9,32 @@ from m2f.errors import M2FError
 
 
 def cmd_list(args) -> int:
+    """Every ablation with its records per scale, and whether its table is current: records of the
+    current code fingerprint (``current``), only of other code versions (``STALE``), or none."""
     from ablations.records import runs_path
     from ablations.scales import SCALES
     from ablations.spec import list_specs, load_spec
     from m2f.checkpoint import read_jsonl
+    from m2f.provenance import code_fingerprint
 
-    print(f"{'name':20s} {'table':6s} {'rows':>4s}  {'primary':14s} {'runs recorded':14s} title")
+    fp = code_fingerprint()
+    print(f"current code fingerprint: {fp}\n")
+    print(f"{'name':20s} {'table':6s} {'rows':>4s}  {'primary':14s} {'status':8s} {'runs (current/all) per scale':30s} title")
+    n_stale = 0
     for name in list_specs():
         s = load_spec(name)
         recs = read_jsonl(runs_path(args.out, name))
-        by_scale = {}
+        by_scale: dict = {}
         for r in recs:
-            by_scale[r.get("scale")] = by_scale.get(r.get("scale"), 0) + 1
-        done = ", ".join(f"{k}:{v}" for k, v in by_scale.items()) or "-"
-        print(f"{name:20s} {s.table:6s} {len(s.trained_rows):4d}  {s.primary_metric:14s} {done:14s} {s.title}")
+            cur, tot = by_scale.get(r.get("scale"), (0, 0))
+            by_scale[r.get("scale")] = (cur + (r.get("code_fingerprint") == fp), tot + 1)
+        done = ", ".join(f"{k}:{c}/{t}" for k, (c, t) in by_scale.items()) or "-"
+        status = "-" if not recs else ("current" if any(c for c, _ in by_scale.values()) else "STALE")
+        n_stale += status == "STALE"
+        print(f"{name:20s} {s.table:6s} {len(s.trained_rows):4d}  {s.primary_metric:14s} {status:8s} {done:30s} {s.title}")
+    if n_stale:
+        print(f"\n{n_stale} table(s) STALE: their records come from other code versions; `python -m ablations run NAME` "
+              f"retrains them, `python -m ablations report NAME --allow-stale` renders the old records, marked stale")
     print("\nscales: " + "; ".join(f"{k} = {v.description}" for k, v in SCALES.items()))
     return 0
 
@@ -30,9 +42,36 @@ def cmd_list(args) -> int:
 def cmd_run(args) -> int:
     from ablations.runner import run_ablation
 
+    if args.launcher == "submitit":
+        from ablations.submitit_launcher import submit_ablation
+
+        res = submit_ablation(args.name, scale=args.scale, seeds=args.seeds, data=args.data, val_data=args.val_data,
+                              device=args.device, out=args.out, runs_root=args.runs, rows=args.row or None,
+                              dry_run=args.dry_run, wait=args.wait, cluster=args.cluster, folder=args.slurm_folder,
+                              nodes=args.nodes, gpus_per_node=args.gpus_per_node, time_min=args.time,
+                              cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, partition=args.partition,
+                              account=args.account)
+        return 1 if res["failed"] else 0
+
     res = run_ablation(args.name, scale=args.scale, seeds=args.seeds, data=args.data, val_data=args.val_data,
                        device=args.device, jobs=args.jobs, out=args.out, runs_root=args.runs,
-                       dry_run=args.dry_run, rows=args.row or None, share=not args.no_share)
+                       dry_run=args.dry_run, rows=args.row or None, share=not args.no_share,
+                       jobs_per_device=args.jobs_per_device, allow_stale=args.allow_stale)
+    return 1 if res["failed"] else 0
+
+
+def cmd_collect(args) -> int:
+    from ablations.submitit_launcher import collect
+
+    collect(args.name, scale=args.scale, seeds=args.seeds, data=args.data, val_data=args.val_data, out=args.out,
+            runs_root=args.runs, rows=args.row or None)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from ablations.calibration import calibrate
+
+    res = calibrate(args.out, args.runs, seeds=args.seeds, jobs=args.jobs, device=args.device, dry_run=args.dry_run)
     return 1 if res["failed"] else 0
 
 
@@ -43,13 +82,16 @@ def cmd_report(args) -> int:
     names = args.names or list_specs()
     n = 0
     for name in names:
-        res = render_ablation(name, args.out, scale=args.scale)
+        res = render_ablation(name, args.out, scale=args.scale, allow_stale=args.allow_stale)
         if res is None:
             if args.names:
                 print(f"{name}: no records in {args.out}/{name}/runs.jsonl (run `python -m ablations run {name}`)")
             continue
         n += 1
-        print(f"{name}: {res['records']} runs at scale {res['scale']} -> {res['table']}")
+        what = ("no records of the current code (stale; --allow-stale renders them)" if res.get("stale") and
+                not res["records"] else f"{res['records']} runs at scale {res['scale']}" +
+                (" (STALE records)" if res.get("stale") else ""))
+        print(f"{name}: {what} -> {res['table']}")
     p = render_readme(args.out)
     print(f"wrote {p} ({n} tables)")
     return 0
@@ -74,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "command of each run instead of running it.")
     s.add_argument("name", choices=list_specs(), metavar="NAME", help=f"one of: {', '.join(list_specs())}")
     s.add_argument("--scale", default="cpu", choices=sorted(SCALES),
-                   help="smoke (minutes, pipeline check) | cpu (default: ~20 min for 3 rows on 2 cores) | "
-                        "paper (full COCO schedule via torchrun)")
+                   help="smoke (minutes, pipeline check) | quick (400 iterations x 2 seeds, a first look) | cpu "
+                        "(default: the calibrated proxy, 1000 iterations x 5 paired seeds) | paper (full COCO "
+                        "schedule via torchrun)")
     s.add_argument("--seeds", type=int, default=None, help="number of seeds per row (default: the scale's)")
     s.add_argument("--data", default=None, help="train dataset spec (registered name or path spec); "
                    "default: the scale's (synthetic at smoke/cpu, coco_2017_train_panoptic at paper)")
@@ -89,13 +132,64 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the plan (paper scale: the torchrun commands)")
     s.add_argument("--no-share", action="store_true", help="train every run, even one identical (same config, "
                    "seed, scale) to a run another ablation finished on this machine (default: record that one)")
+    s.add_argument("--jobs-per-device", type=int, default=None, metavar="K",
+                   help="with --device cuda: K runs at once on every visible GPU (cuda:0..G-1, round robin; "
+                        "jobs = K x G); the cpu recipe's tiny runs leave a GPU mostly idle one at a time")
+    s.add_argument("--allow-stale", action="store_true",
+                   help="render the table from older code versions' records when there are none of the current code")
+    g = s.add_argument_group("submitit (Slurm) launcher", "each pending (row, seed) as its own job; see ablations/README.md")
+    g.add_argument("--launcher", default="local", choices=["local", "submitit"],
+                   help="local: a process pool here (default); submitit: one job per run through submitit")
+    g.add_argument("--cluster", default=None, choices=["slurm", "local", "debug"],
+                   help="submitit's executor (default: Slurm where sbatch exists, else local)")
+    g.add_argument("--partition", default=None, help="Slurm partition (default: $M2F_SLURM_PARTITION)")
+    g.add_argument("--account", default=None, help="Slurm account (default: $M2F_SLURM_ACCOUNT)")
+    g.add_argument("--nodes", type=int, default=None, help="nodes per job (default: the scale's)")
+    g.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node, one task each (default: the scale's)")
+    g.add_argument("--time", type=int, default=None, metavar="MIN", help="time limit per job in minutes "
+                   "(default: the scale's; a job past it is requeued and resumes)")
+    g.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (default: the scale's)")
+    g.add_argument("--mem-gb", type=int, default=None, help="memory per node in GB (default: the scale's)")
+    g.add_argument("--slurm-folder", default=None, help="submitit's log folder (default RUNS/submitit/NAME/SCALE)")
+    g.add_argument("--wait", action="store_true", help="wait for the jobs, then collect their records")
     s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("collect", help="record every finished run of an ablation (submitit jobs) into runs.jsonl, "
+                       "exactly once, and render", description="Gather runs that finished (their run directory holds "
+                       "ablation_result.json) into reports/NAME/runs.jsonl; runs already recorded are skipped, so it "
+                       "can be re-run at any time.")
+    s.add_argument("name", choices=list_specs(), metavar="NAME", help=f"one of: {', '.join(list_specs())}")
+    s.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="the scale the jobs ran at (default cpu)")
+    s.add_argument("--seeds", type=int, default=None, help="number of seeds per row, as submitted")
+    s.add_argument("--data", default=None, help="train dataset spec, as submitted")
+    s.add_argument("--val-data", default=None, help="validation dataset spec, as submitted")
+    s.add_argument("--row", action="append", default=[], help="only this row (repeatable), as submitted")
+    s.add_argument("--out", default="reports", help="reports directory (default %(default)s)")
+    s.add_argument("--runs", default="runs/ablations", help="run directories root (default %(default)s)")
+    s.set_defaults(fn=cmd_collect)
+
+    s = sub.add_parser("calibrate", help="the cpu recipe's evidence: Table 4a's rows, 3 seeds, dense evaluations "
+                       "-> reports/calibration/",
+                       description="Train (or resume) Table 4a's three rows at the cpu scale with 3 seeds (they are "
+                       "Table 4a's own runs) and write reports/calibration/README.md, calibration.png and "
+                       "calibration.json: metrics and seed spread against iterations, paired deltas with 95% "
+                       "intervals, the base model against the targets.")
+    s.add_argument("--seeds", type=int, default=None, help="seeds per row (default 3)")
+    s.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: the cpu scale's)")
+    s.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda if available)")
+    s.add_argument("--out", default="reports", help="reports directory (default %(default)s)")
+    s.add_argument("--runs", default="runs/ablations", help="run directories root (default %(default)s)")
+    s.add_argument("--dry-run", action="store_true", help="print the plan")
+    s.set_defaults(fn=cmd_calibrate)
 
     s = sub.add_parser("report", help="re-render tables and plots from stored runs.jsonl (no training)")
     s.add_argument("names", nargs="*", metavar="NAME", help="ablations to render (default: all with records)")
     s.add_argument("--scale", default=None, choices=sorted(SCALES),
-                   help="which scale's records (default: the scale of the latest record)")
+                   help="which scale's records (default: the highest-fidelity scale recorded)")
     s.add_argument("--out", default="reports", help="reports directory (default %(default)s)")
+    s.add_argument("--allow-stale", action="store_true",
+                   help="render older code versions' records (marked STALE in the table header) when there are "
+                        "none of the current code")
     s.set_defaults(fn=cmd_report)
     return p
 

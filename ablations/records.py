@@ -1,7 +1,10 @@
 """Ablation records: one JSON line per finished run in ``reports/<ablation>/runs.jsonl``.
 
 - Paths: :func:`runs_path` (the records file), :class:`RunPlan` (one (row, seed) at a scale and its run
-  directory ``runs/ablations/<ablation>/<scale>/<row slug>/seed<k>_<config hash>/``), :data:`RESULT_NAME`.
+  directory ``runs/ablations/<ablation>/<scale>/<row slug>/seed<k>_<config hash>_<code fingerprint>/``),
+  :data:`RESULT_NAME`.  A run is identified by (row, seed, scale, config hash, code fingerprint): a
+  change to the sources behind a result (m2f.provenance.code_fingerprint) makes a new run, never a
+  resume of the old one.
 - :func:`build_record`: the line a finished run appends (config and its hash, seed, code version,
   environment, metrics over training, final evaluation, FLOPs, memory, throughput).
 - Metric extraction: :func:`eval_metric` (one named metric from an evaluation) and :func:`flat_metrics`
@@ -34,10 +37,11 @@ class RunPlan:
     cfg: Config
     config_hash: str
     run_dir: Path
+    fingerprint: Optional[str] = None  # m2f.provenance.code_fingerprint() when planned
 
     @property
     def key(self) -> tuple:
-        return (self.row.name, self.seed, self.scale, self.config_hash)
+        return (self.row.name, self.seed, self.scale, self.config_hash, self.fingerprint)
 
     @property
     def label(self) -> str:
@@ -105,7 +109,8 @@ def build_record(spec: AblationSpec, plan: RunPlan, scale: Scale, result: Dict[s
     rec = {
         "ablation": spec.name, "table": spec.table, "row": plan.row.name, "overrides": plan.row.overrides,
         "scale": plan.scale, "seed": plan.seed, "config": to_dict(cfg), "config_hash": plan.config_hash,
-        "git_commit": git, "environment": result.get("environment"),
+        "git_commit": git, "code_fingerprint": result.get("code_fingerprint") or plan.fingerprint,
+        "environment": result.get("environment"),
         "data": {"train": cfg.data.train, "val": cfg.data.val, "task": cfg.data.task,
                  "image_size": cfg.data.image_size, "eval_limit": scale.eval_limit},
         "iters": s.get("iter"), "max_iters": cfg.solver.max_iters, "batch_size": cfg.solver.batch_size,

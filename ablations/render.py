@@ -2,9 +2,18 @@
 ``table.md``, ``table.csv``, ``convergence.png`` (+ ``memory.png`` / ``proposals.png`` where the spec
 asks) and the combined ``reports/README-tables.md``.  No training; re-run at any time.
 
-Table cells: ours = mean ± std over seeds (n); Δ = row - base row; the paper's value and Δ beside;
-``agree``: ``yes`` / ``no`` = same / opposite sign of Δ as the paper, ``~`` = our |Δ| < our std
-(inconclusive), ``n/a`` = no paper number (or the paper's Δ is 0, or the row was not run), ``base``.
+Table cells: ours = mean ± std over seeds (n); Δ = the mean of per-seed differences row - base row
+over the seeds both ran, with its 95% interval [low, high] and the number of pairs (ablations/stats.py);
+the paper's value and Δ beside; verdict: ``agrees`` / ``contradicts`` (the interval excludes 0 with
+the paper's / the opposite sign), ``inconclusive``, ``no paper value``, ``base``.
+
+One code version per table: a table renders the records of ONE code fingerprint
+(:func:`m2f.provenance.code_fingerprint`, over the sources that can change a result) and names it;
+by default the current code's.  Records of other fingerprints are stale: ``allow_stale=True``
+(``--allow-stale``) renders the most recent stale fingerprint's records with STALE in the header.
+
+The scoreboard (:func:`scoreboard`) counts, per table and in total, the verdicts of every paper row
+and metric (PQ, AP, mIoU) with |paper Δ| >= :data:`SCOREBOARD_MIN_PAPER_DELTA`.
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ablations.records import eval_metric, flat_metrics, runs_path
 from ablations.scales import SCALES
+from ablations.stats import paired_delta, verdict
 from ablations.spec import PROPOSAL_PATTERN, AblationSpec, expand_metrics, list_specs, load_spec, table_label
 from m2f.checkpoint import atomic_write_text, read_jsonl
 
@@ -38,56 +48,83 @@ PAPER_SOURCES = ("AP: COCO instance models; PQ: COCO panoptic models; mIoU: ADE2
 # ---------------------------------------------------------------------------------------------
 # Aggregation
 # ---------------------------------------------------------------------------------------------
-def select_records(records: List[Dict[str, Any]], scale: Optional[str] = None) -> Tuple[str, List[Dict[str, Any]]]:
-    """Records of one scale, the latest per (row, seed).  Default scale: the highest-fidelity one
-    recorded (paper > cpu > smoke), so a smoke pipeline check never replaces a measured table."""
+def record_fingerprint(r: Dict[str, Any]) -> Optional[str]:
+    """The code fingerprint a record was computed with (None for records written before it was kept)."""
+    return r.get("code_fingerprint")
+
+
+def current_fingerprint() -> str:
+    from m2f.provenance import code_fingerprint
+
+    return code_fingerprint()
+
+
+def select_records(records: List[Dict[str, Any]], scale: Optional[str] = None, fingerprint: Optional[str] = None,
+                   allow_stale: bool = False) -> Tuple[str, List[Dict[str, Any]], Dict[str, Any]]:
+    """Records of one scale and ONE code fingerprint, the latest per (row, seed).
+
+    Default scale: the highest-fidelity one recorded (paper > cpu > quick > smoke), so a smoke
+    pipeline check never replaces a measured table.  Fingerprint: ``fingerprint`` (default: the
+    current code's); without records of it, the most recent other fingerprint's when
+    ``allow_stale``, else none.  Returns (scale, records, info) with info = {"fingerprint",
+    "current", "stale": bool, "stale_records": count of the scale's records of other fingerprints}."""
+    want = fingerprint or current_fingerprint()
+    info: Dict[str, Any] = {"fingerprint": None, "current": want, "stale": False, "stale_records": 0}
     if not records:
-        return scale or "", []
+        return scale or "", [], info
     if scale is None:
-        rank = {"smoke": 0, "cpu": 1, "paper": 2}
+        rank = {"smoke": 0, "quick": 1, "cpu": 2, "paper": 3}
         order = {r.get("scale"): i for i, r in enumerate(records)}  # most recent position per scale
         scale = max(order, key=lambda sc: (rank.get(sc, -1), order[sc]))
+    of_scale = [r for r in records if r.get("scale") == scale]
+    chosen = want
+    if not any(record_fingerprint(r) == want for r in of_scale):
+        info["stale_records"] = len(of_scale)
+        if not allow_stale or not of_scale:
+            return scale, [], info
+        chosen = record_fingerprint(of_scale[-1])  # the most recent stale code version
+        info["stale"] = True
+    else:
+        info["stale_records"] = sum(record_fingerprint(r) != want for r in of_scale)
+    info["fingerprint"] = chosen
     latest: Dict[Tuple[str, int], Dict[str, Any]] = {}
-    for r in records:
-        if r.get("scale") == scale:
+    for r in of_scale:
+        if record_fingerprint(r) == chosen:
             latest[(r.get("row"), r.get("seed"))] = r
-    return scale, list(latest.values())
+    return scale, list(latest.values()), info
 
 
 def stats(values: List[float]) -> Dict[str, Any]:
     n = len(values)
     if n == 0:
-        return {"n": 0, "mean": None, "std": None, "values": []}
+        return {"n": 0, "mean": None, "std": None, "values": [], "by_seed": {}}
     return {"n": n, "mean": statistics.fmean(values), "std": statistics.stdev(values) if n > 1 else None,
             "values": list(values)}
 
 
 def aggregate(spec: AblationSpec, records: List[Dict[str, Any]]) -> Tuple[List[str], Dict[str, Dict[str, Dict]]]:
-    """(metric names, {row name: {metric: stats}}) for the spec's rows."""
-    per_row: Dict[str, List[Dict[str, float]]] = {r.name: [] for r in spec.rows}
+    """(metric names, {row name: {metric: stats with "by_seed" {seed: value}}}) for the spec's rows."""
+    per_row: Dict[str, List[Tuple[int, Dict[str, float]]]] = {r.name: [] for r in spec.rows}
     available: List[str] = []
     for rec in records:
         if rec.get("row") in per_row:
             m = flat_metrics(rec)
-            per_row[rec["row"]].append(m)
+            per_row[rec["row"]].append((rec.get("seed"), m))
             available.extend(k for k in m if k not in available)
     metrics = expand_metrics(spec, available)
-    out = {row: {m: stats([x[m] for x in ms if m in x]) for m in metrics} for row, ms in per_row.items()}
+    out: Dict[str, Dict[str, Dict]] = {}
+    for row, ms in per_row.items():
+        out[row] = {}
+        for m in metrics:
+            st = stats([x[m] for _, x in ms if m in x])
+            st["by_seed"] = {seed: x[m] for seed, x in ms if m in x}
+            out[row][m] = st
     return metrics, out
 
 
-def agreement(delta: Optional[float], std: Optional[float], paper_delta: Optional[float], is_base: bool) -> str:
-    if is_base:
-        return "base"
-    if delta is None or paper_delta is None or paper_delta == 0:
-        return "n/a"
-    if (std is not None and abs(delta) < std) or delta == 0:
-        return "~"
-    return "yes" if (delta > 0) == (paper_delta > 0) else "no"
-
-
 def table_rows(spec: AblationSpec, metrics: List[str], agg: Dict[str, Dict[str, Dict]]) -> List[Dict[str, Any]]:
-    """One dict per (row, metric): n, mean, std, delta, paper, paper_delta, agree."""
+    """One dict per (row, metric): n, mean, std, delta (paired: mean of per-seed differences), low,
+    high (its 95% interval), pairs (seeds both rows ran), paper, paper_delta, verdict."""
     base = spec.base
     out = []
     for row in spec.rows:
@@ -95,15 +132,15 @@ def table_rows(spec: AblationSpec, metrics: List[str], agg: Dict[str, Dict[str, 
             s = agg[row.name][m]
             b = agg[base.name][m]
             is_base = row.name == base.name
-            delta = (s["mean"] - b["mean"]) if (s["n"] and b["n"] and not is_base) else None
-            stds = [x for x in (s["std"], b["std"]) if x is not None]
-            std = max(stds) if stds else None
+            d = None if is_base else paired_delta(b.get("by_seed", {}), s.get("by_seed", {}))
             paper = row.paper.get(m)
             pb = base.paper.get(m)
             paper_delta = (paper - pb) if (paper is not None and pb is not None and not is_base) else None
+            v = "base" if is_base else ("not run" if not row.run else verdict(d, paper_delta))
             out.append({"row": row.name, "metric": m, "is_base": is_base, "run": row.run, "n": s["n"],
-                        "mean": s["mean"], "std": s["std"], "delta": delta, "paper": paper,
-                        "paper_delta": paper_delta, "agree": agreement(delta, std, paper_delta, is_base)})
+                        "mean": s["mean"], "std": s["std"], "delta": d["delta"] if d else None,
+                        "low": d["low"] if d else None, "high": d["high"] if d else None,
+                        "pairs": d["n"] if d else 0, "paper": paper, "paper_delta": paper_delta, "verdict": v})
     return out
 
 
@@ -126,6 +163,16 @@ def fmt(v: Optional[float], metric: str, signed: bool = False) -> str:
         return "—"
     d = _digits(metric)
     return f"{v:+.{d}f}" if signed else f"{v:.{d}f}"
+
+
+def fmt_delta(r: Dict[str, Any], metric: str) -> str:
+    """Δ [low, high] (n pairs); Δ (n=1) without an interval."""
+    if r.get("delta") is None:
+        return "—"
+    if r.get("low") is None:
+        return f"{fmt(r['delta'], metric, signed=True)} (n={r['pairs']})"
+    return (f"{fmt(r['delta'], metric, signed=True)} [{fmt(r['low'], metric, signed=True)}, "
+            f"{fmt(r['high'], metric, signed=True)}] (n={r['pairs']})")
 
 
 def fmt_ours(n: int, mean, std, metric: str) -> str:
@@ -151,7 +198,8 @@ def _source_ablation(run_dir: Optional[str]) -> str:
     return parts[-4] if len(parts) >= 4 else str(run_dir)
 
 
-def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metrics: List[str]) -> List[str]:
+def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metrics: List[str],
+            info: Optional[Dict[str, Any]] = None) -> List[str]:
     sc = SCALES.get(scale)
     first = records[0] if records else {}
     data = _distinct(records, lambda r: f"train `{(r.get('data') or {}).get('train')}`, val "
@@ -165,7 +213,12 @@ def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metri
     commits = _distinct(records, lambda r: r.get("git_commit"))
     devices = _distinct(records, lambda r: (r.get("environment") or {}).get("device"))
     mem = _distinct(records, lambda r: r.get("memory_kind"))
-    lines = [f"# {table_label(spec)[0].upper() + table_label(spec)[1:]}: {spec.title}", "",
+    info = info or {}
+    fp = info.get("fingerprint")
+    title = f"# {table_label(spec)[0].upper() + table_label(spec)[1:]}: {spec.title}"
+    if info.get("stale"):
+        title += " (STALE)"
+    lines = [title, "",
              f"Ablation `{spec.name}`; base row: **{spec.base_row}**; primary metric: {spec.primary_metric}.", "",
              f"- **Scale:** `{scale}`" + (f": {sc.description}" if sc else ""),
              f"- **Data:** {'; '.join(data) if data else '—'}",
@@ -174,7 +227,13 @@ def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metri
              "- **Thresholds:** " + "; ".join(", ".join(f"{k} {v}" for k, v in t) for t in thr),
              f"- **Measured:** {dates[0][:10] if dates else '—'} to {dates[-1][:10] if dates else '—'}; rendered "
              f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}; commit(s) {', '.join(str(c)[:12] for c in commits)}; "
-             f"device(s): {', '.join(map(str, devices))}"]
+             f"device(s): {', '.join(map(str, devices))}",
+             f"- **Code:** fingerprint `{fp or 'unknown (records older than fingerprints)'}`"
+             + (f" — **STALE**: the current code's fingerprint is `{info.get('current')}`, so these numbers may "
+                f"not be what this checkout computes (rendered with --allow-stale; `python -m ablations run "
+                f"{spec.name}` retrains)" if info.get("stale") else " (the current code)")
+             + (f"; {info['stale_records']} record(s) of other code versions left out" if info.get("stale_records")
+                and not info.get("stale") else "")]
     if "memory_GB" in metrics:
         if all(r.get("memory_probe") for r in records):
             probes = _distinct(records, lambda r: tuple(r["memory_probe"].get(k) for k in
@@ -208,16 +267,17 @@ def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metri
         lines.append("- **Shared runs:** " + "; ".join(f"{row} = the identical run of `{src}`" for row, src in shared)
                      + " (same config hash, seed and scale: recorded from it, not retrained)")
     if len(seeds) < 2:
-        lines.append("- With one seed there is no spread estimate: `yes`/`no` are not tested against noise "
-                     "(the authors report about ±0.2 AP run-to-run on COCO).")
-    lines += ["", "Δ = row − base row. agree: `yes`/`no` = same/opposite sign as the paper's Δ; `~` = our |Δ| < "
-              "our std (inconclusive); `n/a` = the paper gives no number (or its Δ is 0) or the row was not run.", ""]
+        lines.append("- With one seed there is no interval: every verdict is `inconclusive`.")
+    lines += ["", f"Δ = mean over seeds of (row − base row) for the seeds both ran, [95% interval] (Student t over "
+              f"the n pairs; ablations/stats.py). Verdict: `agrees` / `contradicts` = the interval excludes 0 with "
+              f"the paper's / the opposite sign; `inconclusive` = it contains 0 (or n < 2); `no paper value` = the "
+              f"paper gives no number for the row or its base.", ""]
     return lines
 
 
 def render_markdown(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metrics: List[str],
-                    rows: List[Dict[str, Any]], agg) -> str:
-    lines = _header(spec, scale, records, metrics)
+                    rows: List[Dict[str, Any]], agg, info: Optional[Dict[str, Any]] = None) -> str:
+    lines = _header(spec, scale, records, metrics, info)
     if spec.layout == "metrics":
         trained = [r for r in spec.rows if r.run]
         head = ["metric"] + [f"ours: {r.name}" for r in trained] + ["paper"]
@@ -231,7 +291,7 @@ def render_markdown(spec: AblationSpec, scale: str, records: List[Dict[str, Any]
     else:
         head = ["row"]
         for m in metrics:
-            head += [f"{m} ours", "Δ", f"{m} paper", "Δ paper", "agree"]
+            head += [f"{m} ours", "Δ [95%] (n)", f"{m} paper", "Δ paper", "verdict"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         by = {(r["row"], r["metric"]): r for r in rows}
@@ -242,8 +302,8 @@ def render_markdown(spec: AblationSpec, scale: str, records: List[Dict[str, Any]
             cells = [name]
             for m in metrics:
                 r = by[(row.name, m)]
-                cells += [fmt_ours(r["n"], r["mean"], r["std"], m), fmt(r["delta"], m, signed=True),
-                          fmt_paper(r["paper"]), fmt_paper(r["paper_delta"], signed=True), r["agree"]]
+                cells += [fmt_ours(r["n"], r["mean"], r["std"], m), fmt_delta(r, m),
+                          fmt_paper(r["paper"]), fmt_paper(r["paper_delta"], signed=True), r["verdict"]]
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
@@ -252,7 +312,8 @@ def render_markdown(spec: AblationSpec, scale: str, records: List[Dict[str, Any]
 def render_csv(spec: AblationSpec, scale: str, rows: List[Dict[str, Any]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    cols = ["row", "metric", "is_base", "run", "n", "mean", "std", "delta", "paper", "paper_delta", "agree"]
+    cols = ["row", "metric", "is_base", "run", "n", "mean", "std", "delta", "low", "high", "pairs", "paper",
+            "paper_delta", "verdict"]
     w.writerow(["ablation", "table", "scale"] + cols)
     for r in rows:
         w.writerow([spec.name, spec.table, scale] + ["" if r[c] is None else r[c] for c in cols])
@@ -292,14 +353,18 @@ def _band(series_list: List[List[Tuple[int, float]]]):
     for s in series_list:
         for it, v in s:
             by_iter.setdefault(it, []).append(v)
+    """Per iteration: mean over seeds and the half-width of its 95% interval (Student t; 0 for n = 1)."""
+    from ablations.stats import t_quantile
+
     its = sorted(by_iter)
     mean = [statistics.fmean(by_iter[i]) for i in its]
-    std = [statistics.stdev(by_iter[i]) if len(by_iter[i]) > 1 else 0.0 for i in its]
-    return its, mean, std
+    half = [t_quantile(len(by_iter[i]) - 1) * statistics.stdev(by_iter[i]) / math.sqrt(len(by_iter[i]))
+            if len(by_iter[i]) > 1 else 0.0 for i in its]
+    return its, mean, half
 
 
 def plot_convergence(spec: AblationSpec, records: List[Dict[str, Any]], path: Path) -> str:
-    """Primary metric vs iteration per row (mean line + ±std band over seeds) beside the training loss.
+    """Primary metric vs iteration per row (mean line + 95% interval band over seeds) beside the training loss.
     Falls back to PQ, then to the loss alone, when the primary metric has fewer than 2 eval points."""
     plt = _plt()
     rows = [r for r in spec.rows if r.run]
@@ -383,23 +448,34 @@ def plot_proposals(spec: AblationSpec, metrics: List[str], agg, path: Path) -> N
 
 
 # ---------------------------------------------------------------------------------------------
-def render_ablation(spec: AblationSpec | str, out: Path | str = "reports", scale: Optional[str] = None
-                    ) -> Optional[Dict[str, Any]]:
-    """Write table.md / table.csv / plots for one ablation from its runs.jsonl.  None if no records."""
+def render_ablation(spec: AblationSpec | str, out: Path | str = "reports", scale: Optional[str] = None,
+                    allow_stale: bool = False, fingerprint: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """Write table.md / table.csv / plots for one ablation from its runs.jsonl: the records of one code
+    fingerprint (:func:`select_records`).  None if there are none to render; when all of the scale's
+    records are stale (and not ``allow_stale``), table.md says so instead of showing them."""
     if isinstance(spec, str):
         spec = load_spec(spec)
     out = Path(out)
-    scale, records = select_records(read_jsonl(runs_path(out, spec.name)), scale)
-    if not records:
-        return None
+    scale, records, info = select_records(read_jsonl(runs_path(out, spec.name)), scale, fingerprint, allow_stale)
     d = out / spec.name
+    if not records:
+        if info["stale_records"]:
+            atomic_write_text(d / "table.md", "\n".join([
+                f"# {table_label(spec)[0].upper() + table_label(spec)[1:]}: {spec.title} (not run with this code)", "",
+                f"Ablation `{spec.name}`: the {info['stale_records']} `{scale}` record(s) in runs.jsonl were computed "
+                f"by other code versions than the current one (fingerprint `{info['current']}`), so they are not "
+                f"shown. `python -m ablations run {spec.name}` retrains them; `python -m ablations report "
+                f"{spec.name} --allow-stale` renders the old records, marked stale.", ""]))
+            return {"scale": scale, "records": 0, "stale": True, "rows": [], "table": str(d / "table.md"),
+                    "fingerprint": None}
+        return None
     metrics, agg = aggregate(spec, records)
     rows = table_rows(spec, metrics, agg)
-    md = render_markdown(spec, scale, records, metrics, rows, agg)
+    md = render_markdown(spec, scale, records, metrics, rows, agg, info)
     files = {"table": d / "table.md", "csv": d / "table.csv", "convergence": d / "convergence.png"}
     plotted = plot_convergence(spec, records, files["convergence"])
     md += f"\n![convergence](convergence.png)  \n_{'training loss' if plotted == 'loss' else plotted} vs iteration " \
-          f"(mean over seeds, band = ±std)._\n"
+          f"(mean over seeds, band = 95% interval of the mean, Student t)._\n"
     if "memory" in spec.plots:
         files["memory"] = d / "memory.png"
         plot_memory(spec, agg, files["memory"])
@@ -410,8 +486,78 @@ def render_ablation(spec: AblationSpec | str, out: Path | str = "reports", scale
         md += "\n![proposals](proposals.png)\n"
     atomic_write_text(files["table"], md)
     atomic_write_text(files["csv"], render_csv(spec, scale, rows))
-    return {"scale": scale, "records": len(records), "metrics": metrics, "rows": rows,
-            **{k: str(v) for k, v in files.items()}}
+    return {"scale": scale, "records": len(records), "metrics": metrics, "rows": rows, "stale": info["stale"],
+            "fingerprint": info["fingerprint"], **{k: str(v) for k, v in files.items()}}
+
+
+SCOREBOARD_MIN_PAPER_DELTA = 0.5
+SCOREBOARD_METRICS = ("PQ", "AP", "mIoU")
+SCOREBOARD_BEGIN = "<!-- scoreboard:begin (generated by `python -m ablations report`; do not edit) -->"
+SCOREBOARD_END = "<!-- scoreboard:end -->"
+
+
+def scoreboard_cells(spec: AblationSpec, out: Path | str = "reports", fingerprint: Optional[str] = None
+                     ) -> List[Dict[str, Any]]:
+    """Every (paper row, metric in PQ/AP/mIoU) of ``spec`` with |paper Δ| >= 0.5 and its verdict at
+    the highest scale recorded with the current code (``not run`` when there is none)."""
+    scale, records, info = select_records(read_jsonl(runs_path(out, spec.name)), None, fingerprint)
+    rows = []
+    if records:
+        metrics, agg = aggregate(spec, records)
+        rows = table_rows(spec, [m for m in SCOREBOARD_METRICS if m in metrics], agg)
+    by = {(r["row"], r["metric"]): r for r in rows}
+    cells = []
+    base = spec.base
+    for row in spec.rows:
+        if row.name == base.name:
+            continue
+        for m in SCOREBOARD_METRICS:
+            p, pb = row.paper.get(m), base.paper.get(m)
+            if p is None or pb is None or abs(p - pb) < SCOREBOARD_MIN_PAPER_DELTA:
+                continue
+            r = by.get((row.name, m))
+            v = r["verdict"] if r and r["pairs"] else "not run"
+            cells.append({"table": spec.table, "ablation": spec.name, "row": row.name, "metric": m,
+                          "paper_delta": p - pb, "verdict": v, "scale": scale if r and r["pairs"] else None,
+                          "delta": r["delta"] if r else None, "low": r["low"] if r else None,
+                          "high": r["high"] if r else None, "pairs": r["pairs"] if r else 0})
+    return cells
+
+
+def render_scoreboard(out: Path | str = "reports", fingerprint: Optional[str] = None) -> str:
+    """The scoreboard (markdown): per table and in total, how many of the paper's findings (row x
+    metric with |paper Δ| >= 0.5 in PQ, AP or mIoU) agree, contradict, are inconclusive or were not
+    run with the current code, from the records alone."""
+    fp = fingerprint or current_fingerprint()
+    kinds = ("agrees", "contradicts", "inconclusive", "not run")
+    lines = [f"**Scoreboard** (generated by `python -m ablations report` from reports/*/runs.jsonl; code fingerprint "
+             f"`{fp}`): each paper finding = a row and metric (PQ, AP, mIoU) whose paper Δ is at least "
+             f"{SCOREBOARD_MIN_PAPER_DELTA:g}; verdict from our paired 95% interval at the scale named "
+             f"(ablations/stats.py). `not run` = no records of the current code.", "",
+             "| table | ablation | scale (seeds) | " + " | ".join(kinds) + " | findings |",
+             "|---|---|---|" + "---|" * (len(kinds) + 1)]
+    total = {k: 0 for k in kinds}
+    for name in sorted(list_specs(), key=_paper_order):
+        spec = load_spec(name)
+        cells = scoreboard_cells(spec, out, fp)
+        if not cells:
+            continue
+        counts = {k: sum(c["verdict"] == k for c in cells) for k in kinds}
+        for k in kinds:
+            total[k] += counts[k]
+        scales = sorted({f"{c['scale']} (n={c['pairs']})" for c in cells if c["scale"]})
+        lines.append(f"| {spec.table} | [{name}](reports/{name}/table.md) | {', '.join(scales) or '—'} | "
+                     + " | ".join(str(counts[k]) for k in kinds) + f" | {len(cells)} |")
+    lines.append("| **total** | | | " + " | ".join(f"**{total[k]}**" for k in kinds) + f" | **{sum(total.values())}** |")
+    return "\n".join(lines) + "\n"
+
+
+def _splice(text: str, begin: str, end: str, inner: str) -> Optional[str]:
+    if begin not in text or end not in text:
+        return None
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return head + begin + "\n\n" + inner + "\n" + end + tail
 
 
 def _paper_order(name: str) -> Tuple[int, int, str]:
@@ -430,6 +576,8 @@ def render_readme(out: Path | str = "reports") -> Path:
              "Generated by `python -m ablations report` from `reports/<ablation>/runs.jsonl`; do not edit by hand. "
              "Each table states the scale, data, iterations and seeds it was measured at; the paper's numbers are "
              "shown beside ours, never in place of them.", ""]
+    board = render_scoreboard(out)
+    parts += [board.replace("](reports/", "]("), ""]
     found = 0
     for name in sorted(list_specs(), key=_paper_order):
         p = out / name / "table.md"
@@ -461,6 +609,12 @@ def splice_into_readme(out: Path | str = "reports", readme: Path | str | None = 
     if not readme.exists():
         return None
     text = readme.read_text()
+    rel_board = os.path.relpath(out.resolve(), readme.resolve().parent)
+    board = _splice(text, SCOREBOARD_BEGIN, SCOREBOARD_END,
+                    render_scoreboard(out).replace("](reports/", f"]({rel_board}/"))
+    if board is not None:
+        text = board
+        atomic_write_text(readme, text)
     if README_BEGIN not in text or README_END not in text:
         return None
     rel = os.path.relpath(out.resolve(), readme.resolve().parent)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -67,13 +68,16 @@ def plan_runs(spec: AblationSpec, scale: Scale, seeds: Optional[int] = None, dat
         if bad:
             raise InputError(f"--row {bad}: not a trained row of {spec.name}; valid choices: {list(known)}")
         wanted = [known[r] for r in rows]
+    from m2f.provenance import code_fingerprint
+
+    fp = code_fingerprint()
     plans = []
     for row in wanted:  # row-major: the first seed of every row before the second seed of any
         for seed in spec.seed_values(n):
             cfg = resolve_config(spec, row, scale, seed, data, val_data)
             h = config_hash(cfg)
-            run_dir = Path(runs_root) / spec.name / scale.name / row.slug / f"seed{seed}_{h}"
-            plans.append(RunPlan(spec.name, row, seed, scale.name, cfg, h, run_dir))
+            run_dir = Path(runs_root) / spec.name / scale.name / row.slug / f"seed{seed}_{h}_{fp}"
+            plans.append(RunPlan(spec.name, row, seed, scale.name, cfg, h, run_dir, fp))
     plans.sort(key=lambda p: (spec.seed_values(n).index(p.seed), [r.name for r in wanted].index(p.row.name)))
     return plans
 
@@ -81,15 +85,15 @@ def plan_runs(spec: AblationSpec, scale: Scale, seeds: Optional[int] = None, dat
 
 
 def finished_keys(path: Path) -> set:
-    """(row, seed, scale, config hash) of the runs finished ON THIS MACHINE: recorded in runs.jsonl and
-    with their run directory still holding its result.  Records that came with a clone (committed
+    """(row, seed, scale, config hash, code fingerprint) of the runs finished ON THIS MACHINE: recorded
+    in runs.jsonl and with their run directory still holding its result.  Records that came with a clone (committed
     reports) do not count, so the main job on a fresh machine trains every run; the renderer then
     shows the latest record per (row, seed)."""
     keys = set()
     for r in read_jsonl(path):
         run_dir = r.get("run_dir")
         if run_dir and (Path(run_dir) / RESULT_NAME).is_file():
-            keys.add((r.get("row"), r.get("seed"), r.get("scale"), r.get("config_hash")))
+            keys.add((r.get("row"), r.get("seed"), r.get("scale"), r.get("config_hash"), r.get("code_fingerprint")))
     return keys
 
 
@@ -118,8 +122,12 @@ def execute_run(job: Dict[str, Any]) -> Dict[str, Any]:
     from m2f import evaluate as m2f_evaluate
     from m2f import flops as m2f_flops
     from m2f import train as m2f_train
-    from m2f.provenance import environment
+    from m2f.provenance import code_fingerprint, environment
 
+    fp = code_fingerprint()
+    if job.get("fingerprint") and fp != job["fingerprint"]:
+        raise RuntimeError(f"{job['run_dir']}: the sources changed since this run was planned (code fingerprint "
+                           f"{fp}, planned {job['fingerprint']}); re-run the command to plan it with this code")
     cfg = from_dict(job["config"])
     run_dir = Path(job["run_dir"])
     label, max_iters = job["label"], cfg.solver.max_iters
@@ -145,6 +153,8 @@ def execute_run(job: Dict[str, Any]) -> Dict[str, Any]:
     evaluate_at_end = not job["proposals"]
     summary = m2f_train.train(cfg, run_dir, resume=True, device=job.get("device"), progress=job.get("progress", False),
                               evaluate_at_end=evaluate_at_end, eval_limit=job.get("eval_limit"), log_fn=log)
+    if int(os.environ.get("RANK", "0")) != 0:  # a distributed job (submitit): rank 0 evaluates and records
+        return {"summary": summary, "config_hash": job["config_hash"], "code_fingerprint": fp, "rank": os.environ["RANK"]}
     if job["proposals"]:
         # Per-layer class-agnostic proposals (paper Fig 3) need the model itself: reload the final checkpoint.
         model, _ = m2f_evaluate.load_model_from_checkpoint(run_dir / m2f_train.CKPT_NAME, device=job.get("device"))
@@ -164,7 +174,7 @@ def execute_run(job: Dict[str, Any]) -> Dict[str, Any]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     result = {"summary": summary, "flops": flops, "peak_rss_bytes": rss if job.get("isolated") else None,
               "wall_seconds": time.perf_counter() - t0, "environment": environment(job.get("device")),
-              "config_hash": job["config_hash"]}
+              "config_hash": job["config_hash"], "code_fingerprint": fp}
     atomic_write_json(run_dir / RESULT_NAME, result)
     return result
 
@@ -172,6 +182,7 @@ def execute_run(job: Dict[str, Any]) -> Dict[str, Any]:
 def _job(plan: RunPlan, scale: Scale, device: Optional[str], threads: int, need_flops: bool, proposals: bool,
          isolated: bool) -> Dict[str, Any]:
     return {"config": to_dict(plan.cfg), "config_hash": plan.config_hash, "run_dir": str(plan.run_dir),
+            "fingerprint": plan.fingerprint,
             "label": plan.label, "device": device, "threads": threads, "eval_limit": scale.eval_limit,
             "flops_size": list(scale.flops_size), "need_flops": need_flops, "proposals": proposals,
             "isolated": isolated, "progress": False}
@@ -298,7 +309,7 @@ def _run_torchrun(spec: AblationSpec, plan: RunPlan, scale: Scale) -> Dict[str, 
         summary["eval"] = evaluate_model(model, plan.cfg, limit=scale.eval_limit, proposals=True)
     result = {"summary": summary, "flops": None, "peak_rss_bytes": None,
               "wall_seconds": time.perf_counter() - t0, "environment": environment("cuda"),
-              "config_hash": plan.config_hash}
+              "config_hash": plan.config_hash, "code_fingerprint": plan.fingerprint}
     atomic_write_json(plan.run_dir / RESULT_NAME, result)
     return result
 
@@ -306,6 +317,95 @@ def _run_torchrun(spec: AblationSpec, plan: RunPlan, scale: Scale) -> Dict[str, 
 # ---------------------------------------------------------------------------------------------
 # The driver
 # ---------------------------------------------------------------------------------------------
+def device_slots(device: Optional[str], jobs_per_device: Optional[int]) -> List[str]:
+    """``jobs_per_device`` = K: K slots per visible GPU (["cuda:0", "cuda:0", "cuda:1", ...]); [] without it."""
+    if not jobs_per_device:
+        return []
+    if jobs_per_device < 1:
+        raise InputError(f"--jobs-per-device {jobs_per_device}: expected >= 1")
+    if not (device or "").startswith("cuda"):
+        raise InputError(f"--jobs-per-device needs --device cuda (got --device {device}); on CPU use --jobs")
+    import torch
+
+    n = torch.cuda.device_count()
+    if n == 0:
+        raise InputError("--jobs-per-device: --device cuda but no CUDA device is visible")
+    ids = [int(device.split(":")[1])] if ":" in device else list(range(n))
+    return [f"cuda:{i}" for i in ids for _ in range(jobs_per_device)]
+
+
+class Progress:
+    """The whole ablation's ETA: iterations left (running runs from their metrics.jsonl, queued runs in
+    full) x the running runs' measured seconds per iteration (the scale's estimate before any is
+    measured) / parallel jobs, plus the evaluations left."""
+
+    def __init__(self, scale: Scale):
+        self.scale = scale
+        self.queued: Dict[str, RunPlan] = {}
+        self.running: Dict[str, Dict[str, Any]] = {}
+        self.rates: List[float] = []
+
+    def queue(self, plans: List[RunPlan]) -> None:
+        self.queued.update({str(p.run_dir): p for p in plans})
+
+    def start(self, p: RunPlan) -> None:
+        self.queued.pop(str(p.run_dir), None)
+        self.running[str(p.run_dir)] = {"plan": p, "t0": time.perf_counter(), "it0": None}
+
+    def done(self, p: RunPlan) -> None:
+        st = self.running.pop(str(p.run_dir), None)
+        self.queued.pop(str(p.run_dir), None)
+        if st:
+            self._rate(st)
+
+    @staticmethod
+    def _last_iter(p: RunPlan) -> Optional[int]:
+        last = None
+        for rec in read_jsonl(p.run_dir / "metrics.jsonl"):
+            if "loss" in rec and rec.get("iter") is not None:
+                last = int(rec["iter"])
+        return last
+
+    def _rate(self, st: Dict[str, Any]) -> Optional[float]:
+        it = self._last_iter(st["plan"])
+        if it is None:
+            return None
+        if st["it0"] is None:
+            st["it0"], st["t_it0"] = it, time.perf_counter()
+            return None
+        if it > st["it0"]:
+            r = (time.perf_counter() - st["t_it0"]) / (it - st["it0"])
+            self.rates.append(r)
+            self.rates = self.rates[-20:]
+            return r
+        return None
+
+    def seconds_per_iter(self) -> float:
+        return statistics.median(self.rates) if self.rates else self.scale.seconds_per_iter
+
+    def eta(self, n_jobs: int) -> float:
+        iters = evals = 0
+        for st in self.running.values():
+            self._rate(st)
+            p = st["plan"]
+            it = self._last_iter(p) or 0
+            iters += max(0, p.cfg.solver.max_iters - it)
+            ep = p.cfg.solver.eval_period
+            evals += ((p.cfg.solver.max_iters - it) // ep if ep else 0) + 1
+        for p in self.queued.values():
+            iters += p.cfg.solver.max_iters
+            ep = p.cfg.solver.eval_period
+            evals += (p.cfg.solver.max_iters - 1) // ep + 1 if ep else 1
+        return (iters * self.seconds_per_iter() + evals * self.scale.seconds_per_eval) / max(1, n_jobs)
+
+    def line(self, n_jobs: int, finished: int, total: int, elapsed: float) -> str:
+        eta = self.eta(n_jobs)
+        runs = ", ".join(f"{st['plan'].label} {self._last_iter(st['plan']) or 0}/{st['plan'].cfg.solver.max_iters}"
+                         for st in self.running.values())
+        return (f"progress: {finished}/{total} finished, running {runs or '-'}; {self.seconds_per_iter():.2f} s/it; "
+                f"elapsed {_fmt_s(elapsed)}, whole ablation ETA {_fmt_s(eta)}")
+
+
 def estimate_seconds(cfg: Config, scale: Scale) -> float:
     """A run's expected wall time from the scale's measured rates (training + evaluations)."""
     s = cfg.solver
@@ -329,20 +429,21 @@ def _load_result(plan: RunPlan) -> Optional[Dict[str, Any]]:
         r = json.loads(p.read_text())
     except json.JSONDecodeError:
         return None
-    return r if r.get("config_hash") == plan.config_hash else None
+    ok = r.get("config_hash") == plan.config_hash and r.get("code_fingerprint", plan.fingerprint) == plan.fingerprint
+    return r if ok else None
 
 
 def shared_runs(out: Path, ablation: str) -> Dict[tuple, Path]:
-    """(seed, scale, config hash) -> run directory of every run another ablation finished on this
-    machine (its directory still holds the result): runs the same computation can be recorded
-    from instead of retrained.  Read once per ``run_ablation`` call."""
+    """(seed, scale, config hash, code fingerprint) -> run directory of every run another ablation
+    finished on this machine (its directory still holds the result): runs the same computation can be
+    recorded from instead of retrained (within one code version only).  Read once per ``run_ablation`` call."""
     index: Dict[tuple, Path] = {}
     for path in sorted(Path(out).glob("*/runs.jsonl")):
         if path.parent.name == ablation:
             continue
         for r in read_jsonl(path):
             rd = Path(r.get("run_dir") or "")
-            key = (r.get("seed"), r.get("scale"), r.get("config_hash"))
+            key = (r.get("seed"), r.get("scale"), r.get("config_hash"), r.get("code_fingerprint"))
             if key not in index and (rd / RESULT_NAME).is_file():
                 index[key] = rd
     return index
@@ -357,7 +458,7 @@ def share_run(plan: RunPlan, source: Path, proposals: bool, device: Optional[str
     import shutil
 
     result = json.loads((source / RESULT_NAME).read_text())
-    if result.get("config_hash") != plan.config_hash:
+    if result.get("config_hash") != plan.config_hash or result.get("code_fingerprint") != plan.fingerprint:
         return None
     summary = dict(result.get("summary") or {})
     if proposals and "proposals" not in (summary.get("eval") or {}):
@@ -381,17 +482,24 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
                  val_data: Optional[str] = None, device: Optional[str] = None, jobs: Optional[int] = None,
                  out: Path | str = "reports", runs_root: Path | str = "runs/ablations", dry_run: bool = False,
                  inline: bool = False, render: bool = True, rows: Optional[List[str]] = None,
-                 share: bool = True, print_fn: Callable[[str], None] = print) -> Dict[str, Any]:
+                 share: bool = True, print_fn: Callable[[str], None] = print, jobs_per_device: Optional[int] = None,
+                 allow_stale: bool = False, progress_period: float = 60.0) -> Dict[str, Any]:
     """Run (or resume) every (row, seed) of ablation ``name`` at ``scale``, append records, render.
 
     Returns ``{"planned", "skipped", "ran", "failed": [(label, error)], "table": path or None}``.
     ``inline=True`` runs in this process one at a time (tests); otherwise a spawned process pool.
     ``share=True``: a run identical to one another ablation finished on this machine (same config
     hash, seed and scale, typically the base model) is recorded from it instead of retrained.
+    ``jobs_per_device=K`` with a CUDA ``device``: K runs at once on each visible GPU (round robin).
+    Every ``progress_period`` seconds (and after each run) a progress line gives the ETA of the whole
+    ablation, from the running runs' measured seconds per iteration and the iterations left.
     """
     spec = load_spec(name)
     sc = get_scale(scale)
     out = Path(out)
+    devices = device_slots(device, jobs_per_device)
+    if devices:
+        jobs = len(devices)
     plans = plan_runs(spec, sc, seeds, data, val_data, runs_root, rows)
     rpath = runs_path(out, spec.name)
     done = finished_keys(rpath)
@@ -410,7 +518,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
                 summary["commands"].append(cmd)
                 print_fn(f"[{i}/{len(todo)}] {p.label}:\n  {cmd}")
             else:
-                src = shared.get((p.seed, p.scale, p.config_hash))
+                src = shared.get((p.seed, p.scale, p.config_hash, p.fingerprint))
                 print_fn(f"[{i}/{len(todo)}] {p.label}: " + (
                     f"shared from the identical run {src} (config {p.config_hash})" if src is not None else
                     f"{sc.name} run into {p.run_dir} ({p.cfg.solver.max_iters} iterations, config {p.config_hash})"))
@@ -424,6 +532,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
     counter = {"n": 0}
     t_start = time.perf_counter()
     ratio_obs: List[float] = []  # observed / estimated wall time of finished runs
+    progress = Progress(sc)
 
     def finish(plan: RunPlan, result: Dict[str, Any]) -> None:
         fk = flops_key(plan.cfg, sc.flops_size)
@@ -439,12 +548,11 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
             ratio_obs.append(result["wall_seconds"] / max(1e-9, estimate_seconds(plan.cfg, sc)))
         m = rec["metrics"]
         shown = " ".join(f"{k} {m[k]:.2f}" for k in dict.fromkeys((spec.primary_metric, "PQ", "AP", "mIoU")) if k in m)
+        progress.done(plan)
         left = total - counter["n"]
-        ratio = (sum(ratio_obs) / len(ratio_obs)) if ratio_obs else 1.0
-        eta = ratio * sum(estimate_seconds(p.cfg, sc) for p in todo[-left:]) / max(1, min(n_jobs, left)) if left else 0
         print_fn(f"[{counter['n']}/{total}] finished {plan.label} in {_fmt_s(result.get('wall_seconds') or 0)}: "
                  f"{shown or '(no metrics)'}; elapsed {_fmt_s(time.perf_counter() - t_start)}"
-                 + (f", overall ETA {_fmt_s(eta)}" if left else ""))
+                 + (f", whole ablation ETA {_fmt_s(progress.eta(n_jobs))}" if left else ""))
 
     def fail(plan: RunPlan, err: BaseException) -> None:
         summary["failed"].append((plan.label, f"{type(err).__name__}: {err}"))
@@ -462,7 +570,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
             print_fn(f"recovering the finished run {p.label} from {p.run_dir / RESULT_NAME}")
             finish(p, r)
             continue
-        src = shared.get((p.seed, p.scale, p.config_hash))
+        src = shared.get((p.seed, p.scale, p.config_hash, p.fingerprint))
         r = share_run(p, src, spec.evaluate_proposals, device, sc.eval_limit) if src is not None else None
         if r is not None:
             print_fn(f"sharing {p.label}: the identical run {src} (same config {p.config_hash}, seed, scale) "
@@ -496,6 +604,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
                  f"{_fmt_s(est)} (from {sc.seconds_per_iter} s/iteration, {sc.seconds_per_eval} s/evaluation)")
         jobs_of = {}
         seen_flops = set(flops_cache)
+        progress.queue(pending)
         for p in pending:
             fk = flops_key(p.cfg, sc.flops_size)
             jobs_of[id(p)] = _job(p, sc, device, threads, need_flops=fk not in seen_flops,
@@ -505,6 +614,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
 
         def announce(p: RunPlan) -> None:
             started["n"] += 1
+            progress.start(p)
             print_fn(f"[{started['n']}/{total}] starting {p.label} ({p.cfg.solver.max_iters} iterations) "
                      f"-> {p.run_dir}")
 
@@ -528,8 +638,14 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
                         while queue and len(running) < n_jobs:
                             p = queue.pop(0)
                             announce(p)
-                            running[pool.submit(execute_run, jobs_of[id(p)])] = p
-                        done_f, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                            job = jobs_of[id(p)]
+                            if devices:  # the free slot's device
+                                busy = [jobs_of[id(q)]["device"] for q in running.values()]
+                                job["device"] = next(d for d in devices if busy.count(d) < devices.count(d))
+                            running[pool.submit(execute_run, job)] = p
+                        done_f, _ = wait(list(running), return_when=FIRST_COMPLETED, timeout=progress_period)
+                        if not done_f:
+                            print_fn(progress.line(n_jobs, counter["n"], total, time.perf_counter() - t_start))
                         for f in done_f:
                             p = running.pop(f)
                             try:
@@ -547,7 +663,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
     if render:
         from ablations.render import render_ablation, render_readme
 
-        res = render_ablation(spec, out)  # the highest-fidelity scale recorded (paper > cpu > smoke)
+        res = render_ablation(spec, out, allow_stale=allow_stale)  # the highest-fidelity scale recorded
         render_readme(out)
         summary["table"] = res.get("table") if res else None
         if summary["table"]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ablations import runner as ab_runner
-from ablations.render import agreement, render_ablation, render_readme
+from ablations.render import render_ablation, render_readme
 from ablations.scales import get_scale
 from ablations.spec import PAPER_COLUMNS, list_specs, load_spec
 from m2f.checkpoint import append_jsonl, read_jsonl
@@ -152,11 +152,18 @@ def test_task_transfer_and_proposals_paper_numbers():
 # ---------------------------------------------------------------------------------------------
 # Rendering from a synthetic runs.jsonl
 # ---------------------------------------------------------------------------------------------
-def _record(row, seed, pq, ap, miou, gflops=2.0, scale="cpu", n_evals=3):
+def _fp():
+    from m2f.provenance import code_fingerprint
+
+    return code_fingerprint()
+
+
+def _record(row, seed, pq, ap, miou, gflops=2.0, scale="cpu", n_evals=3, fingerprint=None):
     over = [{"iter": i * 10, "loss": 10.0 / (i + 1)} for i in range(1, 6)]
     over += [{"iter": k * 20, "eval": {"panoptic": {"PQ": pq * k / n_evals}}} for k in range(1, n_evals + 1)]
     return {"ablation": "masked_attention", "table": "4a", "row": row, "overrides": {}, "scale": scale, "seed": seed,
             "config_hash": f"h{row[:3]}{seed}", "git_commit": "abc", "environment": {"device": "cpu (test)"},
+            "code_fingerprint": fingerprint or _fp(),
             "data": {"train": "synth", "val": "synth_val", "task": "panoptic", "image_size": 128, "eval_limit": 100},
             "max_iters": 60, "iters": 60, "batch_size": 4,
             "thresholds": {"object_mask_threshold": 0.5, "overlap_threshold": 0.8, "mask_threshold": 0.5},
@@ -168,21 +175,92 @@ def _record(row, seed, pq, ap, miou, gflops=2.0, scale="cpu", n_evals=3):
             "finished_at": "2026-01-01T00:00:00+00:00"}
 
 
-def test_agreement_rules():
-    assert agreement(-2.0, 0.5, -4.8, False) == "yes"
-    assert agreement(+2.0, 0.5, -4.8, False) == "no"
-    assert agreement(-0.3, 0.5, -4.8, False) == "~"
-    assert agreement(-0.3, None, -4.8, False) == "yes"  # one seed: sign only
-    assert agreement(-1.0, 0.1, None, False) == "n/a"
-    assert agreement(None, None, -1.0, False) == "n/a"
-    assert agreement(None, None, None, True) == "base"
+def test_paired_delta_and_verdicts():
+    from scipy import stats as sst
+
+    from ablations.stats import paired_delta, verdict
+
+    base = {0: 50.0, 1: 52.0, 2: 47.0, 3: 49.0}
+    row = {0: 46.0, 1: 47.5, 2: 43.5, 3: 44.0, 9: 10.0}  # seed 9 has no partner: left out
+    d = paired_delta(base, row)
+    diffs = [-4.0, -4.5, -3.5, -5.0]
+    assert d["n"] == 4 and d["seeds"] == [0, 1, 2, 3] and d["delta"] == pytest.approx(-4.25)
+    half = sst.t.ppf(0.975, 3) * sst.tstd(diffs) / 2  # t_{0.975,3} * sd / sqrt(4)
+    assert d["low"] == pytest.approx(-4.25 - half) and d["high"] == pytest.approx(-4.25 + half)
+    ref = sst.ttest_rel(list(row.values())[:4], list(base.values())).confidence_interval(0.95)
+    assert (d["low"], d["high"]) == pytest.approx((ref.low, ref.high))
+    assert verdict(d, -4.8) == "agrees" and verdict(d, +1.0) == "contradicts"
+    assert verdict(paired_delta(base, {0: 51.0, 1: 51.0, 2: 48.0, 3: 48.0}), -4.8) == "inconclusive"  # spans 0
+    assert verdict(paired_delta({0: 1.0}, {0: 0.0}), -4.8) == "inconclusive"  # one pair: no interval
+    assert paired_delta({0: 1.0}, {1: 0.0}) is None and verdict(None, -4.8) == "not run"
+    assert verdict(d, None) == "no paper value"
+
+
+def test_tables_render_one_code_version_and_mark_stale(tmp_path):
+    """Records of another code fingerprint are left out; with only those, the table says it is not run
+    with this code unless --allow-stale, which renders them marked STALE."""
+    out = tmp_path / "reports"
+    runs = out / "masked_attention" / "runs.jsonl"
+    for seed in (0, 1):
+        append_jsonl(runs, _record("full model", seed, 50 + seed, 40.0, 45.0, fingerprint="0ldc0de00000"))
+        append_jsonl(runs, _record("- masked attention", seed, 40 + seed, 40.0, 45.0, fingerprint="0ldc0de00000"))
+    res = render_ablation("masked_attention", out)
+    md = Path(res["table"]).read_text()
+    assert res["stale"] and res["records"] == 0 and "not run with this code" in md and "--allow-stale" in md
+    res = render_ablation("masked_attention", out, allow_stale=True)
+    md = Path(res["table"]).read_text()
+    assert "(STALE)" in md.splitlines()[0] and "0ldc0de00000" in md and res["records"] == 4
+    # a current record is rendered alone, and the old ones are counted as left out
+    append_jsonl(runs, _record("full model", 0, 60.0, 40.0, 45.0))
+    res = render_ablation("masked_attention", out)
+    md = Path(res["table"]).read_text()
+    assert not res["stale"] and res["records"] == 1 and "60.00 (n=1)" in md and "STALE" not in md
+    assert "4 record(s) of other code versions left out" in md and _fp() in md
+    from ablations.cli import main
+
+    import io
+    import contextlib
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["list", "--out", str(out)]) == 0
+    line = next(l for l in buf.getvalue().splitlines() if l.startswith("masked_attention"))
+    assert "current" in line and "cpu:1/5" in line
+
+
+def test_scoreboard_counts_verdicts_of_paper_findings(tmp_path):
+    from ablations.render import render_scoreboard, scoreboard_cells
+
+    out = tmp_path / "reports"
+    runs = out / "masked_attention" / "runs.jsonl"
+    for seed, (a, b, c) in enumerate([(50, 46, 51.5), (52, 46.5, 50.5), (51, 45, 52.0)]):
+        append_jsonl(runs, _record("full model", seed, a, 40.0, 45.0))
+        append_jsonl(runs, _record("- masked attention", seed, b, 38.0 - seed * 0.1, 44.0 + seed))
+        append_jsonl(runs, _record("- high-resolution features", seed, c, 39.0, 44.5))
+    cells = {(c["row"], c["metric"]): c for c in scoreboard_cells(load_spec("masked_attention"), out)}
+    # paper Table 4a: -masked attention PQ -4.8, AP -5.9, mIoU -3.6; -high-res PQ -1.7, AP -1.1, mIoU -1.3
+    assert set(cells) == {(r, m) for r in ("- masked attention", "- high-resolution features")
+                          for m in ("PQ", "AP", "mIoU")}
+    assert cells[("- masked attention", "PQ")]["verdict"] == "agrees"
+    assert cells[("- masked attention", "AP")]["verdict"] == "agrees"
+    assert cells[("- masked attention", "mIoU")]["verdict"] == "inconclusive"  # -1, 0, +1
+    assert cells[("- high-resolution features", "PQ")]["verdict"] == "inconclusive"
+    # AP 39 vs 40 and mIoU 44.5 vs 45 on every seed: zero-width intervals below 0, as the paper's
+    assert cells[("- high-resolution features", "AP")]["verdict"] == "agrees"
+    assert cells[("- high-resolution features", "mIoU")]["verdict"] == "agrees"
+    board = render_scoreboard(out)
+    row = next(l for l in board.splitlines() if l.startswith("| 4a |"))
+    assert [c.strip() for c in row.strip("|").split("|")][3:] == ["4", "0", "2", "0", "6"]
+    assert "| 4c |" in board and "not run" in board  # other tables: every finding not run
+    total = next(l for l in board.splitlines() if l.startswith("| **total**"))
+    assert "| **4** | **0** |" in total
 
 
 def test_render_table_csv_and_plot(tmp_path):
     out = tmp_path / "reports"
     runs = out / "masked_attention" / "runs.jsonl"
-    # full model: PQ 50, 52 (mean 51, std 1.414); - masked attention: PQ 46, 46 (delta -5 -> agrees with paper -4.8)
-    # - high-res: PQ 51.5, 50.5 (delta 0 -> "~"); AP of - masked attention ABOVE the base (disagrees with paper)
+    # full model: PQ 50, 52 (mean 51, std 1.414); - masked attention: PQ 46, 46 (paired diffs -4, -6: -5
+    # [-17.7, +7.7]: inconclusive with 2 seeds); - high-res: PQ 51.5, 50.5 (diffs +1.5, -1.5: inconclusive)
     for seed, (a, b, c) in enumerate([(50, 46, 51.5), (52, 46, 50.5)]):
         append_jsonl(runs, _record("full model", seed, a, 40.0, 45.0, gflops=2.0))
         append_jsonl(runs, _record("- masked attention", seed, b, 41.0 + seed, 44.0, gflops=1.8))
@@ -192,21 +270,24 @@ def test_render_table_csv_and_plot(tmp_path):
     md = Path(res["table"]).read_text()
     assert "51.00 ± 1.41 (n=2)" in md  # base PQ
     assert "46.00 ± 0.00 (n=2)" in md
-    assert "-5.00" in md and "-4.8" in md  # our delta and the paper's delta for "- masked attention"
+    assert "-5.00 [-17.71, +7.71] (n=2)" in md and "-4.8" in md  # our paired delta [95%] and the paper's
     assert "Scale:** `cpu`" in md and "object_mask_threshold 0.5" in md and "seeds:** 0, 1" in md
     assert "panoptic-trained model" in md  # honesty label
     lines = [l for l in md.splitlines() if l.startswith("| - masked attention")]
     assert len(lines) == 1
     cells = [c.strip() for c in lines[0].strip("|").split("|")]
-    # columns: row, then per metric (PQ, AP, mIoU, FLOPs_G): ours, delta, paper, delta paper, agree
-    assert cells[1:6] == ["46.00 ± 0.00 (n=2)", "-5.00", "47.1", "-4.8", "yes"]
-    assert cells[6:11] == ["41.50 ± 0.71 (n=2)", "+1.50", "37.8", "-5.9", "no"]
-    assert cells[16:21] == ["1.800 ± 0.000 (n=2)", "-0.200", "213", "-13", "yes"]
+    # columns: row, then per metric (PQ, AP, mIoU, FLOPs_G): ours, delta [95%] (n), paper, delta paper, verdict
+    assert cells[1:6] == ["46.00 ± 0.00 (n=2)", "-5.00 [-17.71, +7.71] (n=2)", "47.1", "-4.8", "inconclusive"]
+    # AP: diffs +1, +2 -> +1.5 [-4.85, +7.85]
+    assert cells[6:11] == ["41.50 ± 0.71 (n=2)", "+1.50 [-4.85, +7.85] (n=2)", "37.8", "-5.9", "inconclusive"]
+    # FLOPs are the same every seed: a zero-width interval below 0 agrees
+    assert cells[16:21] == ["1.800 ± 0.000 (n=2)", "-0.200 [-0.200, -0.200] (n=2)", "213", "-13", "agrees"]
 
     rows = list(csv.DictReader(open(res["csv"])))
     by = {(r["row"], r["metric"]): r for r in rows}
-    assert by[("- high-resolution features", "PQ")]["agree"] == "~"
-    assert by[("full model", "PQ")]["agree"] == "base"
+    assert by[("- high-resolution features", "PQ")]["verdict"] == "inconclusive"
+    assert by[("full model", "PQ")]["verdict"] == "base"
+    assert float(by[("- masked attention", "PQ")]["low"]) == pytest.approx(-17.706, abs=1e-3)
     assert float(by[("full model", "PQ")]["mean"]) == pytest.approx(51.0)
     assert by[("full model", "PQ")]["n"] == "2"
     png = Path(res["convergence"]).read_bytes()
@@ -228,7 +309,7 @@ def test_render_point_loss_memory_chart(tmp_path):
     row = [l for l in md.splitlines() if l.startswith("| mask -> mask")][0]
     cells = [c.strip() for c in row.strip("|").split("|")]
     i = 1 + 5 * res["metrics"].index("memory_GB")
-    assert cells[i:i + 5] == ["2.00 (n=1)", "+1.00", "18", "+12", "yes"]
+    assert cells[i:i + 5] == ["2.00 (n=1)", "+1.00 (n=1)", "18", "+12", "inconclusive"]  # one seed: no interval
     assert Path(res["memory"]).read_bytes()[:8] == PNG_MAGIC
     assert Path(res["convergence"]).read_bytes()[:8] == PNG_MAGIC  # loss fallback (no periodic evals)
 
@@ -251,7 +332,7 @@ def test_memory_column_is_per_image_when_probed(tmp_path):
     row = [l for l in md.splitlines() if l.startswith("| mask -> mask")][0]
     cells = [c.strip() for c in row.strip("|").split("|")]
     i = 1 + 5 * res["metrics"].index("memory_GB")
-    assert cells[i:i + 5] == ["3.00 (n=1)", "+2.00", "18", "+12", "yes"]
+    assert cells[i:i + 5] == ["3.00 (n=1)", "+2.00 (n=1)", "18", "+12", "inconclusive"]  # one seed: no interval
 
 
 def test_attach_memory_probes(tmp_path, monkeypatch):
@@ -486,7 +567,7 @@ def test_records_from_another_machine_do_not_count_as_finished(tmp_path):
             {"row": "full model", "seed": 1, "scale": "cpu", "config_hash": "h2",
              "run_dir": str(tmp_path / "elsewhere" / "seed1_h2")}]
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    assert finished_keys(path) == {("full model", 0, "cpu", "h")}
+    assert finished_keys(path) == {("full model", 0, "cpu", "h", None)}  # + the code fingerprint (none in this record)
 
 
 def test_identical_runs_are_shared_across_ablations(tmp_path, fake_train, monkeypatch):
@@ -550,10 +631,13 @@ def test_default_scale_is_the_highest_fidelity_recorded():
     """A smoke pipeline check run after a cpu-scale table does not replace it."""
     from ablations.render import select_records
 
+    fp = _fp()
     recs = [{"scale": "cpu", "row": "a", "seed": 0, "v": 1}, {"scale": "smoke", "row": "a", "seed": 0, "v": 2},
-            {"scale": "cpu", "row": "a", "seed": 0, "v": 3}, {"scale": "smoke", "row": "a", "seed": 1, "v": 4}]
-    scale, sel = select_records(recs)
-    assert scale == "cpu" and [r["v"] for r in sel] == [3]
+            {"scale": "cpu", "row": "a", "seed": 0, "v": 3}, {"scale": "smoke", "row": "a", "seed": 1, "v": 4},
+            {"scale": "quick", "row": "a", "seed": 0, "v": 6}]
+    recs = [{**r, "code_fingerprint": fp} for r in recs]
+    scale, sel, info = select_records(recs)
+    assert scale == "cpu" and [r["v"] for r in sel] == [3] and info["fingerprint"] == fp and not info["stale"]
     assert select_records(recs, "smoke")[0] == "smoke" and len(select_records(recs, "smoke")[1]) == 2
     assert select_records(recs + [{"scale": "paper", "row": "a", "seed": 0, "v": 5}])[0] == "paper"
     assert select_records([{"scale": "smoke", "row": "a", "seed": 0}])[0] == "smoke"

@@ -1,0 +1,69 @@
+"""Paired statistics of ablation tables: a row against its base row, seed by seed.
+
+Every row of a table runs the same seeds as its base row (same data order, augmentation and
+initialisation of the parts they share: all of it follows from ``solver.seed``), so the effect of a
+row is estimated from the per-seed differences d_s = row_s - base_s:
+
+- Δ = mean(d_s) over the n seeds both rows have;
+- its 95% interval: Student t with n - 1 degrees of freedom, Δ ± t_{0.975, n-1} · sd(d) / √n
+  (``scipy.stats.t``); no interval for n < 2;
+- verdict against the paper's Δ: ``agrees`` when the interval excludes 0 on the paper's side,
+  ``contradicts`` when it excludes 0 on the other side, ``inconclusive`` otherwise (and for n < 2);
+  ``no paper value`` when the paper has no Δ, ``not run`` when the row has no paired seeds.
+
+Pairing removes the seed-to-seed variation the two rows share, which with these small runs is most
+of it (reports/calibration/README.md measures both spreads).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Dict, List, Mapping, Optional
+
+CONFIDENCE = 0.95
+VERDICTS = ("agrees", "contradicts", "inconclusive", "not run")
+
+
+def t_quantile(df: int, confidence: float = CONFIDENCE) -> float:
+    """Two-sided Student t quantile: t such that P(|T_df| <= t) = confidence."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.5 + confidence / 2, df))
+
+
+def paired_delta(base: Mapping[int, float], row: Mapping[int, float],
+                 confidence: float = CONFIDENCE) -> Optional[Dict[str, object]]:
+    """Δ of ``row`` over ``base`` (both {seed: value}) from the seeds they share.
+
+    Returns {"delta", "low", "high", "n", "seeds", "sd"} (low/high None for n < 2; sd of the
+    per-seed differences), or None without a shared seed."""
+    seeds = sorted(set(base) & set(row))
+    if not seeds:
+        return None
+    d = [float(row[s]) - float(base[s]) for s in seeds]
+    n = len(d)
+    mean = statistics.fmean(d)
+    if n < 2:
+        return {"delta": mean, "low": None, "high": None, "n": n, "seeds": seeds, "sd": None}
+    sd = statistics.stdev(d)
+    half = t_quantile(n - 1, confidence) * sd / math.sqrt(n)
+    return {"delta": mean, "low": mean - half, "high": mean + half, "n": n, "seeds": seeds, "sd": sd}
+
+
+def verdict(delta: Optional[Mapping[str, object]], paper_delta: Optional[float]) -> str:
+    """``agrees`` / ``contradicts`` / ``inconclusive`` / ``not run`` / ``no paper value``."""
+    if delta is None:
+        return "not run"
+    if paper_delta is None:
+        return "no paper value"
+    low, high = delta.get("low"), delta.get("high")
+    if low is None or high is None or paper_delta == 0:
+        return "inconclusive"
+    if low > 0 or high < 0:  # the interval excludes zero
+        return "agrees" if (low > 0) == (paper_delta > 0) else "contradicts"
+    return "inconclusive"
+
+
+def seed_spread(values: List[float]) -> Optional[float]:
+    """Sample standard deviation over seeds (None for fewer than 2)."""
+    return statistics.stdev(values) if len(values) >= 2 else None
