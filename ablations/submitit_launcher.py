@@ -124,6 +124,11 @@ def collect(name: str, scale: str = "cpu", seeds: Optional[int] = None, data: Op
     with _lock(out / spec.name / ".collect.lock"):
         done = finished_keys(rpath)
         git = git_commit()
+        from ablations.runner import FLOPS_CACHE, _load_flops_cache
+        from m2f.checkpoint import atomic_write_json
+
+        results = {}
+        cache = _load_flops_cache(out)
         for p in plans:
             if p.key in done:
                 continue
@@ -131,7 +136,17 @@ def collect(name: str, scale: str = "cpu", seeds: Optional[int] = None, data: Op
             if r is None:
                 waiting.append(p)
                 continue
-            append_jsonl(rpath, build_record(spec, p, sc, r, r.get("flops") or _cached_flops(out, flops_key(p.cfg, sc.flops_size)),
+            results[id(p)] = r
+            f = r.get("flops")
+            if f and "error" not in f:  # one job per config counts FLOPs; the others share it
+                cache[flops_key(p.cfg, sc.flops_size)] = f
+        if results:
+            atomic_write_json(out / FLOPS_CACHE, cache)
+        for p in plans:
+            r = results.get(id(p))
+            if r is None:
+                continue
+            append_jsonl(rpath, build_record(spec, p, sc, r, r.get("flops") or cache.get(flops_key(p.cfg, sc.flops_size)),
                                              git))
             added += 1
             print_fn(f"recorded {p.label} from {p.run_dir / RESULT_NAME}")
@@ -170,8 +185,13 @@ def _active_jobs(out: Path, name: str) -> Dict[str, Dict[str, Any]]:
             except Exception:  # noqa: BLE001 -- sacct unavailable: assume it may still run
                 state = "UNKNOWN"
         elif r.get("cluster") in ("local", "debug"):
-            pid_alive = r.get("parent_pid") == os.getpid()  # local jobs die with the process that started them
-            state = "RUNNING" if pid_alive else "FINISHED"
+            state = "FINISHED"  # a local job's id is its controller's pid: running while that process lives
+            try:
+                os.kill(int(r["job_id"]), 0)
+                with open(f"/proc/{int(r['job_id'])}/stat") as f:
+                    state = "FINISHED" if f.read().split()[2] == "Z" else "RUNNING"
+            except (OSError, ValueError):
+                pass
         if state.split()[0] in ACTIVE_STATES:
             active[run_dir] = {**r, "state": state}
     return active

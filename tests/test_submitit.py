@@ -31,7 +31,7 @@ def test_submitit_jobs_resume_after_interruption_and_record_as_the_local_launche
                            inline=True, render=False, print_fn=lambda s: None)
     interrupted = {}
 
-    def interrupt_first(job, plan):
+    def kill_first(job, plan):
         if interrupted:
             return
         ckpt = plan.run_dir / "last.pth"  # written at iteration 5 of 10 (smoke checkpoint_period)
@@ -39,16 +39,23 @@ def test_submitit_jobs_resume_after_interruption_and_record_as_the_local_launche
         while not ckpt.exists() and time.time() - t0 < 300:
             time.sleep(0.02)
         assert ckpt.exists(), f"job {job.job_id} wrote no checkpoint: {job.stderr()}"
-        job._interrupt()  # the preemption / timeout signal: submitit calls checkpoint() and requeues
+        assert not (plan.run_dir / "ablation_result.json").exists()
+        job.cancel()  # killed mid-run (as scancel or a node failure would)
         interrupted["plan"] = plan
 
     lines = []
     res = submit_ablation("masked_attention", scale="smoke", seeds=2, rows=ROWS, out=out_s, runs_root=runs_s,
-                          cluster="local", wait=True, on_submit=interrupt_first, print_fn=lines.append)
-    assert res["submitted"] == 4 and not res["failed"] and res["added"] == 4, lines
-    # the interrupted job started twice (submitit requeued it) and the others once
+                          cluster="local", wait=True, on_submit=kill_first, print_fn=lines.append)
+    killed = interrupted["plan"]
+    assert res["submitted"] == 4 and [f[0] for f in res["failed"]] == [killed.label] and res["added"] == 3, lines
+    # the parent again (a restart): the killed run is submitted again and resumes from its checkpoint
+    res2 = submit_ablation("masked_attention", scale="smoke", seeds=2, rows=ROWS, out=out_s, runs_root=runs_s,
+                           cluster="local", wait=True, print_fn=lines.append)
+    assert res2["submitted"] == 1 and res2["skipped"] == 3 and not res2["failed"] and res2["added"] == 1, lines
     starts = {p: len(read_jsonl(p / "starts.jsonl")) for p in (runs_s / "masked_attention" / "smoke").glob("*/*")}
-    assert starts[interrupted["plan"].run_dir] == 2 and sorted(starts.values()) == [1, 1, 1, 2]
+    assert starts[killed.run_dir] == 2 and sorted(starts.values()) == [1, 1, 1, 2]
+    resumed = [m for m in read_jsonl(killed.run_dir / "metrics.jsonl") if "loss" in m]
+    assert [m["iter"] for m in resumed] == list(range(1, 11))  # iterations after the checkpoint recomputed once
     local, sub = (_by_key(read_jsonl(o / "masked_attention" / "runs.jsonl")) for o in (out_l, out_s))
     assert set(local) == set(sub) == {(r, s) for r in ROWS for s in (0, 1)}
     for k in local:
@@ -67,6 +74,14 @@ def test_submitit_jobs_resume_after_interruption_and_record_as_the_local_launche
     assert again["submitted"] == 0 and again["skipped"] == 4
     assert len(read_jsonl(out_s / "masked_attention" / "runs.jsonl")) == 4
     assert (out_s / "masked_attention" / "table.md").exists()
+
+
+def test_a_preempted_job_requeues_the_same_call():
+    """submitit calls checkpoint() on preemption / timeout: the job is requeued with the same
+    arguments (the run then resumes from its checkpoint, as above)."""
+    job = {"run_dir": "/x", "config_hash": "h"}
+    d = AblationJob().checkpoint(job)
+    assert isinstance(d, submitit.helpers.DelayedSubmission) and d.args == (job,) and isinstance(d.function, AblationJob)
 
 
 def test_dry_run_prints_the_plan_and_the_resources_per_scale(tmp_path, monkeypatch):
