@@ -256,8 +256,8 @@ def submit_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, 
     jobs = []
     for p in pending:
         fk = flops_key(p.cfg, sc.flops_size)
-        job = _job(p, sc, device, threads, need_flops=fk not in flops_cache, proposals=spec.evaluate_proposals,
-                   isolated=True)
+        # every job counts its FLOPs (seconds): jobs finish and are collected in any order
+        job = _job(p, sc, device, threads, need_flops=True, proposals=spec.evaluate_proposals, isolated=True)
         flops_cache.add(fk)
         j = ex.submit(AblationJob(), job)
         jobs.append((p, j))
