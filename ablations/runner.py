@@ -531,7 +531,6 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
     total = len(todo)
     counter = {"n": 0}
     t_start = time.perf_counter()
-    ratio_obs: List[float] = []  # observed / estimated wall time of finished runs
     progress = Progress(sc)
 
     def finish(plan: RunPlan, result: Dict[str, Any]) -> None:
@@ -543,9 +542,6 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
         rec = build_record(spec, plan, sc, result, flops, git)
         append_jsonl(rpath, rec)
         counter["n"] += 1
-        s = result.get("summary") or {}
-        if s.get("iter") and result.get("wall_seconds"):  # observed / estimated wall time of a whole run
-            ratio_obs.append(result["wall_seconds"] / max(1e-9, estimate_seconds(plan.cfg, sc)))
         m = rec["metrics"]
         shown = " ".join(f"{k} {m[k]:.2f}" for k in dict.fromkeys((spec.primary_metric, "PQ", "AP", "mIoU")) if k in m)
         progress.done(plan)

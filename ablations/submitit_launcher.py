@@ -162,12 +162,6 @@ def collect(name: str, scale: str = "cpu", seeds: Optional[int] = None, data: Op
     return res
 
 
-def _cached_flops(out: Path, key: str) -> Optional[Dict[str, Any]]:
-    from ablations.runner import _load_flops_cache
-
-    return _load_flops_cache(out).get(key)
-
-
 def _active_jobs(out: Path, name: str) -> Dict[str, Dict[str, Any]]:
     """run_dir -> the latest job submitted for it, if submitit still reports it queued or running."""
     submitit = _submitit()
@@ -209,7 +203,7 @@ def submit_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, 
     "debug".  ``wait``: block until the jobs end, then :func:`collect`.  ``on_submit(job, plan)``: a
     hook for tests (e.g. to interrupt a job).  Returns {"planned", "submitted", "skipped", "active",
     "jobs": [(label, job_id)], "failed", "plan": [printable lines]}."""
-    from ablations.runner import _job, _load_flops_cache, finished_keys, flops_key, plan_runs
+    from ablations.runner import _job, finished_keys, plan_runs
 
     spec = load_spec(name)
     sc = get_scale(scale)
@@ -236,7 +230,6 @@ def submit_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, 
     print_fn(f"ablation {spec.name} ({table_label(spec)}) at scale {sc.name} through submitit: {len(plans)} runs, "
              f"{summary['skipped']} recorded, {summary['active']} queued or running, {len(pending)} to submit; "
              f"per job: {res_txt}")
-    flops_cache = set(_load_flops_cache(out))
     for i, p in enumerate(pending, 1):
         line = f"[{i}/{len(pending)}] {p.label}: job into {p.run_dir} ({p.cfg.solver.max_iters} iterations, " \
                f"config {p.config_hash}, code {p.fingerprint})"
@@ -255,10 +248,8 @@ def submit_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, 
     threads = int(res.get("cpus_per_task") or 1)
     jobs = []
     for p in pending:
-        fk = flops_key(p.cfg, sc.flops_size)
         # every job counts its FLOPs (seconds): jobs finish and are collected in any order
         job = _job(p, sc, device, threads, need_flops=True, proposals=spec.evaluate_proposals, isolated=True)
-        flops_cache.add(fk)
         j = ex.submit(AblationJob(), job)
         jobs.append((p, j))
         append_jsonl(out / spec.name / JOBS_FILE, {
