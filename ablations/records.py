@@ -109,7 +109,7 @@ def build_record(spec: AblationSpec, plan: RunPlan, scale: Scale, result: Dict[s
     rec = {
         "ablation": spec.name, "table": spec.table, "row": plan.row.name, "overrides": plan.row.overrides,
         "scale": plan.scale, "seed": plan.seed, "config": to_dict(cfg), "config_hash": plan.config_hash,
-        "git_commit": git, "code_fingerprint": result.get("code_fingerprint") or plan.fingerprint,
+        "git_commit": result.get("git_commit") or git, "code_fingerprint": result.get("code_fingerprint") or plan.fingerprint,
         "environment": result.get("environment"),
         "data": {"train": cfg.data.train, "val": cfg.data.val, "task": cfg.data.task,
                  "image_size": cfg.data.image_size, "eval_limit": scale.eval_limit},
@@ -126,6 +126,7 @@ def build_record(spec: AblationSpec, plan: RunPlan, scale: Scale, result: Dict[s
         "params": s.get("params"), "flops": flops, "wall_seconds": result.get("wall_seconds"),
         "kernels": s.get("kernels"),
         "run_dir": str(plan.run_dir), "shared_from": result.get("shared_from"),
+        "shared_from_record": result.get("shared_from_record"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     rec["metrics"] = flat_metrics(rec)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional
 from ablations.records import RESULT_NAME, RunPlan, build_record, eval_metric, flat_metrics, runs_path
 from ablations.scales import Scale, get_scale
 from ablations.spec import AblationSpec, Row, load_spec, table_label
-from m2f.checkpoint import append_jsonl, atomic_write_json, read_jsonl
+from m2f.checkpoint import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from m2f.config import Config, apply_overrides, config_hash, from_dict, get_preset, to_dict
 from m2f.errors import InputError
 
@@ -433,20 +433,58 @@ def _load_result(plan: RunPlan) -> Optional[Dict[str, Any]]:
     return r if ok else None
 
 
-def shared_runs(out: Path, ablation: str) -> Dict[tuple, Path]:
-    """(seed, scale, config hash, code fingerprint) -> run directory of every run another ablation
-    finished on this machine (its directory still holds the result): runs the same computation can be
-    recorded from instead of retrained (within one code version only).  Read once per ``run_ablation`` call."""
-    index: Dict[tuple, Path] = {}
+def shared_runs(out: Path, ablation: str) -> Dict[tuple, Any]:
+    """(seed, scale, config hash, code fingerprint) -> the source of every run another ablation
+    finished: runs the same computation can be recorded from instead of retrained (within one code
+    version only).  The source is the run directory when this machine still holds its result (it has
+    the checkpoint), else the committed record itself (a fresh clone: records are self-contained).
+    Read once per ``run_ablation`` call."""
+    index: Dict[tuple, Any] = {}
     for path in sorted(Path(out).glob("*/runs.jsonl")):
         if path.parent.name == ablation:
             continue
         for r in read_jsonl(path):
+            if r.get("code_fingerprint") is None or r.get("config_hash") is None:
+                continue
             rd = Path(r.get("run_dir") or "")
             key = (r.get("seed"), r.get("scale"), r.get("config_hash"), r.get("code_fingerprint"))
-            if key not in index and (rd / RESULT_NAME).is_file():
-                index[key] = rd
+            if (rd / RESULT_NAME).is_file():
+                if not isinstance(index.get(key), Path):
+                    index[key] = rd
+            elif key not in index:
+                index[key] = {**r, "_records_file": str(path)}
     return index
+
+
+def source_label(src: Any) -> str:
+    """How a sharing source is named in messages and records."""
+    if isinstance(src, dict):
+        return f"{src['_records_file']} ({src.get('row')}, seed {src.get('seed')})"
+    return str(src)
+
+
+def share_from_record(plan: RunPlan, rec: Dict[str, Any], proposals: bool) -> Optional[Dict[str, Any]]:
+    """``plan``'s result rebuilt from another table's committed record of the identical run (same
+    config hash, seed, scale and code fingerprint): what :func:`build_record` reads, and the metrics
+    over training written into ``plan.run_dir``.  None when the record lacks what ``plan`` needs
+    (per-layer proposals need the checkpoint)."""
+    if rec.get("config_hash") != plan.config_hash or rec.get("code_fingerprint") != plan.fingerprint:
+        return None
+    ev = rec.get("eval") or {}
+    if proposals and "proposals" not in ev:
+        return None
+    summary = {"eval": ev, "final_loss": rec.get("final_loss"), "iter": rec.get("iters"),
+               "peak_memory_bytes": rec.get("peak_memory_bytes"), "train_images_per_s": rec.get("train_images_per_s"),
+               "train_seconds": rec.get("train_seconds"), "params": rec.get("params"), "kernels": rec.get("kernels")}
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(plan.run_dir / "metrics.jsonl",
+                      "".join(json.dumps(m) + "\n" for m in rec.get("metrics_over_training") or []))
+    result = {"summary": summary, "environment": rec.get("environment"), "peak_rss_bytes": rec.get("peak_rss_bytes"),
+              "wall_seconds": rec.get("wall_seconds"), "code_fingerprint": rec.get("code_fingerprint"),
+              "config_hash": rec.get("config_hash"), "flops": rec.get("flops"), "git_commit": rec.get("git_commit"),
+              "shared_from": rec.get("shared_from") or rec.get("run_dir"), "shared_from_record": source_label(rec)}
+    atomic_write_json(plan.run_dir / RESULT_NAME, result)
+    return result
 
 
 def share_run(plan: RunPlan, source: Path, proposals: bool, device: Optional[str] = None,
@@ -520,7 +558,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
             else:
                 src = shared.get((p.seed, p.scale, p.config_hash, p.fingerprint))
                 print_fn(f"[{i}/{len(todo)}] {p.label}: " + (
-                    f"shared from the identical run {src} (config {p.config_hash})" if src is not None else
+                    f"shared from the identical run {source_label(src)} (config {p.config_hash})" if src is not None else
                     f"{sc.name} run into {p.run_dir} ({p.cfg.solver.max_iters} iterations, config {p.config_hash})"))
         return summary
 
@@ -567,10 +605,11 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
             finish(p, r)
             continue
         src = shared.get((p.seed, p.scale, p.config_hash, p.fingerprint))
-        r = share_run(p, src, spec.evaluate_proposals, device, sc.eval_limit) if src is not None else None
+        r = (share_from_record(p, src, spec.evaluate_proposals) if isinstance(src, dict) else
+             share_run(p, src, spec.evaluate_proposals, device, sc.eval_limit) if src is not None else None)
         if r is not None:
-            print_fn(f"sharing {p.label}: the identical run {src} (same config {p.config_hash}, seed, scale) "
-                     f"is recorded instead of retrained")
+            print_fn(f"sharing {p.label}: the identical run {source_label(src)} (same config {p.config_hash}, seed, "
+                     f"scale, code) is recorded instead of retrained")
             finish(p, r)
             summary["shared"] += 1
         else:

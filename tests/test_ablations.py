@@ -619,6 +619,35 @@ def test_identical_runs_are_shared_across_ablations(tmp_path, fake_train, monkey
     assert "proposals" not in json.loads((Path(src["run_dir"]) / ab_runner.RESULT_NAME).read_text())["summary"]["eval"]
 
 
+def test_runs_are_shared_from_committed_records_on_a_fresh_clone(tmp_path, fake_train):
+    """A fresh clone has reports/*/runs.jsonl but no run directories: the identical run is recorded
+    from the committed record (self-contained) instead of retrained; proposals, which need the
+    checkpoint, still train."""
+    import shutil
+
+    calls, _ = fake_train
+    out, runs = tmp_path / "reports", tmp_path / "runs"
+    ab_runner.run_ablation("masked_attention", scale="smoke", out=out, runs_root=runs, inline=True,
+                           print_fn=lambda m: None)
+    assert len(calls) == 3
+    src = [r for r in read_jsonl(out / "masked_attention" / "runs.jsonl") if r["row"] == "full model"][0]
+    shutil.rmtree(runs)  # the clone: records only
+    msgs = []
+    s = ab_runner.run_ablation("query_init", scale="smoke", out=out, runs_root=runs, inline=True, print_fn=msgs.append)
+    assert s["shared"] == 1 and s["ran"] == 2 and len(calls) == 5
+    assert any("sharing learnable + supervised" in m and "masked_attention/runs.jsonl" in m for m in msgs)
+    rec = [r for r in read_jsonl(out / "query_init" / "runs.jsonl") if r["row"] == "learnable + supervised"][0]
+    assert rec["shared_from"] == src["run_dir"] and "masked_attention/runs.jsonl (full model, seed 0)" in rec["shared_from_record"]
+    assert rec["metrics"] == src["metrics"] and rec["metrics_over_training"] == src["metrics_over_training"]
+    assert rec["eval"] == src["eval"] and rec["git_commit"] == src["git_commit"]
+    assert (rec["config_hash"], rec["code_fingerprint"]) == (src["config_hash"], src["code_fingerprint"])
+    # the resumed table skips it; a different fingerprint never shares
+    s2 = ab_runner.run_ablation("query_init", scale="smoke", out=out, runs_root=runs, inline=True, print_fn=lambda m: None)
+    assert s2["skipped"] == 3 and s2["ran"] == 0 and s2["shared"] == 0
+    s3 = ab_runner.run_ablation("proposals", scale="smoke", out=out, runs_root=runs, inline=True, print_fn=lambda m: None)
+    assert s3["shared"] == 0 and len(calls) == 6, s3  # trained (the fake writes no checkpoint to evaluate)
+
+
 def test_tables_are_listed_in_paper_order():
     from ablations.render import _paper_order
     from ablations.spec import list_specs
