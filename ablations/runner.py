@@ -584,7 +584,9 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
         shown = " ".join(f"{k} {m[k]:.2f}" for k in dict.fromkeys((spec.primary_metric, "PQ", "AP", "mIoU")) if k in m)
         progress.done(plan)
         left = total - counter["n"]
-        print_fn(f"[{counter['n']}/{total}] finished {plan.label} in {_fmt_s(result.get('wall_seconds') or 0)}: "
+        how = (f"recorded {plan.label} from its identical run (trained in {_fmt_s(result.get('wall_seconds') or 0)})"
+               if result.get("shared_from") else f"finished {plan.label} in {_fmt_s(result.get('wall_seconds') or 0)}")
+        print_fn(f"[{counter['n']}/{total}] {how}: "
                  f"{shown or '(no metrics)'}; elapsed {_fmt_s(time.perf_counter() - t_start)}"
                  + (f", whole ablation ETA {_fmt_s(progress.eta(n_jobs))}" if left else ""))
 
@@ -597,6 +599,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
 
     n_jobs = max(1, jobs or sc.jobs)
     # Runs that finished training but lost their record: record them without training.
+    progress.queue(todo)  # the ETA printed after each recorded run counts the runs still to train
     pending = []
     for p in todo:
         r = _load_result(p)

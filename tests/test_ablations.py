@@ -636,6 +636,8 @@ def test_runs_are_shared_from_committed_records_on_a_fresh_clone(tmp_path, fake_
     s = ab_runner.run_ablation("query_init", scale="smoke", out=out, runs_root=runs, inline=True, print_fn=msgs.append)
     assert s["shared"] == 1 and s["ran"] == 2 and len(calls) == 5
     assert any("sharing learnable + supervised" in m and "masked_attention/runs.jsonl" in m for m in msgs)
+    done = [m for m in msgs if "recorded learnable + supervised / seed 0 from its identical run" in m]
+    assert len(done) == 1 and "whole ablation ETA" in done[0] and "ETA 0m00s" not in done[0]  # 2 runs still to train
     rec = [r for r in read_jsonl(out / "query_init" / "runs.jsonl") if r["row"] == "learnable + supervised"][0]
     assert rec["shared_from"] == src["run_dir"] and "masked_attention/runs.jsonl (full model, seed 0)" in rec["shared_from_record"]
     assert rec["metrics"] == src["metrics"] and rec["metrics_over_training"] == src["metrics_over_training"]
