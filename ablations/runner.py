@@ -433,46 +433,47 @@ def _load_result(plan: RunPlan) -> Optional[Dict[str, Any]]:
     return r if ok else None
 
 
-def shared_runs(out: Path, ablation: str) -> Dict[tuple, Any]:
-    """(seed, scale, config hash, code fingerprint) -> the source of every run another ablation
+def shared_runs(out: Path, ablation: str) -> Dict[tuple, Dict[str, Any]]:
+    """(seed, scale, config hash, code fingerprint) -> the record of every run another ablation
     finished: runs the same computation can be recorded from instead of retrained (within one code
-    version only).  The source is the run directory when this machine still holds its result (it has
-    the checkpoint), else the committed record itself (a fresh clone: records are self-contained).
-    Read once per ``run_ablation`` call."""
-    index: Dict[tuple, Any] = {}
+    version only).  Records are self-contained, so this works on a fresh clone with no run
+    directories.  Read once per ``run_ablation`` call."""
+    index: Dict[tuple, Dict[str, Any]] = {}
     for path in sorted(Path(out).glob("*/runs.jsonl")):
         if path.parent.name == ablation:
             continue
         for r in read_jsonl(path):
-            if r.get("code_fingerprint") is None or r.get("config_hash") is None:
-                continue
-            rd = Path(r.get("run_dir") or "")
             key = (r.get("seed"), r.get("scale"), r.get("config_hash"), r.get("code_fingerprint"))
-            if (rd / RESULT_NAME).is_file():
-                if not isinstance(index.get(key), Path):
-                    index[key] = rd
-            elif key not in index:
+            if key[2] is not None and key[3] is not None and key not in index:
                 index[key] = {**r, "_records_file": str(path)}
     return index
 
 
-def source_label(src: Any) -> str:
+def source_label(rec: Dict[str, Any]) -> str:
     """How a sharing source is named in messages and records."""
-    if isinstance(src, dict):
-        return f"{src['_records_file']} ({src.get('row')}, seed {src.get('seed')})"
-    return str(src)
+    return f"{rec['_records_file']} ({rec.get('row')}, seed {rec.get('seed')})"
 
 
-def share_from_record(plan: RunPlan, rec: Dict[str, Any], proposals: bool) -> Optional[Dict[str, Any]]:
-    """``plan``'s result rebuilt from another table's committed record of the identical run (same
-    config hash, seed, scale and code fingerprint): what :func:`build_record` reads, and the metrics
-    over training written into ``plan.run_dir``.  None when the record lacks what ``plan`` needs
-    (per-layer proposals need the checkpoint)."""
+def share_run(plan: RunPlan, rec: Dict[str, Any], proposals: bool, device: Optional[str] = None,
+              eval_limit: Optional[int] = None) -> Optional[Dict[str, Any]]:
+    """Record another table's identical run ``rec`` (same config hash, seed, scale and code
+    fingerprint) as ``plan``'s: the result :func:`build_record` reads and the metrics over training
+    are written into ``plan.run_dir`` with ``shared_from`` (the run that trained) set; nothing is
+    retrained.  Metrics the source did not compute (per-layer proposals, paper Fig 3) are evaluated
+    from its final checkpoint; None if that checkpoint is not on this machine."""
     if rec.get("config_hash") != plan.config_hash or rec.get("code_fingerprint") != plan.fingerprint:
         return None
-    ev = rec.get("eval") or {}
+    origin = rec.get("shared_from") or rec.get("run_dir")
+    ev = dict(rec.get("eval") or {})
     if proposals and "proposals" not in ev:
-        return None
+        from m2f import evaluate as m2f_evaluate
+        from m2f import train as m2f_train
+
+        ckpt = Path(origin or "") / m2f_train.CKPT_NAME
+        if not ckpt.is_file():
+            return None
+        model, _ = m2f_evaluate.load_model_from_checkpoint(ckpt, device=device)
+        ev = m2f_evaluate.evaluate_model(model, plan.cfg, limit=eval_limit, proposals=True)
     summary = {"eval": ev, "final_loss": rec.get("final_loss"), "iter": rec.get("iters"),
                "peak_memory_bytes": rec.get("peak_memory_bytes"), "train_images_per_s": rec.get("train_images_per_s"),
                "train_seconds": rec.get("train_seconds"), "params": rec.get("params"), "kernels": rec.get("kernels")}
@@ -482,36 +483,7 @@ def share_from_record(plan: RunPlan, rec: Dict[str, Any], proposals: bool) -> Op
     result = {"summary": summary, "environment": rec.get("environment"), "peak_rss_bytes": rec.get("peak_rss_bytes"),
               "wall_seconds": rec.get("wall_seconds"), "code_fingerprint": rec.get("code_fingerprint"),
               "config_hash": rec.get("config_hash"), "flops": rec.get("flops"), "git_commit": rec.get("git_commit"),
-              "shared_from": rec.get("shared_from") or rec.get("run_dir"), "shared_from_record": source_label(rec)}
-    atomic_write_json(plan.run_dir / RESULT_NAME, result)
-    return result
-
-
-def share_run(plan: RunPlan, source: Path, proposals: bool, device: Optional[str] = None,
-              eval_limit: Optional[int] = None) -> Optional[Dict[str, Any]]:
-    """Record ``source``'s finished run as ``plan``'s: its result and metrics are copied into
-    ``plan.run_dir`` with ``shared_from`` set (nothing is retrained).  Metrics the source did not
-    compute (per-layer proposals, paper Fig 3) are evaluated from its final checkpoint; None if
-    that checkpoint is gone."""
-    import shutil
-
-    result = json.loads((source / RESULT_NAME).read_text())
-    if result.get("config_hash") != plan.config_hash or result.get("code_fingerprint") != plan.fingerprint:
-        return None
-    summary = dict(result.get("summary") or {})
-    if proposals and "proposals" not in (summary.get("eval") or {}):
-        from m2f import evaluate as m2f_evaluate
-        from m2f import train as m2f_train
-
-        ckpt = source / m2f_train.CKPT_NAME
-        if not ckpt.is_file():
-            return None
-        model, _ = m2f_evaluate.load_model_from_checkpoint(ckpt, device=device)
-        summary["eval"] = m2f_evaluate.evaluate_model(model, plan.cfg, limit=eval_limit, proposals=True)
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
-    if (source / "metrics.jsonl").is_file():
-        shutil.copyfile(source / "metrics.jsonl", plan.run_dir / "metrics.jsonl")
-    result = {**result, "summary": summary, "shared_from": str(source)}
+              "shared_from": origin, "shared_from_record": source_label(rec)}
     atomic_write_json(plan.run_dir / RESULT_NAME, result)
     return result
 
@@ -608,8 +580,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
             finish(p, r)
             continue
         src = shared.get((p.seed, p.scale, p.config_hash, p.fingerprint))
-        r = (share_from_record(p, src, spec.evaluate_proposals) if isinstance(src, dict) else
-             share_run(p, src, spec.evaluate_proposals, device, sc.eval_limit) if src is not None else None)
+        r = share_run(p, src, spec.evaluate_proposals, device, sc.eval_limit) if src is not None else None
         if r is not None:
             print_fn(f"sharing {p.label}: the identical run {source_label(src)} (same config {p.config_hash}, seed, "
                      f"scale, code) is recorded instead of retrained")

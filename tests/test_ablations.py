@@ -643,7 +643,7 @@ def test_runs_are_shared_from_committed_records_on_a_fresh_clone(tmp_path, fake_
     assert rec["metrics"] == src["metrics"] and rec["metrics_over_training"] == src["metrics_over_training"]
     assert rec["eval"] == src["eval"] and rec["git_commit"] == src["git_commit"]
     assert (rec["config_hash"], rec["code_fingerprint"]) == (src["config_hash"], src["code_fingerprint"])
-    # the resumed table skips it; a different fingerprint never shares
+    # the resumed table skips it; proposals need the checkpoint, which the clone lacks: trained
     s2 = ab_runner.run_ablation("query_init", scale="smoke", out=out, runs_root=runs, inline=True, print_fn=lambda m: None)
     assert s2["skipped"] == 3 and s2["ran"] == 0 and s2["shared"] == 0
     s3 = ab_runner.run_ablation("proposals", scale="smoke", out=out, runs_root=runs, inline=True, print_fn=lambda m: None)
