@@ -256,6 +256,28 @@ def test_scoreboard_counts_verdicts_of_paper_findings(tmp_path):
     assert "| **4** | **0** |" in total
 
 
+def test_rows_paired_on_fewer_seeds_than_the_base_get_no_verdict(tmp_path):
+    """A table still being run (the base row shared with all its seeds, a row with 2 so far) renders
+    the row as incomplete, and the scoreboard counts its findings as not run."""
+    from ablations.render import render_scoreboard, scoreboard_cells
+
+    out = tmp_path / "reports"
+    runs = out / "masked_attention" / "runs.jsonl"
+    for seed in range(3):
+        append_jsonl(runs, _record("full model", seed, 50.0 + seed, 40.0, 45.0))
+        append_jsonl(runs, _record("- high-resolution features", seed, 45.0 + seed, 35.0, 40.0))
+        if seed < 2:
+            append_jsonl(runs, _record("- masked attention", seed, 40.0 + seed, 30.0 - seed, 35.0 + seed))
+    cells = {(c["row"], c["metric"]): c for c in scoreboard_cells(load_spec("masked_attention"), out)}
+    assert {cells[("- masked attention", m)]["verdict"] for m in ("PQ", "AP", "mIoU")} == {"not run"}
+    assert cells[("- high-resolution features", "PQ")]["verdict"] == "agrees"  # -5 on all 3 seeds
+    row = next(l for l in render_scoreboard(out).splitlines() if l.startswith("| 4a |"))
+    assert [c.strip() for c in row.strip("|").split("|")][2:] == ["cpu (n=3)", "3", "0", "0", "3", "6"]
+    md = Path(render_ablation("masked_attention", out)["table"]).read_text()
+    line = next(l for l in md.splitlines() if l.startswith("| - masked attention"))
+    assert line.count("incomplete (2/3 seeds)") == 4 and "agrees" not in line  # PQ, AP, mIoU, FLOPs
+
+
 def test_render_table_csv_and_plot(tmp_path):
     out = tmp_path / "reports"
     runs = out / "masked_attention" / "runs.jsonl"
