@@ -55,7 +55,7 @@ def cmd_run(args) -> int:
 
     res = run_ablation(args.name, scale=args.scale, seeds=args.seeds, data=args.data, val_data=args.val_data,
                        device=args.device, jobs=args.jobs, out=args.out, runs_root=args.runs,
-                       dry_run=args.dry_run, rows=args.row or None, share=not args.no_share,
+                       dry_run=args.dry_run, rows=args.row or None, share=not args.no_share, reuse_records=args.reuse_records,
                        jobs_per_device=args.jobs_per_device, allow_stale=args.allow_stale)
     return 1 if res["failed"] else 0
 
@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the plan (paper scale: the torchrun commands)")
     s.add_argument("--no-share", action="store_true", help="train every run, even one identical (same config, "
                    "seed, scale) to a run another ablation finished on this machine (default: record that one)")
+    s.add_argument("--reuse-records", action="store_true",
+                   help="count committed records of the current code as finished (this table's) and as runs to "
+                        "share (other tables'), to continue a table on another machine; by default only runs "
+                        "finished on this machine count, so a fresh clone reproduces every run")
     s.add_argument("--jobs-per-device", type=int, default=None, metavar="K",
                    help="with --device cuda: K runs at once on every visible GPU (cuda:0..G-1, round robin; "
                         "jobs = K x G); the cpu recipe's tiny runs leave a GPU mostly idle one at a time")

@@ -84,15 +84,23 @@ def plan_runs(spec: AblationSpec, scale: Scale, seeds: Optional[int] = None, dat
 
 
 
-def finished_keys(path: Path) -> set:
-    """(row, seed, scale, config hash, code fingerprint) of the runs finished ON THIS MACHINE: recorded
-    in runs.jsonl and with their run directory still holding its result.  Records that came with a clone (committed
-    reports) do not count, so the main job on a fresh machine trains every run; the renderer then
-    shows the latest record per (row, seed)."""
+def _on_this_machine(r: Dict[str, Any]) -> bool:
+    run_dir = r.get("run_dir")
+    return bool(run_dir) and (Path(run_dir) / RESULT_NAME).is_file()
+
+
+def finished_keys(path: Path, reuse_records: bool = False) -> set:
+    """(row, seed, scale, config hash, code fingerprint) of the finished runs in runs.jsonl.
+
+    By default only runs finished ON THIS MACHINE count (their run directory still holds its
+    result): records that came with a clone (committed reports) do not, so the main job on a fresh
+    machine trains every run and reproduces the table.  ``reuse_records=True`` (``run
+    --reuse-records``) counts every record: a table being filled over several machines or sessions
+    continues where its committed records stop (the key includes the code fingerprint, so records
+    of other code never count)."""
     keys = set()
     for r in read_jsonl(path):
-        run_dir = r.get("run_dir")
-        if run_dir and (Path(run_dir) / RESULT_NAME).is_file():
+        if reuse_records or _on_this_machine(r):
             keys.add((r.get("row"), r.get("seed"), r.get("scale"), r.get("config_hash"), r.get("code_fingerprint")))
     return keys
 
@@ -433,16 +441,20 @@ def _load_result(plan: RunPlan) -> Optional[Dict[str, Any]]:
     return r if ok else None
 
 
-def shared_runs(out: Path, ablation: str) -> Dict[tuple, Dict[str, Any]]:
+def shared_runs(out: Path, ablation: str, reuse_records: bool = False) -> Dict[tuple, Dict[str, Any]]:
     """(seed, scale, config hash, code fingerprint) -> the record of every run another ablation
     finished: runs the same computation can be recorded from instead of retrained (within one code
-    version only).  Records are self-contained, so this works on a fresh clone with no run
-    directories.  Read once per ``run_ablation`` call."""
+    version only).  As in :func:`finished_keys`, by default only runs finished on this machine are
+    sources (a fresh clone reproduces every table rather than copying committed records into
+    another); ``reuse_records=True`` makes every committed record a source: records are
+    self-contained, so this works with no run directories.  Read once per ``run_ablation`` call."""
     index: Dict[tuple, Dict[str, Any]] = {}
     for path in sorted(Path(out).glob("*/runs.jsonl")):
         if path.parent.name == ablation:
             continue
         for r in read_jsonl(path):
+            if not (reuse_records or _on_this_machine(r)):
+                continue
             key = (r.get("seed"), r.get("scale"), r.get("config_hash"), r.get("code_fingerprint"))
             if key[2] is not None and key[3] is not None and key not in index:
                 index[key] = {**r, "_records_file": str(path)}
@@ -493,13 +505,16 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
                  out: Path | str = "reports", runs_root: Path | str = "runs/ablations", dry_run: bool = False,
                  inline: bool = False, render: bool = True, rows: Optional[List[str]] = None,
                  share: bool = True, print_fn: Callable[[str], None] = print, jobs_per_device: Optional[int] = None,
-                 allow_stale: bool = False, progress_period: float = 60.0) -> Dict[str, Any]:
+                 allow_stale: bool = False, progress_period: float = 60.0,
+                 reuse_records: bool = False) -> Dict[str, Any]:
     """Run (or resume) every (row, seed) of ablation ``name`` at ``scale``, append records, render.
 
     Returns ``{"planned", "skipped", "ran", "failed": [(label, error)], "table": path or None}``.
     ``inline=True`` runs in this process one at a time (tests); otherwise a spawned process pool.
     ``share=True``: a run identical to one another ablation finished on this machine (same config
     hash, seed and scale, typically the base model) is recorded from it instead of retrained.
+    ``reuse_records=True``: committed records of the current code count as finished (this table's)
+    and as sharing sources (other tables'), not only runs finished on this machine.
     ``jobs_per_device=K`` with a CUDA ``device``: K runs at once on each visible GPU (round robin).
     Every ``progress_period`` seconds (and after each run) a progress line gives the ETA of the whole
     ablation, from the running runs' measured seconds per iteration and the iterations left.
@@ -512,7 +527,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
         jobs = len(devices)
     plans = plan_runs(spec, sc, seeds, data, val_data, runs_root, rows)
     rpath = runs_path(out, spec.name)
-    done = finished_keys(rpath)
+    done = finished_keys(rpath, reuse_records)
     todo = [p for p in plans if p.key not in done]
     skipped = len(plans) - len(todo)
     print_fn(f"ablation {spec.name} ({table_label(spec)}: {spec.title}) at scale {sc.name}: "
@@ -520,7 +535,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
              f"{skipped} already finished, {len(todo)} to run")
     summary: Dict[str, Any] = {"planned": len(plans), "skipped": skipped, "ran": 0, "shared": 0, "failed": [],
                                "table": None, "commands": []}
-    shared = shared_runs(out, spec.name) if share and sc.launcher != "torchrun" else {}
+    shared = shared_runs(out, spec.name, reuse_records) if share and sc.launcher != "torchrun" else {}
     if dry_run:
         for i, p in enumerate(todo, 1):
             if sc.launcher == "torchrun":

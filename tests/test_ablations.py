@@ -642,9 +642,11 @@ def test_identical_runs_are_shared_across_ablations(tmp_path, fake_train, monkey
 
 
 def test_runs_are_shared_from_committed_records_on_a_fresh_clone(tmp_path, fake_train):
-    """A fresh clone has reports/*/runs.jsonl but no run directories: the identical run is recorded
-    from the committed record (self-contained) instead of retrained; proposals, which need the
-    checkpoint, still train."""
+    """A fresh clone has reports/*/runs.jsonl but no run directories.  By default it reproduces:
+    nothing is copied from the committed records.  With ``reuse_records`` (continuing tables on
+    another machine) the identical run is recorded from the committed record (self-contained)
+    instead of retrained, the table's own committed records count as finished, and proposals,
+    which need the checkpoint, still train."""
     import shutil
 
     calls, _ = fake_train
@@ -654,9 +656,25 @@ def test_runs_are_shared_from_committed_records_on_a_fresh_clone(tmp_path, fake_
     assert len(calls) == 3
     src = [r for r in read_jsonl(out / "masked_attention" / "runs.jsonl") if r["row"] == "full model"][0]
     shutil.rmtree(runs)  # the clone: records only
+    clone = tmp_path / "clone_reports"
+    shutil.copytree(out, clone)
+    d = ab_runner.run_ablation("query_init", scale="smoke", out=clone, runs_root=tmp_path / "clone_runs",
+                               inline=True, print_fn=lambda m: None)
+    assert d["shared"] == 0 and d["ran"] == 3 and len(calls) == 6  # reproduced, not copied
+    d2 = ab_runner.run_ablation("masked_attention", scale="smoke", out=clone, runs_root=tmp_path / "clone2_runs",
+                                inline=True, print_fn=lambda m: None)
+    # the flagship retrains on a clone, sharing only the base run query_init just trained here
+    assert d2["skipped"] == 0 and d2["shared"] == 1 and d2["ran"] == 2 and len(calls) == 8
+    # continuing: the table's own committed records are finished (not retrained, not appended again)
+    n_before = len(read_jsonl(out / "masked_attention" / "runs.jsonl"))
+    c = ab_runner.run_ablation("masked_attention", scale="smoke", out=out, runs_root=runs, inline=True,
+                               print_fn=lambda m: None, reuse_records=True)
+    assert c["skipped"] == 3 and c["ran"] == 0 and c["shared"] == 0 and len(calls) == 8
+    assert len(read_jsonl(out / "masked_attention" / "runs.jsonl")) == n_before
     msgs = []
-    s = ab_runner.run_ablation("query_init", scale="smoke", out=out, runs_root=runs, inline=True, print_fn=msgs.append)
-    assert s["shared"] == 1 and s["ran"] == 2 and len(calls) == 5
+    s = ab_runner.run_ablation("query_init", scale="smoke", out=out, runs_root=runs, inline=True, print_fn=msgs.append,
+                               reuse_records=True)
+    assert s["shared"] == 1 and s["ran"] == 2 and len(calls) == 10
     assert any("sharing learnable + supervised" in m and "masked_attention/runs.jsonl" in m for m in msgs)
     done = [m for m in msgs if "recorded learnable + supervised / seed 0 from its identical run" in m]
     assert len(done) == 1 and "whole ablation ETA" in done[0] and "ETA 0m00s" not in done[0]  # 2 runs still to train
@@ -668,8 +686,9 @@ def test_runs_are_shared_from_committed_records_on_a_fresh_clone(tmp_path, fake_
     # the resumed table skips it; proposals need the checkpoint, which the clone lacks: trained
     s2 = ab_runner.run_ablation("query_init", scale="smoke", out=out, runs_root=runs, inline=True, print_fn=lambda m: None)
     assert s2["skipped"] == 3 and s2["ran"] == 0 and s2["shared"] == 0
-    s3 = ab_runner.run_ablation("proposals", scale="smoke", out=out, runs_root=runs, inline=True, print_fn=lambda m: None)
-    assert s3["shared"] == 0 and len(calls) == 6, s3  # trained (the fake writes no checkpoint to evaluate)
+    s3 = ab_runner.run_ablation("proposals", scale="smoke", out=out, runs_root=runs, inline=True, print_fn=lambda m: None,
+                                reuse_records=True)
+    assert s3["shared"] == 0 and len(calls) == 11, s3  # trained (the fake writes no checkpoint to evaluate)
 
 
 def test_tables_are_listed_in_paper_order():
