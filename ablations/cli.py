@@ -71,7 +71,8 @@ def cmd_collect(args) -> int:
 def cmd_calibrate(args) -> int:
     from ablations.calibration import calibrate
 
-    res = calibrate(args.out, args.runs, seeds=args.seeds, jobs=args.jobs, device=args.device, dry_run=args.dry_run)
+    res = calibrate(args.out, args.runs, seeds=args.seeds, jobs=args.jobs, device=args.device, dry_run=args.dry_run,
+                    iters=args.iters, reuse_records=args.reuse_records)
     return 1 if res["failed"] else 0
 
 
@@ -184,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="reports", help="reports directory (default %(default)s)")
     s.add_argument("--runs", default="runs/ablations", help="run directories root (default %(default)s)")
     s.add_argument("--dry-run", action="store_true", help="print the plan")
+    s.add_argument("--iters", type=int, default=None, metavar="N",
+                   help="a candidate schedule: the cpu recipe with N iterations (scale cpu-<N>it, an evaluation every "
+                        "N/8 rounded up to 125), recorded and rendered in reports/calibration/cpu-<N>it/")
+    s.add_argument("--reuse-records", action="store_true",
+                   help="count committed records of the current code as finished (continue on another machine)")
     s.set_defaults(fn=cmd_calibrate)
 
     s = sub.add_parser("report", help="re-render tables and plots from stored runs.jsonl (no training)")

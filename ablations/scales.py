@@ -35,7 +35,8 @@ the speed work, on the machine named there).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Optional, Tuple
 
 from m2f.errors import InputError
@@ -144,7 +145,26 @@ SCALES: Dict[str, Scale] = {
 }
 
 
+def cpu_candidate(iters: int) -> Scale:
+    """The cpu recipe with another schedule length, for calibration (``python -m ablations calibrate
+    --iters N``): scale ``cpu-<N>it``, everything else the cpu scale's, an evaluation every N/8
+    iterations rounded up to a multiple of 125 (at least 6 points, at most 250 iterations apart
+    up to N = 2000).  Its records are kept apart from the tables' (reports/calibration/cpu-<N>it/)."""
+    import math
+
+    if iters < 125:
+        raise InputError(f"--iters {iters}: expected at least 125 iterations")
+    base = SCALES["cpu"]
+    period = 125 * math.ceil(iters / 8 / 125)
+    ov = {**base.overrides, "solver.max_iters": iters, "solver.eval_period": period, "solver.checkpoint_period": period}
+    return replace(base, name=f"cpu-{iters}it", overrides=ov,
+                   description=f"the cpu recipe at {iters} iterations (a calibration candidate)")
+
+
 def get_scale(name: str) -> Scale:
+    m = re.fullmatch(r"cpu-(\d+)it", name)
+    if m:
+        return cpu_candidate(int(m.group(1)))
     if name not in SCALES:
-        raise InputError(f"--scale {name!r}: valid choices: {sorted(SCALES)}")
+        raise InputError(f"--scale {name!r}: valid choices: {sorted(SCALES)} (or cpu-<N>it, a calibration candidate)")
     return SCALES[name]

@@ -748,3 +748,31 @@ def test_failed_memory_probe_keeps_the_run_peak(tmp_path, monkeypatch):
     failed = [m for m in msgs if "failed (RuntimeError: out of memory)" in m]
     assert len(failed) == 4, msgs
     assert all("memory_probe" not in r for r in read_jsonl(out / "point_loss" / "runs.jsonl"))
+
+
+def test_calibration_candidate_schedule_is_recorded_apart_from_the_tables(tmp_path, fake_train):
+    """`calibrate --iters N`: Table 4a's rows at the cpu recipe with N iterations (scale cpu-<N>it),
+    recorded and rendered under reports/calibration/cpu-<N>it/, never in Table 4a's records."""
+    from ablations.calibration import calibrate
+    from ablations.scales import cpu_candidate, get_scale
+
+    sc = get_scale("cpu-2000it")
+    assert sc.overrides["solver.max_iters"] == 2000 and sc.overrides["solver.eval_period"] == 250
+    assert sc.overrides["loss.num_points"] == get_scale("cpu").overrides["loss.num_points"]
+    assert cpu_candidate(1500).overrides["solver.eval_period"] == 250  # <= 250 apart, >= 6 points
+    with pytest.raises(InputError, match="at least 125"):
+        get_scale("cpu-100it")
+    calls, _ = fake_train
+    out = tmp_path / "reports"
+    res = calibrate(out, tmp_path / "runs", seeds=2, iters=250, inline=True)
+    assert res["ran"] == 6 and len(calls) == 6 and not res["failed"]
+    recs = read_jsonl(out / "calibration" / "cpu-250it" / "masked_attention" / "runs.jsonl")
+    assert len(recs) == 6 and {r["scale"] for r in recs} == {"cpu-250it"}
+    assert {r["config"]["solver"]["max_iters"] for r in recs} == {250}
+    assert not (out / "masked_attention" / "runs.jsonl").exists()
+    text = (out / "calibration" / "cpu-250it" / "README.md").read_text()
+    assert "python -m ablations calibrate --iters 250" in text and "cpu-250it" in text
+    # the fake's base model (masked attention) scores PQ 45 + seed; the variant without it 40 + seed
+    assert "| full model | 250 | 45.50 ± 0.71 (2) |" in text
+    assert "| - masked attention | 250 | -5.00 [-5.00, -5.00] (2) |" in text
+    assert not (out / "calibration" / "README.md").exists()  # the cpu recipe's calibration is untouched

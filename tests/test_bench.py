@@ -436,3 +436,24 @@ def test_gemm_report_rows(tmp_path):
     (tmp_path / "gemm_cpu.json").write_text(json.dumps(fake))
     page = report.render_readme(tmp_path)
     assert "## float32 GEMMs `gemm_cpu.json`" in page and "| 64 | 32 | 16 | forward x W^T | 2 | 5 | 2.50x | — |" in page
+
+
+def test_compile_result_renders_its_verdict(tmp_path):
+    """`python -m m2f.bench compile` results: eager vs compiled per gemm backend, the compile cost, the
+    run length at which compiling pays off, or 'never' / the error when it does not."""
+    from m2f.bench.compile import run_compile  # noqa: F401 - the module the CLI runs
+    from m2f.bench.report import write_result
+
+    res = {"kind": "compile", "preset": "tiny", "batch": 4, "size": 128, "iters": 5, "overrides": ["loss.num_points=1024"],
+           "environment": {"device": "cpu", "cpu": {"model": "Test CPU", "isa_class": "avx2", "isa": ["avx2"]}},
+           "variants": {"reference": {"eager_s": 0.5, "compiled_s": 0.4, "compile_s": 60.0, "speedup": 1.25,
+                                      "break_even_iters": 600.0},
+                        "slow": {"eager_s": 0.5, "compiled_s": 0.6, "compile_s": 60.0, "speedup": 0.83,
+                                 "break_even_iters": None},
+                        "auto": {"eager_s": 0.45, "error": "InductorError: weight must be a graph constant"}}}
+    write_result(tmp_path, "compile_tiny_cpu_128", res)
+    text = (tmp_path / "README.md").read_text()
+    assert "| reference | 0.500 | 0.400 | 1.25x | 60 | 600 iterations |" in text
+    assert "| slow | 0.500 | 0.600 | 0.83x | 60 | never (not faster) |" in text
+    assert "| auto | 0.450 | does not compile: InductorError: weight must be a graph constant" in text
+    assert "--set loss.num_points=1024" in text and "Test CPU (avx2" in text

@@ -1,4 +1,4 @@
-"""``python -m m2f.bench {speed,memory,profile,kernels,gemm,trees,render}`` (each with ``--help``).
+"""``python -m m2f.bench {speed,memory,profile,kernels,gemm,trees,compile,render}`` (each with ``--help``).
 
     python -m m2f.bench speed --preset r50_coco_panoptic --size 512 --iters 5 --out reports/bench
     python -m m2f.bench speed --preset tiny --batch 4 --size 128 --threads 1 --side-by-side
@@ -7,6 +7,7 @@
     python -m m2f.bench kernels --end-to-end
     python -m m2f.bench gemm --threads 1 --step --out reports/bench/gemm_cpu.json
     python -m m2f.bench trees --base ../m2f-base --preset tiny --iters 50
+    python -m m2f.bench compile --preset tiny --batch 4 --size 128 --set loss.num_points=1024
     python -m m2f.bench render --out reports/bench
 
 Results: ``<out>/<name>.json`` (atomic, with a ``kind`` and the environment), and ``<out>/README.md``
@@ -74,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("trees", help="training speed of this tree vs another commit's worktree, side by side",
                         description=trees.__doc__.split("\n\n")[0])
     trees.add_args(pt)
+    from m2f.bench import compile as bench_compile
+
+    pc = sub.add_parser("compile", help="torch.compile vs eager training step: compile time, run length to pay off",
+                        description=bench_compile.__doc__.split("\n\n")[0])
+    bench_compile.add_args(pc)
     pr = sub.add_parser("render", help="re-render the READMEs from the result JSONs (e.g. after copying GPU results in)")
     pr.add_argument("--out", default="reports/bench", help="folder of result JSONs")
     return ap
@@ -111,6 +117,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         args.base_overrides, env)
         base = (res["base"]["commit"] or "base")[:7]
         path = write_result(Path(args.out), args.name or f"trees_{args.preset}_{base}", res)
+        print(f"wrote {path}")
+        return 0
+    if args.cmd == "compile":
+        from m2f.bench.compile import run_compile
+        from m2f.bench.report import write_result
+
+        torch.set_num_threads(args.threads)
+        res = run_compile(args.preset, args.batch, args.size, args.iters,
+                          [b.strip() for b in args.backends.split(",") if b.strip()], args.overrides)
+        path = write_result(Path(args.out), args.name or f"compile_{args.preset}_cpu_{args.size}", res)
         print(f"wrote {path}")
         return 0
     if args.cmd == "gemm":

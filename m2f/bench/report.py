@@ -149,6 +149,26 @@ def _gemm_section(path: Path, r: Dict[str, Any], envs: str) -> List[str]:
     return out
 
 
+def _compile_section(path: Path, r: Dict[str, Any], envs: str) -> List[str]:
+    """torch.compile vs eager for the training step (python -m m2f.bench compile)."""
+    out = [f"## torch.compile `{path.name}`: {r.get('preset')} training step, batch {r.get('batch')}, "
+           f"{r.get('size')} px" + (f", {' '.join(r['overrides'])}" if r.get("overrides") else ""), "",
+           f"Command: `python -m m2f.bench compile --preset {r.get('preset')} --batch {r.get('batch')} --size "
+           f"{r.get('size')}" + "".join(f" --set {o}" for o in r.get("overrides") or []) + "`; "
+           + _env_line(r.get("environment") or {}), "",
+           "| gemm_backend | eager s/step | compiled s/step | speed-up | compile s | pays off after |",
+           "|---|---|---|---|---|---|"]
+    for b, v in (r.get("variants") or {}).items():
+        if "error" in v:
+            out.append(f"| {b} | {v['eager_s']:.3f} | does not compile: {v['error'][:120]} | — | — | — |")
+            continue
+        be = f"{v['break_even_iters']:.0f} iterations" if v.get("break_even_iters") else "never (not faster)"
+        out.append(f"| {b} | {v['eager_s']:.3f} | {v['compiled_s']:.3f} | {v['speedup']:.2f}x | "
+                   f"{v['compile_s']:.0f} | {be} |")
+    out.append("")
+    return out
+
+
 def _trees_section(path: Path, r: Dict[str, Any], envs: str) -> List[str]:
     """This tree vs a base commit, real training runs (python -m m2f.bench trees)."""
     lc = r["loss_check"]
@@ -177,6 +197,7 @@ def _trees_section(path: Path, r: Dict[str, Any], envs: str) -> List[str]:
 RENDERERS: Dict[str, Callable[[Path, Dict[str, Any], str], List[str]]] = {
     "speed": _speed_section, "memory": _memory_section, "kernels": _kernels_section,
     "profile": _profile_section, "gemm": _gemm_section, "trees": _trees_section,
+    "compile": _compile_section,
 }
 
 
