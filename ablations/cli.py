@@ -50,7 +50,7 @@ def cmd_run(args) -> int:
                               dry_run=args.dry_run, wait=args.wait, cluster=args.cluster, folder=args.slurm_folder,
                               nodes=args.nodes, gpus_per_node=args.gpus_per_node, time_min=args.time,
                               cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, partition=args.partition,
-                              account=args.account)
+                              account=args.account, reuse_records=args.reuse_records)
         return 1 if res["failed"] else 0
 
     res = run_ablation(args.name, scale=args.scale, seeds=args.seeds, data=args.data, val_data=args.val_data,

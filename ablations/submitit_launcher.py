@@ -196,12 +196,14 @@ def submit_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, 
                     runs_root: Path | str = "runs/ablations", rows: Optional[List[str]] = None,
                     dry_run: bool = False, wait: bool = False, cluster: Optional[str] = None,
                     folder: Optional[Path | str] = None, print_fn: Callable[[str], None] = print,
-                    on_submit: Optional[Callable[[Any, RunPlan], None]] = None, **res_flags: Any) -> Dict[str, Any]:
+                    on_submit: Optional[Callable[[Any, RunPlan], None]] = None, reuse_records: bool = False,
+                    **res_flags: Any) -> Dict[str, Any]:
     """Submit every pending (row, seed) of ``name`` at ``scale`` as a submitit job.
 
     ``cluster``: None = submitit's choice (Slurm where available, else local), "slurm", "local" or
     "debug".  ``wait``: block until the jobs end, then :func:`collect`.  ``on_submit(job, plan)``: a
-    hook for tests (e.g. to interrupt a job).  Returns {"planned", "submitted", "skipped", "active",
+    hook for tests (e.g. to interrupt a job).  ``reuse_records``: committed records of the current
+    code count as finished (as ``run --reuse-records``).  Returns {"planned", "submitted", "skipped", "active",
     "jobs": [(label, job_id)], "failed", "plan": [printable lines]}."""
     from ablations.runner import _job, finished_keys, plan_runs
 
@@ -214,7 +216,7 @@ def submit_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, 
                                "failed": [], "plan": [], "resources": res}
     if not dry_run:
         collect(name, scale, seeds, data, val_data, out, runs_root, rows, render=False, print_fn=print_fn)
-    done = finished_keys(runs_path(out, spec.name))
+    done = finished_keys(runs_path(out, spec.name), reuse_records)
     active = {} if dry_run else _active_jobs(out, spec.name)
     pending = []
     for p in plans:
