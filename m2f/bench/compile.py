@@ -3,7 +3,8 @@
 One process, one preset: the eager training step (forward, the m2f criterion, backward, AdamW) with
 each GEMM backend, then the same step with the model wrapped in ``torch.compile`` (default
 inductor): the first compiled step's wall time (compilation included), the next one, and the
-steady compiled step (median of ``--iters``).  The criterion stays eager (the matcher's Hungarian
+steady compiled step (median of ``--iters``), with inductor's caches disabled (a cold compile, as on
+a fresh machine; a warm cache cut it from ~100 s to ~8 s here).  The criterion stays eager (the matcher's Hungarian
 assignment is data-dependent host code).  From those: the compile cost and the run length at
 which compiling pays off, ``compile_s / (eager_s - compiled_s)`` iterations, or "never" when the
 compiled step is not faster.  A backend that cannot be compiled (oneDNN's linear op wants its
@@ -43,15 +44,20 @@ def _median_step(step, iters: int) -> float:
 def run_compile(preset: str, batch: int, size: int, iters: int, backends: Sequence[str],
                 overrides: Sequence[str] = ()) -> Dict[str, Any]:
     import torch
+    import torch._inductor.config as inductor_config
 
     from m2f.bench.common import environment, synthetic_targets
+
+    # a cold compile, as a fresh machine pays it: no FX graph / autotuning cache from an earlier run
+    inductor_config.force_disable_caches = True
     from m2f.config import get_preset
     from m2f.loss import build_criterion
     from m2f.models.build import build_model
 
     res: Dict[str, Any] = {"kind": "compile", "preset": preset, "batch": batch, "size": size, "iters": iters,
                            "overrides": list(overrides), "environment": environment("cpu"), "variants": {},
-                           "step": "forward + m2f criterion + backward + AdamW step (model compiled, criterion eager)"}
+                           "step": "forward + m2f criterion + backward + AdamW step (model compiled, criterion eager)",
+                           "compile_cache": "disabled (torch._inductor.config.force_disable_caches): a cold compile"}
     for backend in backends:
         cfg = get_preset(preset, [*overrides, f"gemm_backend={backend}"])
         torch.manual_seed(0)
