@@ -42,8 +42,12 @@ from typing import Any, Dict, Optional, Tuple
 from m2f.errors import InputError
 
 # Seconds per iteration / per evaluation used for the ETA printed BEFORE the first run finishes (the
-# runner then extrapolates from the runs' own progress).  Approximate; the measurement that matters is
-# in reports/bench/ (python -m m2f.bench trees).
+# runner then extrapolates from the runs' own progress).  Measured (training seconds / iterations of
+# the cpu-scale records, evaluations included, two runs side by side, one thread each, on 2-core
+# machines): AMD EPYC with AVX-512, 0.83 s/it median over 15 runs (14.2 min per run); Intel Xeon with
+# AVX-512 + AMX, 0.72 s/it over 7 runs on 2026-12-03 (11-15 min per run) but 1.16 s/it over 18 runs on
+# 2026-12-02 (a busier host with the same CPU name).  The AVX2-only EPYC has no cpu-scale record; the
+# trees benchmark projects it at 1.76x the AMD figure (reports/calibration/README.md).
 CPU_SECONDS_PER_ITER = 0.8
 CPU_SECONDS_PER_EVAL = 9.0
 CPU_ITERS = 1000
