@@ -457,3 +457,20 @@ def test_compile_result_renders_its_verdict(tmp_path):
     assert "| slow | 0.500 | 0.600 | 0.83x | 60 | never (not faster) |" in text
     assert "| auto | 0.450 | does not compile: InductorError: weight must be a graph constant" in text
     assert "--set loss.num_points=1024" in text and "Test CPU (avx2" in text
+
+
+def test_speed_summary_applies_the_tiny_goal_and_names_the_cpu(tmp_path):
+    """The tiny preset's training step is judged against its own goal (2x HF), R50 against 1.3x; each
+    row names the CPU it ran on."""
+    def result(preset, ratio):
+        env = {"device": "cpu", "threads": 1, "cpu": {"model": "Intel(R) Xeon(R) Processor", "isa_class": "avx512"}}
+        step = {"m2f": {"median_s": 1.0}, "hf": {"median_s": ratio}, "ratio_m2f_over_hf": ratio}
+        return {"kind": "speed", "preset": preset, "size": 128, "overrides": [], "environment": env, "train": step}
+
+    (tmp_path / "a.json").write_text(json.dumps(result("tiny", 1.5)))
+    (tmp_path / "b.json").write_text(json.dumps(result("r50_coco_panoptic", 1.5)))
+    rows = [r for r in report.render_summary(tmp_path).splitlines() if "train speed" in r]
+    tiny = next(r for r in rows if "`a.json`" in r)
+    r50 = next(r for r in rows if "`b.json`" in r)
+    assert ">= 2.0x: NOT met" in tiny and ">= 1.3x: met" in r50
+    assert "cpu Intel Xeon, avx512, 1 thread" in tiny
