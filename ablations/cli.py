@@ -12,7 +12,7 @@ def cmd_list(args) -> int:
     """Every ablation with its records per scale, and whether its table is current: records of the
     current code fingerprint (``current``), only of other code versions (``STALE``), or none."""
     from ablations.records import runs_path
-    from ablations.scales import SCALES
+    from ablations.scales import SCALES, recipe_scale
     from ablations.spec import list_specs, load_spec
     from m2f.checkpoint import read_jsonl
     from m2f.provenance import code_fingerprint
@@ -20,21 +20,28 @@ def cmd_list(args) -> int:
     fp = code_fingerprint()
     print(f"current code fingerprint: {fp}\n")
     print(f"{'name':20s} {'table':6s} {'rows':>4s}  {'primary':14s} {'status':8s} {'runs (current/all) per scale':30s} title")
-    n_stale = 0
+    n_stale = n_recipe = 0
     for name in list_specs():
         s = load_spec(name)
         recs = read_jsonl(runs_path(args.out, name))
         by_scale: dict = {}
         for r in recs:
-            cur, tot = by_scale.get(r.get("scale"), (0, 0))
-            by_scale[r.get("scale")] = (cur + (r.get("code_fingerprint") == fp), tot + 1)
+            sc = recipe_scale(r)  # the scale whose current recipe trained it (cpu-1000it: the earlier cpu recipe)
+            cur, tot = by_scale.get(sc, (0, 0))
+            by_scale[sc] = (cur + (r.get("code_fingerprint") == fp), tot + 1)
         done = ", ".join(f"{k}:{c}/{t}" for k, (c, t) in by_scale.items()) or "-"
-        status = "-" if not recs else ("current" if any(c for c, _ in by_scale.values()) else "STALE")
+        status = "-" if not recs else ("current" if any(c for k, (c, _) in by_scale.items() if k in SCALES) else
+                                       "RECIPE" if any(c for c, _ in by_scale.values()) else "STALE")
         n_stale += status == "STALE"
+        n_recipe += status == "RECIPE"
         print(f"{name:20s} {s.table:6s} {len(s.trained_rows):4d}  {s.primary_metric:14s} {status:8s} {done:30s} {s.title}")
     if n_stale:
         print(f"\n{n_stale} table(s) STALE: their records come from other code versions; `python -m ablations run NAME` "
               f"retrains them, `python -m ablations report NAME --allow-stale` renders the old records, marked stale")
+    if n_recipe:
+        print(f"\n{n_recipe} table(s) RECIPE: current code, but only at an earlier recipe of a scale (cpu-1000it: "
+              f"the cpu scale before it moved to {SCALES['cpu'].overrides['solver.max_iters']} iterations); their "
+              f"tables are rendered and labelled with that scale; `python -m ablations run NAME` trains the current one")
     print("\nscales: " + "; ".join(f"{k} = {v.description}" for k, v in SCALES.items()))
     return 0
 
@@ -96,6 +103,16 @@ def cmd_report(args) -> int:
     p = render_readme(args.out)
     print(f"wrote {p} ({n} tables)")
     return 0
+
+
+def _scale_name(name: str) -> str:
+    from ablations.scales import get_scale
+    from m2f.errors import InputError
+
+    try:
+        return get_scale(name).name
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("report", help="re-render tables and plots from stored runs.jsonl (no training)")
     s.add_argument("names", nargs="*", metavar="NAME", help="ablations to render (default: all with records)")
-    s.add_argument("--scale", default=None, choices=sorted(SCALES),
-                   help="which scale's records (default: the highest-fidelity scale recorded)")
+    s.add_argument("--scale", default=None, type=_scale_name, metavar="{" + ",".join(sorted(SCALES)) + ",cpu-<N>it}",
+                   help="which scale's records (default: the highest-fidelity scale recorded; cpu-1000it: the cpu "
+                        "records of the earlier 1000-iteration recipe)")
     s.add_argument("--out", default="reports", help="reports directory (default %(default)s)")
     s.add_argument("--allow-stale", action="store_true",
                    help="render older code versions' records (marked STALE in the table header) when there are "

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ablations.records import eval_metric, flat_metrics, runs_path
-from ablations.scales import SCALES
+from ablations.scales import SCALES, get_scale, recipe_scale, scale_rank
 from ablations.stats import paired_delta, verdict
 from ablations.spec import PROPOSAL_PATTERN, AblationSpec, expand_metrics, list_specs, load_spec, table_label
 from m2f.checkpoint import atomic_write_text, read_jsonl
@@ -63,8 +63,10 @@ def select_records(records: List[Dict[str, Any]], scale: Optional[str] = None, f
                    allow_stale: bool = False) -> Tuple[str, List[Dict[str, Any]], Dict[str, Any]]:
     """Records of one scale and ONE code fingerprint, the latest per (row, seed).
 
-    Default scale: the highest-fidelity one recorded (paper > cpu > quick > smoke), so a smoke
-    pipeline check never replaces a measured table.  Fingerprint: ``fingerprint`` (default: the
+    Default scale: the highest-fidelity one recorded (paper > cpu > cpu-<N>it > quick > smoke), so a
+    smoke pipeline check never replaces a measured table.  A record's scale is the one whose current
+    recipe it was trained with (:func:`ablations.scales.recipe_scale`): cpu records of the earlier
+    1000-iteration recipe are ``cpu-1000it`` records, never mixed into a 2000-iteration cpu table.  Fingerprint: ``fingerprint`` (default: the
     current code's); without records of it, the most recent other fingerprint's when
     ``allow_stale``, else none.  Returns (scale, records, info) with info = {"fingerprint",
     "current", "stale": bool, "stale_records": count of the scale's records of other fingerprints}."""
@@ -73,10 +75,9 @@ def select_records(records: List[Dict[str, Any]], scale: Optional[str] = None, f
     if not records:
         return scale or "", [], info
     if scale is None:
-        rank = {"smoke": 0, "quick": 1, "cpu": 2, "paper": 3}
-        order = {r.get("scale"): i for i, r in enumerate(records)}  # most recent position per scale
-        scale = max(order, key=lambda sc: (rank.get(sc, -1), order[sc]))
-    of_scale = [r for r in records if r.get("scale") == scale]
+        order = {recipe_scale(r): i for i, r in enumerate(records)}  # most recent position per scale
+        scale = max(order, key=lambda sc: (scale_rank(sc), order[sc]))
+    of_scale = [r for r in records if recipe_scale(r) == scale]
     chosen = want
     if not any(record_fingerprint(r) == want for r in of_scale):
         info["stale_records"] = len(of_scale)
@@ -204,7 +205,10 @@ def _source_ablation(run_dir: Optional[str]) -> str:
 
 def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metrics: List[str],
             info: Optional[Dict[str, Any]] = None) -> List[str]:
-    sc = SCALES.get(scale)
+    try:
+        sc = get_scale(scale)
+    except Exception:  # a pseudo scale such as "cpu (earlier recipe)"
+        sc = None
     first = records[0] if records else {}
     data = _distinct(records, lambda r: f"train `{(r.get('data') or {}).get('train')}`, val "
                                         f"`{(r.get('data') or {}).get('val')}` ({(r.get('data') or {}).get('image_size')} px"

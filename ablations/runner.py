@@ -441,22 +441,32 @@ def _load_result(plan: RunPlan) -> Optional[Dict[str, Any]]:
     return r if ok else None
 
 
+def share_key(seed: Any, config_hash: Optional[str], fingerprint: Optional[str], eval_limit: Optional[int]) -> tuple:
+    """What makes two runs the same computation: seed, config hash (the whole training config),
+    code fingerprint and the number of val images each evaluation scores.  The scale's NAME is not
+    part of it: Table 4a's cpu runs and the calibration candidate cpu-2000it's are the same runs."""
+    return (seed, config_hash, fingerprint, eval_limit)
+
+
 def shared_runs(out: Path, ablation: str, reuse_records: bool = False) -> Dict[tuple, Dict[str, Any]]:
-    """(seed, scale, config hash, code fingerprint) -> the record of every run another ablation
-    finished: runs the same computation can be recorded from instead of retrained (within one code
-    version only).  As in :func:`finished_keys`, by default only runs finished on this machine are
+    """:func:`share_key` -> the record of every run another ablation, or a calibration candidate
+    (reports/calibration/cpu-<N>it/), finished: runs the same computation can be recorded from
+    instead of retrained (within one code version only).  As in :func:`finished_keys`, by default only runs finished on this machine are
     sources (a fresh clone reproduces every table rather than copying committed records into
     another); ``reuse_records=True`` makes every committed record a source: records are
     self-contained, so this works with no run directories.  Read once per ``run_ablation`` call."""
     index: Dict[tuple, Dict[str, Any]] = {}
-    for path in sorted(Path(out).glob("*/runs.jsonl")):
-        if path.parent.name == ablation:
+    own = (Path(out) / ablation / "runs.jsonl").resolve()
+    paths = sorted(Path(out).glob("*/runs.jsonl")) + sorted(Path(out).glob("calibration/cpu-*it/*/runs.jsonl"))
+    for path in paths:
+        if path.resolve() == own:
             continue
         for r in read_jsonl(path):
             if not (reuse_records or _on_this_machine(r)):
                 continue
-            key = (r.get("seed"), r.get("scale"), r.get("config_hash"), r.get("code_fingerprint"))
-            if key[2] is not None and key[3] is not None and key not in index:
+            key = share_key(r.get("seed"), r.get("config_hash"), r.get("code_fingerprint"),
+                            (r.get("data") or {}).get("eval_limit"))
+            if key[1] is not None and key[2] is not None and key not in index:
                 index[key] = {**r, "_records_file": str(path)}
     return index
 
@@ -543,7 +553,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
                 summary["commands"].append(cmd)
                 print_fn(f"[{i}/{len(todo)}] {p.label}:\n  {cmd}")
             else:
-                src = shared.get((p.seed, p.scale, p.config_hash, p.fingerprint))
+                src = shared.get(share_key(p.seed, p.config_hash, p.fingerprint, sc.eval_limit))
                 print_fn(f"[{i}/{len(todo)}] {p.label}: " + (
                     f"shared from the identical run {source_label(src)} (config {p.config_hash})" if src is not None else
                     f"{sc.name} run into {p.run_dir} ({p.cfg.solver.max_iters} iterations, config {p.config_hash})"))
@@ -594,7 +604,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
             print_fn(f"recovering the finished run {p.label} from {p.run_dir / RESULT_NAME}")
             finish(p, r)
             continue
-        src = shared.get((p.seed, p.scale, p.config_hash, p.fingerprint))
+        src = shared.get(share_key(p.seed, p.config_hash, p.fingerprint, sc.eval_limit))
         r = share_run(p, src, spec.evaluate_proposals, device, sc.eval_limit) if src is not None else None
         if r is not None:
             print_fn(f"sharing {p.label}: the identical run {source_label(src)} (same config {p.config_hash}, seed, "

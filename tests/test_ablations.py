@@ -776,3 +776,68 @@ def test_calibration_candidate_schedule_is_recorded_apart_from_the_tables(tmp_pa
     assert "| full model | 250 | 45.50 ± 0.71 (2) |" in text
     assert "| - masked attention | 250 | -5.00 [-5.00, -5.00] (2) |" in text
     assert not (out / "calibration" / "README.md").exists()  # the cpu recipe's calibration is untouched
+
+
+def test_a_changed_recipe_is_never_mixed_into_the_scale_s_tables():
+    """The cpu scale moved from 1000 to 2000 iterations: records written as `cpu` with the earlier
+    schedule count for the candidate scale cpu-1000it (rendered and labelled as such), never for a
+    cpu table; a changed recipe that is no candidate's is `(earlier recipe)`."""
+    from ablations.render import select_records
+    from ablations.scales import get_scale, recipe_scale
+
+    fp = _fp()
+    cpu = get_scale("cpu")
+
+    def rec(v, iters, eval_period, points=cpu.overrides["loss.num_points"], scale="cpu", row_over=None):
+        cfg = {"solver": {"max_iters": iters, "eval_period": eval_period, "checkpoint_period": eval_period,
+                          "log_period": 10}, "loss": {"num_points": points}}
+        return {"scale": scale, "row": "a", "seed": 0, "v": v, "code_fingerprint": fp, "max_iters": iters,
+                "config": cfg, "overrides": row_over or {}}
+
+    now = cpu.overrides["solver.max_iters"]
+    old = rec(1, 1000, 125)
+    cur = rec(2, now, cpu.overrides["solver.eval_period"])
+    assert now == 2000 and recipe_scale(cur) == "cpu" and recipe_scale(old) == "cpu-1000it"
+    assert recipe_scale(rec(3, 1000, 125, points=3136)) == "cpu (earlier recipe)"
+    # a row overriding a recipe knob itself is still the scale's
+    assert recipe_scale(rec(4, 1000, 125, points=3136, row_over={"loss.num_points": 3136,
+                                                                  "solver.max_iters": 1000,
+                                                                  "solver.eval_period": 125,
+                                                                  "solver.checkpoint_period": 125})) == "cpu"
+    assert recipe_scale({"scale": "cpu", "row": "a"}) == "cpu"  # no config kept: cannot tell
+    scale, sel, _ = select_records([old, cur])
+    assert scale == "cpu" and [r["v"] for r in sel] == [2]
+    scale, sel, _ = select_records([old])  # only the earlier recipe: its own scale, not `cpu`
+    assert scale == "cpu-1000it" and [r["v"] for r in sel] == [1]
+    assert select_records([old], "cpu")[1] == []
+    assert select_records([old, rec(5, 400, 200, scale="quick")])[0] == "cpu-1000it"  # above quick
+
+
+def test_table_runs_are_shared_from_the_identical_calibration_runs(tmp_path, fake_train, monkeypatch):
+    """A calibration candidate whose schedule becomes the cpu recipe has trained the table's runs:
+    same config hash, seed, code and val images, so they are recorded, not retrained (the scale's
+    name is not part of a run's identity)."""
+    from dataclasses import replace
+
+    from ablations import scales
+    from ablations.calibration import calibrate
+
+    calls, _ = fake_train
+    out, runs = tmp_path / "reports", tmp_path / "runs"
+    calibrate(out, runs, seeds=2, iters=250, inline=True)
+    assert len(calls) == 6
+    monkeypatch.setitem(scales.SCALES, "cpu", replace(scales.cpu_candidate(250), name="cpu"))
+    msgs = []
+    res = ab_runner.run_ablation("masked_attention", scale="cpu", seeds=3, out=out, runs_root=runs, inline=True,
+                                 print_fn=msgs.append)
+    assert res["shared"] == 6 and res["ran"] == 3 and len(calls) == 9  # seed 2 is new
+    recs = read_jsonl(out / "masked_attention" / "runs.jsonl")
+    assert {r["scale"] for r in recs} == {"cpu"} and len(recs) == 9
+    shared = [r for r in recs if r["shared_from"]]
+    assert len(shared) == 6 and all("calibration/cpu-250it/masked_attention/runs.jsonl" in r["shared_from_record"]
+                                    for r in shared)
+    # a different number of val images per evaluation is another computation: not shared
+    monkeypatch.setitem(scales.SCALES, "cpu", replace(scales.cpu_candidate(250), name="cpu", eval_limit=7))
+    res = ab_runner.run_ablation("query_init", scale="cpu", seeds=1, out=out, runs_root=runs, inline=True,
+                                 print_fn=lambda m: None)
+    assert res["shared"] == 0
