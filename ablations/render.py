@@ -546,6 +546,7 @@ def render_scoreboard(out: Path | str = "reports", fingerprint: Optional[str] = 
              "| table | ablation | scale (seeds) | " + " | ".join(kinds) + " | findings |",
              "|---|---|---|" + "---|" * (len(kinds) + 1)]
     total = {k: 0 for k in kinds}
+    other_scales: set = set()
     for name in sorted(list_specs(), key=_paper_order):
         spec = load_spec(name)
         cells = scoreboard_cells(spec, out, fp)
@@ -555,9 +556,17 @@ def render_scoreboard(out: Path | str = "reports", fingerprint: Optional[str] = 
         for k in kinds:
             total[k] += counts[k]
         scales = sorted({f"{c['scale']} (n={c['pairs']})" for c in cells if c["scale"]})
+        other_scales.update(c["scale"] for c in cells if c["scale"] and c["scale"] not in ("cpu", "paper"))
         lines.append(f"| {spec.table} | [{name}](reports/{name}/table.md) | {', '.join(scales) or '—'} | "
                      + " | ".join(str(counts[k]) for k in kinds) + f" | {len(cells)} |")
     lines.append("| **total** | | | " + " | ".join(f"**{total[k]}**" for k in kinds) + f" | **{sum(total.values())}** |")
+    if other_scales:
+        lines.append("")
+        for sc in sorted(other_scales):
+            try:
+                lines.append(f"- `{sc}`: {get_scale(sc).description}.")
+            except Exception:
+                lines.append(f"- `{sc}`.")
     return "\n".join(lines) + "\n"
 
 

@@ -65,6 +65,7 @@ from m2f.errors import InputError
 CPU_SECONDS_PER_ITER = 0.8
 CPU_SECONDS_PER_EVAL = 9.0
 CPU_ITERS = 2000
+EARLIER_CPU_ITERS = 1000  # the cpu recipe until 2026-12-03 (its records are cpu-1000it records)
 CPU_SEEDS = 5
 CPU_EVAL_PERIOD = 250  # 8 evaluations per run (the last one is the final eval)
 CPU_EVAL_LIMIT = 100  # val images per evaluation (the synthetic val split has 100)
@@ -175,8 +176,10 @@ def cpu_candidate(iters: int) -> Scale:
     base = SCALES["cpu"]
     period = 125 * math.ceil(iters / 8 / 125)
     ov = {**base.overrides, "solver.max_iters": iters, "solver.eval_period": period, "solver.checkpoint_period": period}
+    what = ("the cpu scale's recipe until 2026-12-03, whose base model misses the calibration targets"
+            if iters == EARLIER_CPU_ITERS else "a calibration candidate")
     return replace(base, name=f"cpu-{iters}it", overrides=ov,
-                   description=f"the cpu recipe at {iters} iterations (a calibration candidate)")
+                   description=f"the cpu recipe at {iters} iterations, an evaluation every {period} ({what})")
 
 
 def _dotted(cfg: Any, key: str) -> Tuple[bool, Any]:
