@@ -127,15 +127,16 @@ def _f(v: Optional[float], signed: bool = False) -> str:
     return "—" if v is None else (f"{v:+.2f}" if signed else f"{v:.2f}")
 
 
-def candidate_dir(out: Path | str, iters: int) -> Path:
+def candidate_dir(out: Path | str, iters: int, steps: Optional[List[float]] = None) -> Path:
     """Where a candidate schedule's runs are recorded and rendered: reports/calibration/cpu-<N>it/
     (its own masked_attention/runs.jsonl, README.md, plot), apart from the tables' records."""
     from ablations.scales import cpu_candidate
 
-    return Path(out) / "calibration" / cpu_candidate(iters).name
+    return Path(out) / "calibration" / cpu_candidate(iters, steps).name
 
 
-def render(out: Path | str = "reports", allow_stale: bool = False, iters: Optional[int] = None) -> Optional[Path]:
+def render(out: Path | str = "reports", allow_stale: bool = False, iters: Optional[int] = None,
+           steps: Optional[List[float]] = None) -> Optional[Path]:
     """Write reports/calibration/ from Table 4a's cpu records (one code fingerprint); with ``iters``,
     reports/calibration/cpu-<N>it/ from that candidate's records.  None without records."""
     from ablations.scales import cpu_candidate
@@ -143,8 +144,8 @@ def render(out: Path | str = "reports", allow_stale: bool = False, iters: Option
 
     out = Path(out)
     spec = load_spec(SPEC)
-    scale = "cpu" if iters is None else cpu_candidate(iters).name
-    src = out if iters is None else candidate_dir(out, iters)
+    scale = "cpu" if iters is None else cpu_candidate(iters, steps).name
+    src = out if iters is None else candidate_dir(out, iters, steps)
     recs = read_jsonl(runs_path(src, SPEC))
     if iters is not None:  # the table's own records of that recipe count too (cpu-1000it: the earlier cpu recipe)
         recs += read_jsonl(runs_path(out, SPEC))
@@ -160,7 +161,8 @@ def render(out: Path | str = "reports", allow_stale: bool = False, iters: Option
     walls = [r.get("wall_seconds") for r in records if r.get("wall_seconds")]
     d = out / "calibration" if iters is None else src
     d.mkdir(parents=True, exist_ok=True)
-    command = COMMAND if iters is None else f"{COMMAND} --iters {iters}"
+    command = COMMAND if iters is None else f"{COMMAND} --iters {iters}" + (
+        f" --steps {','.join(f'{x:g}' for x in steps)}" if steps else "")
     what = ("Table 4a's rows at the `cpu` scale" if iters is None else
             f"Table 4a's rows at the schedule `{scale}` (the cpu recipe with {iters} iterations; the records "
             f"of reports/calibration/{scale}/ and the table's own records trained at that schedule)")
@@ -248,19 +250,24 @@ def _plot(s: Dict[str, Any], path: Path) -> None:
 
 def calibrate(out: Path | str = "reports", runs_root: Path | str = "runs/ablations", seeds: Optional[int] = None,
               jobs: Optional[int] = None, device: Optional[str] = None, dry_run: bool = False,
-              iters: Optional[int] = None, reuse_records: bool = False, inline: bool = False) -> Dict[str, Any]:
+              iters: Optional[int] = None, reuse_records: bool = False, inline: bool = False,
+              steps: Optional[List[float]] = None) -> Dict[str, Any]:
     """Run (or resume) the calibration runs, then render reports/calibration/.  ``iters``: a candidate
     schedule (scale ``cpu-<N>it``) recorded and rendered in reports/calibration/cpu-<N>it/."""
     from ablations.runner import run_ablation
     from ablations.scales import CALIBRATION_SEEDS, cpu_candidate
 
-    scale = "cpu" if iters is None else cpu_candidate(iters).name
-    rec_out = out if iters is None else candidate_dir(out, iters)
+    from m2f.errors import InputError
+
+    if steps is not None and iters is None:
+        raise InputError("--steps: give --iters too (a candidate schedule is its length and its lr steps)")
+    scale = "cpu" if iters is None else cpu_candidate(iters, steps).name
+    rec_out = out if iters is None else candidate_dir(out, iters, steps)
     res = run_ablation(SPEC, scale=scale, seeds=seeds or CALIBRATION_SEEDS, out=rec_out, runs_root=runs_root,
                        jobs=jobs, device=device, dry_run=dry_run, render=iters is None, reuse_records=reuse_records,
                        inline=inline)
     if not dry_run:
-        p = render(out, iters=iters)
+        p = render(out, iters=iters, steps=steps)
         res["calibration"] = str(p) if p else None
         if p:
             print(f"wrote {p}")

@@ -79,7 +79,7 @@ def cmd_calibrate(args) -> int:
     from ablations.calibration import calibrate
 
     res = calibrate(args.out, args.runs, seeds=args.seeds, jobs=args.jobs, device=args.device, dry_run=args.dry_run,
-                    iters=args.iters, reuse_records=args.reuse_records)
+                    iters=args.iters, reuse_records=args.reuse_records, steps=args.steps)
     return 1 if res["failed"] else 0
 
 
@@ -103,6 +103,13 @@ def cmd_report(args) -> int:
     p = render_readme(args.out)
     print(f"wrote {p} ({n} tables)")
     return 0
+
+
+def _fractions(text: str) -> List[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated fractions, e.g. 0.6,0.8") from None
 
 
 def _scale_name(name: str) -> str:
@@ -205,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iters", type=int, default=None, metavar="N",
                    help="a candidate schedule: the cpu recipe with N iterations (scale cpu-<N>it, an evaluation every "
                         "N/8 rounded up to 125), recorded and rendered in reports/calibration/cpu-<N>it/")
+    s.add_argument("--steps", default=None, type=_fractions, metavar="A,B",
+                   help="with --iters: the lr steps as fractions of the schedule (e.g. 0.6,0.8; default the "
+                        "preset's 0.9,0.95): scale cpu-<N>it-steps<A>-<B>")
     s.add_argument("--reuse-records", action="store_true",
                    help="count committed records of the current code as finished (continue on another machine)")
     s.set_defaults(fn=cmd_calibrate)

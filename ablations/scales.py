@@ -49,9 +49,10 @@ the speed work, on the machine named there).
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from m2f.errors import InputError
 
@@ -164,11 +165,13 @@ SCALES: Dict[str, Scale] = {
 }
 
 
-def cpu_candidate(iters: int) -> Scale:
+def cpu_candidate(iters: int, steps: Optional[Sequence[float]] = None) -> Scale:
     """The cpu recipe with another schedule length, for calibration (``python -m ablations calibrate
     --iters N``): scale ``cpu-<N>it``, everything else the cpu scale's, an evaluation every N/8
     iterations rounded up to a multiple of 125 (at least 6 points, at most 250 iterations apart
-    up to N = 2000).  Its records are kept apart from the tables' (reports/calibration/cpu-<N>it/)."""
+    up to N = 2000).  Its records are kept apart from the tables' (reports/calibration/cpu-<N>it/).
+    ``steps`` (``--steps 0.6,0.8``): the lr steps as fractions of N instead of the preset's; scale
+    ``cpu-<N>it-steps0.6-0.8``."""
     import math
 
     if iters < 125:
@@ -176,6 +179,18 @@ def cpu_candidate(iters: int) -> Scale:
     base = SCALES["cpu"]
     period = 125 * math.ceil(iters / 8 / 125)
     ov = {**base.overrides, "solver.max_iters": iters, "solver.eval_period": period, "solver.checkpoint_period": period}
+    suffix = ""
+    if steps is not None:
+        steps = tuple(float(x) for x in steps)
+        if not steps or any(not 0.0 < x < 1.0 for x in steps) or list(steps) != sorted(set(steps)):
+            raise InputError(f"--steps {','.join(f'{x:g}' for x in steps)}: expected increasing fractions of the "
+                             f"schedule in (0, 1), e.g. 0.6,0.8")
+        ov["solver.steps"] = steps
+        suffix = "-steps" + "-".join(f"{x:g}" for x in steps)
+        return replace(base, name=f"cpu-{iters}it{suffix}", overrides=ov,
+                       description=f"the cpu recipe at {iters} iterations with lr steps at "
+                                   f"{', '.join(f'{x:g}' for x in steps)} of them, an evaluation every {period} "
+                                   f"(a calibration candidate)")
     what = ("the cpu scale's recipe until 2026-12-03, whose base model misses the calibration targets"
             if iters == EARLIER_CPU_ITERS else "a calibration candidate")
     return replace(base, name=f"cpu-{iters}it", overrides=ov,
@@ -235,13 +250,31 @@ def recipe_scale(record: Dict[str, Any]) -> Optional[str]:
         return name
     if trained_at(record, sc):
         return name
-    if name == "cpu" or re.fullmatch(r"cpu-\d+it", name):
+    if name == "cpu" or re.fullmatch(CANDIDATE_RE, name):
         iters = record.get("max_iters")
         if isinstance(iters, int) and iters >= 125:
-            cand = cpu_candidate(iters)
-            if trained_at(record, cand):
-                return cand.name
+            for cand in (_candidate_with_steps(record, iters), cpu_candidate(iters)):
+                if cand is not None and trained_at(record, cand):
+                    return cand.name
     return f"{name} (earlier recipe)"
+
+
+@functools.lru_cache(maxsize=None)
+def _preset_steps(preset: str) -> Tuple[float, ...]:
+    from m2f.config import get_preset
+
+    return tuple(get_preset(preset).solver.steps)
+
+
+def _candidate_with_steps(record: Dict[str, Any], iters: int) -> Optional[Scale]:
+    """The candidate with the record's lr steps, when they are not the cpu preset's own."""
+    found, steps = _dotted(record.get("config"), "solver.steps")
+    if not found or not steps or _same(steps, _preset_steps(SCALES["cpu"].preset)):
+        return None
+    try:
+        return cpu_candidate(iters, steps)
+    except InputError:
+        return None
 
 
 def scale_rank(name: Optional[str]) -> float:
@@ -249,15 +282,19 @@ def scale_rank(name: Optional[str]) -> float:
     rank = {"smoke": 0, "quick": 1, "cpu": 2, "paper": 3}
     if name in rank:
         return rank[name]
-    if name and re.fullmatch(r"cpu-\d+it", name):
+    if name and re.fullmatch(CANDIDATE_RE, name):
         return 1.5
     return -1
 
 
+CANDIDATE_RE = r"cpu-(\d+)it(?:-steps(\d*\.?\d+(?:-\d*\.?\d+)*))?"
+
+
 def get_scale(name: str) -> Scale:
-    m = re.fullmatch(r"cpu-(\d+)it", name)
+    m = re.fullmatch(CANDIDATE_RE, name)
     if m:
-        return cpu_candidate(int(m.group(1)))
+        steps = [float(x) for x in m.group(2).split("-")] if m.group(2) else None
+        return cpu_candidate(int(m.group(1)), steps)
     if name not in SCALES:
         raise InputError(f"--scale {name!r}: valid choices: {sorted(SCALES)} (or cpu-<N>it, a calibration candidate)")
     return SCALES[name]

@@ -841,3 +841,30 @@ def test_table_runs_are_shared_from_the_identical_calibration_runs(tmp_path, fak
     res = ab_runner.run_ablation("query_init", scale="cpu", seeds=1, out=out, runs_root=runs, inline=True,
                                  print_fn=lambda m: None)
     assert res["shared"] == 0
+
+
+def test_calibration_candidates_with_earlier_lr_steps(tmp_path, fake_train):
+    """`calibrate --iters N --steps A,B`: the cpu recipe with its lr steps moved, recorded and
+    rendered apart as cpu-<N>it-steps<A>-<B>; bad steps are refused with the flag named."""
+    from ablations.calibration import calibrate
+    from ablations.scales import get_scale, recipe_scale
+
+    sc = get_scale("cpu-500it-steps0.6-0.8")
+    assert sc.overrides["solver.steps"] == (0.6, 0.8) and sc.overrides["solver.max_iters"] == 500
+    for bad in ("cpu-500it-steps0.8-0.6", "cpu-500it-steps1.5"):
+        with pytest.raises(InputError, match="--steps"):
+            get_scale(bad)
+    calls, _ = fake_train
+    out = tmp_path / "reports"
+    res = calibrate(out, tmp_path / "runs", seeds=2, iters=250, steps=[0.5, 0.75], inline=True)
+    assert res["ran"] == 6 and not res["failed"]
+    d = out / "calibration" / "cpu-250it-steps0.5-0.75"
+    recs = read_jsonl(d / "masked_attention" / "runs.jsonl")
+    assert {tuple(r["config"]["solver"]["steps"]) for r in recs} == {(0.5, 0.75)}
+    assert {recipe_scale(r) for r in recs} == {"cpu-250it-steps0.5-0.75"}
+    assert "calibrate --iters 250 --steps 0.5,0.75" in (d / "README.md").read_text()
+    # a cpu record with moved steps counts for that candidate, not for `cpu`
+    moved = {**recs[0], "scale": "cpu"}
+    assert recipe_scale(moved) == "cpu-250it-steps0.5-0.75"
+    with pytest.raises(InputError, match="--iters"):
+        calibrate(out, tmp_path / "runs", steps=[0.5], inline=True)
