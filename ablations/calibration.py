@@ -55,9 +55,15 @@ def flagship_time(records: List[Dict[str, Any]], out: Path) -> Optional[Dict[str
     trees = out / TREES_RESULT
     if trees.is_file():
         t = json.loads(trees.read_text())
-        base_here = t["summary"]["side_by_side"]["base_s_per_iter"]
-        res["avx2_factor"] = AVX2_BASE_S_PER_ITER / base_here
-        res["projected_avx2_s"] = here * res["avx2_factor"]
+        # the ratio holds only for the CPU the runs ran on: the trees benchmark must come from it
+        cpu_t = ((t.get("environment") or {}).get("cpu") or {})
+        cpus = {(((r.get("environment") or {}).get("cpu") or {}).get("model"),
+                 ((r.get("environment") or {}).get("cpu") or {}).get("isa_class")) for r in records}
+        res["trees_cpu"] = f"{cpu_t.get('model')} ({cpu_t.get('isa_class')})"
+        if cpus == {(cpu_t.get("model"), cpu_t.get("isa_class"))}:
+            base_here = t["summary"]["side_by_side"]["base_s_per_iter"]
+            res["avx2_factor"] = AVX2_BASE_S_PER_ITER / base_here
+            res["projected_avx2_s"] = here * res["avx2_factor"]
     return res
 
 
@@ -183,7 +189,10 @@ def render(out: Path | str = "reports", allow_stale: bool = False, iters: Option
                      + (f" and about {ft['projected_avx2_s'] / 3600:.1f} h projected on the 2-core AVX2-only EPYC "
                         f"(x{ft['avx2_factor']:.2f}, the ratio of the commit before the speed work there, "
                         f"{AVX2_BASE_S_PER_ITER} s/it, to here, reports/bench/{TREES_RESULT.name}; not measured "
-                        f"there)" if ft.get("projected_avx2_s") else "") + ".")
+                        f"there)" if ft.get("projected_avx2_s") else
+                        f"; not projected to the 2-core AVX2-only EPYC: reports/bench/{TREES_RESULT.name} (the "
+                        f"commit before the speed work, the ratio's other half) was measured on {ft['trees_cpu']}, "
+                        f"not on this CPU" if ft.get("trees_cpu") else "") + ".")
         lines += [time_line, ""]
         _splice_time(out.resolve().parent / "README.md", time_line)
     lines.append("## Targets for the base model at the end of a run")
