@@ -45,7 +45,11 @@ def flagship_time(records: List[Dict[str, Any]], out: Path) -> Optional[Dict[str
 
     from ablations.scales import CPU_JOBS, CPU_SEEDS
 
-    walls = [r["wall_seconds"] for r in records if r.get("wall_seconds") and not r.get("shared_from")]
+    # every run's training wall time, once per run that trained (a shared record carries the time of
+    # the identical run it was recorded from: on a fresh clone the flagship trains all its runs)
+    by_run = {r.get("shared_from") or r.get("run_dir") or id(r): r["wall_seconds"] for r in records
+              if r.get("wall_seconds")}
+    walls = list(by_run.values())
     if not walls:
         return None
     rounds = math.ceil(3 * CPU_SEEDS / CPU_JOBS)

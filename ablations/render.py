@@ -200,7 +200,10 @@ def _distinct(records, fn) -> List[Any]:
 def _source_ablation(run_dir: Optional[str]) -> str:
     """The ablation a run directory belongs to (``<runs root>/<ablation>/<scale>/<row>/<seed_hash>``)."""
     parts = Path(run_dir or "").parts
-    return parts[-4] if len(parts) >= 4 else str(run_dir)
+    if len(parts) < 4:
+        return str(run_dir)
+    # a calibration candidate's run (<ablation>/cpu-<N>it/...) is named with its scale
+    return parts[-4] + (f"` at `{parts[-3]}" if parts[-3].startswith("cpu-") else "")
 
 
 def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metrics: List[str],
@@ -273,7 +276,7 @@ def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metri
     shared = sorted({(r.get("row"), _source_ablation(r.get("shared_from"))) for r in records if r.get("shared_from")})
     if shared:
         lines.append("- **Shared runs:** " + "; ".join(f"{row} = the identical run of `{src}`" for row, src in shared)
-                     + " (same config hash, seed and scale: recorded from it, not retrained)")
+                     + " (same config hash, seed, code fingerprint and val images: recorded from it, not retrained)")
     if len(seeds) < 2:
         lines.append("- With one seed there is no interval: every verdict is `inconclusive`.")
     lines += ["", f"Δ = mean over seeds of (row − base row) for the seeds both ran, [95% interval] (Student t over "

@@ -522,7 +522,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
     Returns ``{"planned", "skipped", "ran", "failed": [(label, error)], "table": path or None}``.
     ``inline=True`` runs in this process one at a time (tests); otherwise a spawned process pool.
     ``share=True``: a run identical to one another ablation finished on this machine (same config
-    hash, seed and scale, typically the base model) is recorded from it instead of retrained.
+    hash, seed, code and val images, typically the base model) is recorded from it instead of retrained.
     ``reuse_records=True``: committed records of the current code count as finished (this table's)
     and as sharing sources (other tables'), not only runs finished on this machine.
     ``jobs_per_device=K`` with a CUDA ``device``: K runs at once on each visible GPU (round robin).
@@ -608,7 +608,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
         r = share_run(p, src, spec.evaluate_proposals, device, sc.eval_limit) if src is not None else None
         if r is not None:
             print_fn(f"sharing {p.label}: the identical run {source_label(src)} (same config {p.config_hash}, seed, "
-                     f"scale, code) is recorded instead of retrained")
+                     f"code and val images) is recorded instead of retrained")
             finish(p, r)
             summary["shared"] += 1
         else:
