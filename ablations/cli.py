@@ -140,9 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "table.md, table.csv, convergence.png.  With --scale paper --dry-run, prints the torchrun "
                        "command of each run instead of running it.")
     s.add_argument("name", choices=list_specs(), metavar="NAME", help=f"one of: {', '.join(list_specs())}")
-    s.add_argument("--scale", default="cpu", choices=sorted(SCALES),
+    s.add_argument("--scale", default="cpu", type=_scale_name, metavar="{" + ",".join(sorted(SCALES)) + ",cpu-<N>it}",
                    help="smoke (minutes, pipeline check) | quick (400 iterations x 2 seeds, a first look) | cpu "
-                        "(default: the calibrated proxy, 1000 iterations x 5 paired seeds) | paper (full COCO "
+                        "(default: the calibrated proxy, 2000 iterations x 5 paired seeds) | cpu-<N>it (the cpu "
+                        "recipe at N iterations; cpu-1000it: the cpu recipe before 2026-12-03) | paper (full COCO "
                         "schedule via torchrun)")
     s.add_argument("--seeds", type=int, default=None, help="number of seeds per row (default: the scale's)")
     s.add_argument("--data", default=None, help="train dataset spec (registered name or path spec); "

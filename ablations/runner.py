@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from ablations.records import RESULT_NAME, RunPlan, build_record, eval_metric, flat_metrics, runs_path
-from ablations.scales import Scale, get_scale
+from ablations.scales import Scale, get_scale, recipe_scale
 from ablations.spec import AblationSpec, Row, load_spec, table_label
 from m2f.checkpoint import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from m2f.config import Config, apply_overrides, config_hash, from_dict, get_preset, to_dict
@@ -101,7 +101,8 @@ def finished_keys(path: Path, reuse_records: bool = False) -> set:
     keys = set()
     for r in read_jsonl(path):
         if reuse_records or _on_this_machine(r):
-            keys.add((r.get("row"), r.get("seed"), r.get("scale"), r.get("config_hash"), r.get("code_fingerprint")))
+            # the scale whose current recipe trained it: cpu records of the 1000-iteration recipe are cpu-1000it's
+            keys.add((r.get("row"), r.get("seed"), recipe_scale(r), r.get("config_hash"), r.get("code_fingerprint")))
     return keys
 
 

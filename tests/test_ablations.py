@@ -890,3 +890,17 @@ def test_flagship_time_projects_to_the_avx2_machine_only_from_the_same_cpu(tmp_p
     ft = flagship_time(recs, tmp_path)
     assert ft["avx2_factor"] == pytest.approx(AVX2_BASE_S_PER_ITER / 0.9)
     assert ft["projected_avx2_s"] == pytest.approx(rounds * 601.0 * AVX2_BASE_S_PER_ITER / 0.9)
+
+
+def test_committed_records_of_the_earlier_recipe_count_as_finished_for_cpu_1000it(tmp_path):
+    """`run NAME --scale cpu-1000it --reuse-records` continues the earlier recipe's tables: records
+    written as `cpu` with 1000 iterations are finished cpu-1000it runs, never cpu runs."""
+    fp = _fp()
+    cfg = {"solver": {"max_iters": 1000, "eval_period": 125, "checkpoint_period": 125, "log_period": 10},
+           "loss": {"num_points": 1024}}
+    path = tmp_path / "runs.jsonl"
+    append_jsonl(path, {"row": "full model", "seed": 0, "scale": "cpu", "config_hash": "abc", "code_fingerprint": fp,
+                        "max_iters": 1000, "config": cfg, "overrides": {}})
+    keys = ab_runner.finished_keys(path, reuse_records=True)
+    assert keys == {("full model", 0, "cpu-1000it", "abc", fp)}
+    assert ab_runner.finished_keys(path) == set()  # not finished on this machine
