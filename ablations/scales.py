@@ -20,7 +20,7 @@ candidate schedule, each with its table, plot, machine and command):
   Table 4a's three rows with 3 seeds, evaluated every 250 iterations (cpu-2000it,
   reports/calibration/cpu-2000it/README.md), then with Table 4a's 5 seeds at the cpu scale
   (reports/calibration/README.md, both from ``python -m ablations calibrate``; Intel Xeon, fingerprint
-  73adc66183c0): the base model ends at PQ_th 41.05 (target 40: met; seed std 0.5 over 3 seeds, where
+  73adc66183c0): the base model ends at PQ_th 41.05 (target 40: met; seed std 0.69 over 5 seeds, where
   1000 iterations gave 3.45) and mask AP 24.77 ± 1.06 (target 25: just missed over 5 seeds, met over
   the first 3), and both Table 4a variants are below it at every evaluation from 500 iterations on,
   with intervals that exclude zero at 2000.
