@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ablations.records import eval_metric, flat_metrics, runs_path
-from ablations.scales import SCALES, get_scale, recipe_scale, scale_rank
+from ablations.scales import describe, recipe_scale, scale_rank
 from ablations.stats import paired_delta, verdict
 from ablations.spec import PROPOSAL_PATTERN, AblationSpec, expand_metrics, list_specs, load_spec, table_label
 from m2f.checkpoint import atomic_write_text, read_jsonl
@@ -74,10 +74,11 @@ def select_records(records: List[Dict[str, Any]], scale: Optional[str] = None, f
     info: Dict[str, Any] = {"fingerprint": None, "current": want, "stale": False, "stale_records": 0}
     if not records:
         return scale or "", [], info
+    scales = [recipe_scale(r) for r in records]
     if scale is None:
-        order = {recipe_scale(r): i for i, r in enumerate(records)}  # most recent position per scale
+        order = {sc: i for i, sc in enumerate(scales)}  # most recent position per scale
         scale = max(order, key=lambda sc: (scale_rank(sc), order[sc]))
-    of_scale = [r for r in records if recipe_scale(r) == scale]
+    of_scale = [r for r, sc in zip(records, scales) if sc == scale]
     chosen = want
     if not any(record_fingerprint(r) == want for r in of_scale):
         info["stale_records"] = len(of_scale)
@@ -208,10 +209,7 @@ def _source_ablation(run_dir: Optional[str]) -> str:
 
 def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metrics: List[str],
             info: Optional[Dict[str, Any]] = None) -> List[str]:
-    try:
-        sc = get_scale(scale)
-    except Exception:  # a pseudo scale such as "cpu (earlier recipe)"
-        sc = None
+    description = describe(scale)
     first = records[0] if records else {}
     data = _distinct(records, lambda r: f"train `{(r.get('data') or {}).get('train')}`, val "
                                         f"`{(r.get('data') or {}).get('val')}` ({(r.get('data') or {}).get('image_size')} px"
@@ -231,7 +229,7 @@ def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metri
         title += " (STALE)"
     lines = [title, "",
              f"Ablation `{spec.name}`; base row: **{spec.base_row}**; primary metric: {spec.primary_metric}.", "",
-             f"- **Scale:** `{scale}`" + (f": {sc.description}" if sc else ""),
+             f"- **Scale:** `{scale}`" + (f": {description}" if description else ""),
              f"- **Data:** {'; '.join(data) if data else '—'}",
              f"- **Iterations:** {', '.join(map(str, iters))} (batch {', '.join(map(str, batch))}); "
              f"**seeds:** {', '.join(map(str, seeds))}",
@@ -565,11 +563,7 @@ def render_scoreboard(out: Path | str = "reports", fingerprint: Optional[str] = 
     lines.append("| **total** | | | " + " | ".join(f"**{total[k]}**" for k in kinds) + f" | **{sum(total.values())}** |")
     if other_scales:
         lines.append("")
-        for sc in sorted(other_scales):
-            try:
-                lines.append(f"- `{sc}`: {get_scale(sc).description}.")
-            except Exception:
-                lines.append(f"- `{sc}`.")
+        lines += [f"- `{sc}`" + (f": {describe(sc)}." if describe(sc) else ".") for sc in sorted(other_scales)]
     return "\n".join(lines) + "\n"
 
 

@@ -183,22 +183,25 @@ def cpu_candidate(iters: int, steps: Optional[Sequence[float]] = None) -> Scale:
     base = SCALES["cpu"]
     period = 125 * math.ceil(iters / 8 / 125)
     ov = {**base.overrides, "solver.max_iters": iters, "solver.eval_period": period, "solver.checkpoint_period": period}
-    suffix = ""
+    name, what = f"cpu-{iters}it", ("the cpu scale's recipe until 2026-12-03, whose base model misses the "
+                                     "calibration targets" if iters == EARLIER_CPU_ITERS else "a calibration candidate")
     if steps is not None:
         steps = tuple(float(x) for x in steps)
+        text = ",".join(f"{x:g}" for x in steps)
         if not steps or any(not 0.0 < x < 1.0 for x in steps) or list(steps) != sorted(set(steps)):
-            raise InputError(f"--steps {','.join(f'{x:g}' for x in steps)}: expected increasing fractions of the "
-                             f"schedule in (0, 1), e.g. 0.6,0.8")
+            raise InputError(f"--steps {text}: expected increasing fractions of the schedule in (0, 1), e.g. 0.6,0.8")
         ov["solver.steps"] = steps
-        suffix = "-steps" + "-".join(f"{x:g}" for x in steps)
-        return replace(base, name=f"cpu-{iters}it{suffix}", overrides=ov,
-                       description=f"the cpu recipe at {iters} iterations with lr steps at "
-                                   f"{', '.join(f'{x:g}' for x in steps)} of them, an evaluation every {period} "
-                                   f"(a calibration candidate)")
-    what = ("the cpu scale's recipe until 2026-12-03, whose base model misses the calibration targets"
-            if iters == EARLIER_CPU_ITERS else "a calibration candidate")
-    return replace(base, name=f"cpu-{iters}it", overrides=ov,
+        name, what = name + "-steps" + text.replace(",", "-"), f"lr steps at {text} of them; a calibration candidate"
+    return replace(base, name=name, overrides=ov,
                    description=f"the cpu recipe at {iters} iterations, an evaluation every {period} ({what})")
+
+
+def describe(name: str) -> Optional[str]:
+    """A scale's description, or None for a name that is no scale (e.g. ``cpu (earlier recipe)``)."""
+    try:
+        return get_scale(name).description
+    except InputError:
+        return None
 
 
 def _dotted(cfg: Any, key: str) -> Tuple[bool, Any]:
