@@ -155,6 +155,29 @@ def test_point_sample_reads_pixel_centres_at_any_resolution():
     assert point_sample(high, coords).dtype == torch.float32
 
 
+@pytest.mark.parametrize("path", ["grouped", "stacked", "gathers"])
+def test_point_sample_rows_equals_sampling_the_stacked_masks(path, monkeypatch):
+    """Rows of matched targets (each target once per prediction, or not) sampled without stacking
+    them: the values of point_sample_masks(masks[rows]) in the rows' order, on each of its paths."""
+    import m2f.loss.point_sampling as ps
+
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand(6, 29, 41, generator=g) > 0.5  # T = 6 unique targets
+    if path == "grouped":  # 3 predictions, each matched every target in its own order
+        rows = torch.cat([torch.randperm(6, generator=g) for _ in range(3)])
+    else:  # uneven counts: no grouping
+        rows = torch.tensor([0, 3, 3, 5, 1, 0, 2, 3])
+    if path == "gathers":
+        monkeypatch.setattr(ps, "FLOAT_TARGETS_MAX_BYTES", 0)
+    coords = torch.rand(rows.numel(), 300, 2, generator=g) * 1.1 - 0.05
+    ref = point_sample_masks(masks[rows], coords)
+    out = ps.point_sample_rows(masks, rows, coords)
+    assert out.shape == (rows.numel(), 300) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert (out - ref).abs().max() < 1e-5 and out.std() > 0.1  # real values, not zeros
+    assert ps.point_sample_rows(masks, rows[:0], coords[:0]).shape == (0, 300)
+
+
 @pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.float32])
 def test_point_sample_masks_equals_grid_sample(dtype):
     """The gather-based target sampler = grid_sample on float masks, including points outside the map."""

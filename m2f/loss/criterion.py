@@ -37,7 +37,8 @@ from torch.profiler import record_function
 
 from m2f.errors import InputError
 from m2f.loss.matcher import HungarianMatcher, Indices, check_targets
-from m2f.loss.point_sampling import calculate_uncertainty, point_sample, point_sample_masks, uncertainty_point_coords
+from m2f.loss.point_sampling import (calculate_uncertainty, point_sample, point_sample_masks, point_sample_rows,
+                                     uncertainty_point_coords)
 
 LOSS_MODES = ("point", "mask")
 
@@ -167,12 +168,12 @@ class SetCriterion(nn.Module):
         src = torch.cat(picked).float()  # [n * M, h, w]
         with torch.no_grad():
             masks = torch.cat([t["masks"].to(dev) for t in targets])  # [sum N, H, W]
-            tgt = masks[torch.cat(rows)]  # [n * M, H, W], each prediction's matched targets
             with record_function("m2f.point_sampling"):
                 coords = uncertainty_point_coords(src[:, None], calculate_uncertainty, self.num_points,
                                                   self.oversample_ratio, self.importance_sample_ratio, generator,
                                                   groups=n)  # [n * M, P, 2]
-            labels = point_sample_masks(tgt, coords)  # [n * M, P]
+            # each prediction's matched targets at its points, without stacking the [n * M, H, W] masks
+            labels = point_sample_rows(masks, torch.cat(rows), coords)  # [n * M, P]
         logits = point_sample(src[:, None], coords)[:, 0]  # [n * M, P]
         bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1).view(n, M).sum(1)
         p = logits.sigmoid()

@@ -45,7 +45,7 @@ def point_sample(input: Tensor, coords: Tensor, padding_mode: str = "zeros") -> 
     """
     if not input.is_floating_point():
         input = input.float()
-    grid = (2.0 * coords - 1.0).unsqueeze(2)  # [N, P, 1, 2] in [-1, 1]
+    grid = coords.mul(2.0).sub_(1.0).unsqueeze(2)  # [N, P, 1, 2] in [-1, 1] (= 2 * coords - 1, one copy)
     out = F.grid_sample(input, grid.to(input.dtype), mode="bilinear", padding_mode=padding_mode, align_corners=False)
     return out.squeeze(3)  # [N, C, P, 1] -> [N, C, P]
 
@@ -79,6 +79,45 @@ def point_sample_masks(masks: Tensor, coords: Tensor) -> Tensor:
             val = flat.gather(1, (yi[dy] + xi[dx]).expand(N, -1)).float() * (wy[dy] * wx[dx]).expand(N, -1)
             out = val if out is None else out + val
     return out  # [N, P]
+
+
+# A float32 copy of the target masks up to this size is cheaper than the gathers of
+# point_sample_masks (one grid_sample instead of ~30 passes over [rows, P] temporaries); above it
+# (e.g. 1024 px masks) the gathers keep memory flat.
+FLOAT_TARGETS_MAX_BYTES = 64 << 20
+
+
+def point_sample_rows(masks: Tensor, rows: Tensor, coords: Tensor) -> Tensor:
+    """Bilinear values of the target masks ``masks[rows]`` at per-row points, without stacking
+    ``masks[rows]``: ``point_sample_masks(masks[rows], coords)`` up to float rounding.
+
+    masks [T, H, W] (bool / uint8 / float; the unique targets of a batch), rows [R] int64 (the
+    target of each row, e.g. every supervised prediction's matched targets, so a target repeats
+    once per prediction), coords [R, P, 2] (x, y) in [0, 1] -> [R, P] float32.  Not differentiable.
+
+    When every target occurs equally often (k times: each prediction matched every target) and a
+    float32 copy of the T masks fits :data:`FLOAT_TARGETS_MAX_BYTES`, the rows are grouped by target
+    and sampled with ONE ``grid_sample`` over the T float masks ([T, k * P] points); otherwise, if
+    the R masks fit, ``grid_sample`` on ``masks[rows]``; else :func:`point_sample_masks` (gathers,
+    no float copy).
+    """
+    T, H, W = masks.shape
+    R, P = coords.shape[:2]
+    if R == 0:
+        return coords.new_zeros((0, P))
+    float_bytes = 4 * H * W
+    counts = torch.bincount(rows, minlength=T) if T else rows.new_zeros(0)
+    if T and T * float_bytes <= FLOAT_TARGETS_MAX_BYTES and R % T == 0 and bool((counts == R // T).all()):
+        k = R // T
+        order = torch.argsort(rows, stable=True)  # rows grouped by target: [t0 x k, t1 x k, ...]
+        grid = coords[order].reshape(T, k * P, 2)
+        vals = point_sample(masks[:, None].float(), grid)[:, 0].reshape(R, P)
+        out = torch.empty_like(vals)
+        out[order] = vals
+        return out
+    if R * float_bytes <= FLOAT_TARGETS_MAX_BYTES:
+        return point_sample(masks[rows][:, None].float(), coords)[:, 0]
+    return point_sample_masks(masks[rows], coords)
 
 
 def calculate_uncertainty(logits: Tensor) -> Tensor:
