@@ -19,8 +19,11 @@ batch (B * H_out * W_out; ResNet's last stage at small inputs) runs as one oneDN
 ``F.conv2d``.
 
 Backends: ``"reference"`` (``F.linear`` / ``F.conv2d``), ``"onednn"``, ``"auto"`` (oneDNN for
-float32 CPU tensors outside autocast when the op is present and agrees with ``F.linear`` on a probe;
-else reference).  Under ``torch.jit.trace`` (fvcore's FLOP count) every backend runs the reference
+float32 CPU tensors outside autocast when the op is present and agrees with ``F.linear`` on a probe,
+and the CPU is not an Intel one (:func:`auto_prefers_onednn`); else reference).  The vendor rule is
+measured, not assumed (reports/bench/NOTES.md): on the 2-core AMD EPYC oneDNN made the R50 step 1.37x
+faster than PyTorch's BLAS (MKL, which does not run its AVX-512 kernels on AMD CPUs), while on the
+2-core Intel Xeon (AVX-512 + AMX) the tiny step was 5-9% slower with oneDNN than with MKL.  Under ``torch.jit.trace`` (fvcore's FLOP count) every backend runs the reference
 ops, which tracers see into.  Double backward (``create_graph``) differentiates the plain expressions.
 
 Modules: :class:`Linear` and :class:`Conv2d` are ``nn.Linear`` / ``nn.Conv2d`` (same parameters,
@@ -57,6 +60,27 @@ def onednn_available() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_vendor() -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...; "" when unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return "GenuineIntel" if "Intel" in platform.processor() else ""
+
+
+def auto_prefers_onednn() -> bool:
+    """Whether ``auto`` picks oneDNN on this CPU: everywhere but on Intel CPUs, where PyTorch's MKL
+    GEMMs were measured faster (see the module docstring)."""
+    return cpu_vendor() != "GenuineIntel"
+
+
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"gemm_backend: {backend!r} is not a backend; valid choices: {list(BACKENDS)}")
@@ -68,7 +92,7 @@ def check_backend(backend: str) -> str:
 
 def resolve_backend(backend: str, *tensors: Tensor) -> str:
     """The implementation ``backend`` runs for these tensors: "onednn" or "reference"."""
-    if backend == "reference":
+    if backend == "reference" or (backend == "auto" and not auto_prefers_onednn()):
         return "reference"
     ok = (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided
               for t in tensors)
@@ -78,7 +102,8 @@ def resolve_backend(backend: str, *tensors: Tensor) -> str:
 
 def resolve_for_device(backend: str, device: "torch.device | str", amp: bool = False) -> str:
     """What ``backend`` runs for a float32 model on ``device`` (under autocast if ``amp``), for records."""
-    if backend == "reference" or amp or torch.device(device).type != "cpu" or not onednn_available():
+    if (backend == "reference" or amp or torch.device(device).type != "cpu" or not onednn_available()
+            or (backend == "auto" and not auto_prefers_onednn())):
         return "reference"
     return "onednn"
 

@@ -16,6 +16,38 @@ from kernels.cpu_gemm import Conv2d, Linear, adopt_linear, conv2d, linear, onedn
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN linear op")
 
 
+_REAL_CPU_VENDOR = cpu_gemm.cpu_vendor
+
+
+@pytest.fixture(autouse=True)
+def _auto_is_onednn(monkeypatch):
+    """These tests check what `auto` runs where it picks oneDNN (every CPU but Intel's); the vendor
+    rule itself is tested in test_auto_follows_the_measured_vendor_rule."""
+    monkeypatch.setattr(cpu_gemm, "cpu_vendor", lambda: "AuthenticAMD")
+
+
+def test_auto_follows_the_measured_vendor_rule(monkeypatch):
+    x, w = torch.randn(5, 8), torch.randn(3, 8)
+    monkeypatch.setattr(cpu_gemm, "cpu_vendor", lambda: "GenuineIntel")
+    assert cpu_gemm.resolve_backend("auto", x, w) == "reference"
+    assert cpu_gemm.resolve_for_device("auto", "cpu") == "reference"
+    if onednn_available():
+        assert cpu_gemm.resolve_backend("onednn", x, w) == "onednn"  # asked for by name: still oneDNN
+        monkeypatch.setattr(cpu_gemm, "cpu_vendor", lambda: "AuthenticAMD")
+        assert cpu_gemm.resolve_backend("auto", x, w) == "onednn"
+        assert cpu_gemm.resolve_for_device("auto", "cpu") == "onednn"
+
+
+def test_cpu_vendor_reads_proc_cpuinfo():
+    v = _REAL_CPU_VENDOR.__wrapped__()  # uncached, unpatched
+    try:
+        with open("/proc/cpuinfo") as f:
+            want = next((l.split(":", 1)[1].strip() for l in f if l.startswith("vendor_id")), None)
+    except OSError:
+        want = None
+    assert v == want if want is not None else isinstance(v, str)
+
+
 def _count_onednn_calls(monkeypatch):
     calls = []
     real = cpu_gemm._mm_nt
