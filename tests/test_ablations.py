@@ -873,21 +873,24 @@ def test_calibration_candidates_with_earlier_lr_steps(tmp_path, fake_train):
 def test_flagship_time_projects_to_the_avx2_machine_only_from_the_same_cpu(tmp_path):
     """The AVX2 projection is (1ed9e8d's s/it there) / (1ed9e8d's s/it here): 'here' must be the CPU
     the runs ran on, else no projection is made."""
-    from ablations.calibration import AVX2_BASE_S_PER_ITER, TREES_RESULT, flagship_time
+    from ablations.calibration import AVX2_BASE_S_PER_ITER, flagship_time
     from ablations.scales import CPU_JOBS, CPU_SEEDS
 
     cpu = {"model": "Intel(R) Xeon(R) Processor", "isa_class": "avx512"}
     recs = [{"wall_seconds": 600.0 + i, "environment": {"cpu": cpu}} for i in range(3)]
-    t = tmp_path / TREES_RESULT
-    t.parent.mkdir(parents=True)
+    (tmp_path / "bench").mkdir()
+    t = tmp_path / "bench" / "trees_tiny_1ed9e8d.json"
     t.write_text(json.dumps({"environment": {"cpu": {"model": "AMD EPYC", "isa_class": "avx512"}},
                              "summary": {"side_by_side": {"base_s_per_iter": 1.0}}}))
     ft = flagship_time(recs, tmp_path)
     rounds = -(-3 * CPU_SEEDS // CPU_JOBS)
     assert ft["projected_s"] == pytest.approx(rounds * 601.0) and "projected_avx2_s" not in ft
     assert ft["trees_cpu"] == "AMD EPYC (avx512)"
-    t.write_text(json.dumps({"environment": {"cpu": cpu}, "summary": {"side_by_side": {"base_s_per_iter": 0.9}}}))
+    # one trees file per CPU: the one measured on the runs' CPU is picked, whatever its suffix
+    (tmp_path / "bench" / "trees_tiny_1ed9e8d_xeon.json").write_text(json.dumps(
+        {"environment": {"cpu": cpu}, "summary": {"side_by_side": {"base_s_per_iter": 0.9}}}))
     ft = flagship_time(recs, tmp_path)
+    assert ft["trees_file"] == "trees_tiny_1ed9e8d_xeon.json" and "trees_cpu" not in ft
     assert ft["avx2_factor"] == pytest.approx(AVX2_BASE_S_PER_ITER / 0.9)
     assert ft["projected_avx2_s"] == pytest.approx(rounds * 601.0 * AVX2_BASE_S_PER_ITER / 0.9)
 
