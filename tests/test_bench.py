@@ -474,3 +474,16 @@ def test_speed_summary_applies_the_tiny_goal_and_names_the_cpu(tmp_path):
     r50 = next(r for r in rows if "`b.json`" in r)
     assert ">= 2.0x: NOT met" in tiny and ">= 1.3x: met" in r50
     assert "cpu Intel Xeon, avx512, 1 thread" in tiny
+
+
+def test_summary_marks_an_isa_capped_run_as_such(tmp_path):
+    """A run with ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS set emulates a lower
+    ISA on a bigger CPU: its row says so rather than passing for the CPU's own figure."""
+    cpu = {"model": "Intel(R) Xeon(R) Processor", "isa_class": "avx512", "aten_capability": "AVX2",
+           "isa_caps": {"ATEN_CPU_CAPABILITY": "avx2"}}
+    env = {"device": "cpu", "threads": 1, "cpu": cpu}
+    step = {"m2f": {"median_s": 1.0}, "hf": {"median_s": 1.5}, "ratio_m2f_over_hf": 1.5}
+    (tmp_path / "c.json").write_text(json.dumps({"kind": "speed", "preset": "r50_coco_panoptic", "size": 512,
+                                                 "overrides": [], "environment": env, "train": step}))
+    row = next(r for r in report.render_summary(tmp_path).splitlines() if "`c.json`" in r)
+    assert "cpu Intel Xeon, avx512 capped to avx2, 1 thread" in row

@@ -253,6 +253,8 @@ def _device_label(r: Dict[str, Any]) -> tuple:
     n = env.get("threads")
     cpu = (env.get("cpu") or {})
     isa = f", {cpu.get('isa_class')}" if cpu.get("isa_class") else ""
+    if cpu.get("isa_caps"):  # ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS set: an emulation
+        isa += f" capped to {str(cpu.get('aten_capability') or 'a lower ISA').lower()}"
     model = re.sub(r"\((R|TM)\)|\bProcessor\b|\bCPU\b", "", str(cpu.get("model") or "")).split("@")[0]
     model = " ".join(model.split()[:3])  # "AMD EPYC 7B13", "Intel Xeon"
     where = f" {model}" if model else ""
