@@ -66,8 +66,12 @@ from m2f.errors import InputError
 # AVX-512 + AMX, 0.72 s/it over 7 runs on 2026-12-03 (11-15 min per run) but 1.16 s/it over 18 runs on
 # 2026-12-02 (a busier host with the same CPU name).  The AVX2-only EPYC has no cpu-scale record; the
 # trees benchmark projects it at 1.76x the AMD figure.  At the 2000-iteration recipe: Intel Xeon, 0.60
-# s/it over Table 4a's 15 runs on 2026-12-03 (20.1 min per run; reports/calibration/README.md).
-CPU_SECONDS_PER_ITER = 0.7
+# s/it over Table 4a's 15 runs on 2026-12-03 (20.1 min per run); after the 2026-12-05 speed work
+# (code fingerprint fe5233d89935), Intel Xeon with AVX-512 + AMX: 0.49 s/it median (0.47-0.52) over
+# Table 4a's 15 runs on 2026-12-05 (16.3 min per run with its 8 evaluations; reports/calibration/
+# README.md), and about 3.0x that (1.5 s/it) projected on the AVX2-only EPYC from the commit before the
+# speed work measured on both (2.0 s/it there, 0.665 here side by side: trees_tiny_1ed9e8d_xeon.json).
+CPU_SECONDS_PER_ITER = 0.5
 CPU_SECONDS_PER_EVAL = 9.0
 CPU_ITERS = 2000
 EARLIER_CPU_ITERS = 1000  # the cpu recipe until 2026-12-03 (its records are cpu-1000it records)
