@@ -10,8 +10,11 @@ compared pixels/points and dice ``1 - (2 sum(p t) + 1) / (sum p + sum t + 1)``.
 - ``mode="point"`` (paper default): the mask costs are computed on the SAME ``num_points`` uniform
   random points for every prediction and target of an image.  Predictions (1/4 resolution) and
   targets (padded image resolution) are both sampled with the same normalised coordinates.
-- ``mode="mask"``: full masks; the predictions are upsampled bilinearly to the target mask size
-  (as the official full-mask variant), so the cost is computed at the padded image resolution.
+- ``mode="mask"``: full masks; the predictions are upsampled bilinearly to the target mask size,
+  as the full-mask loss does (MaskFormer's criterion), so the cost is computed at the padded image
+  resolution.  Not the only reading: MaskFormer's matcher instead downsamples the targets to the
+  prediction size (nearest), Mask2Former's released code has point matching only, and the paper does
+  not say which its "mask" matching (Table 5) used.
 
 Costs are computed in float32 with autocast disabled, under ``torch.no_grad``; all cost matrices of
 a call are copied to the host in ONE transfer, then solved on the CPU.  The result per image is
