@@ -44,4 +44,6 @@ for (B,C,H,O) in [(1,256,128,256),(1,64,128,256),(1,256,128,64),(1,512,64,128),(
         F.linear(x.permute(0,2,3,1), w.flatten(1), b).permute(0,3,1,2).backward(g)
     r=bench({"thnn":conv,"mkl_linear":lin},n=9); r["ratio"]=round(r["thnn"]/r["mkl_linear"],2)
     out[f"1x1 B{B} C{C} H{H} O{O}"]=r; print(list(out.items())[-1], flush=True)
+from m2f.bench.common import environment
+out["environment"]=environment("cpu")
 json.dump(out, open(sys.argv[1] if len(sys.argv)>1 else "speed_leads_cpu.json","w"), indent=1)
