@@ -96,7 +96,7 @@ def bench_kernels(s: nox.Session) -> None:
 
 @nox.session(name="bench_gemm", venv_backend="none")
 def bench_gemm(s: nox.Session) -> None:
-    """float32 CPU GEMMs, BLAS vs oneDNN (kernels/cpu_gemm.py), and an R50 training step per gemm_backend:
+    """float32 CPU GEMMs, BLAS vs oneDNN (m2f_kernels/cpu_gemm.py), and an R50 training step per gemm_backend:
     python -m m2f.bench gemm --threads 1 --step --out reports/bench/gemm_cpu.json (args after -- replace)."""
     s.run(PY, "-m", "m2f.bench", "gemm",
           *(s.posargs or ["--threads", "1", "--step", "--out", "reports/bench/gemm_cpu.json"]), external=True)

@@ -3,10 +3,10 @@
     python -m pytest benchmarks --benchmark-only
     M2F_BENCH_SHAPES=r50_512 python -m pytest benchmarks --benchmark-only -k deform   # full R50-at-512 levels
 
-Deformable attention: the grid_sample reference (kernels.ms_deform_attn) vs the embedding_bag
+Deformable attention: the grid_sample reference (m2f_kernels.ms_deform_attn) vs the embedding_bag
 gather the model runs (m2f.models.pixel_decoders.msdeform); masked cross-attention: explicit
 softmax vs scaled_dot_product_attention; point sampling; the Hungarian matcher; a linear layer per GEMM
-backend (kernels/cpu_gemm.py).
+backend (m2f_kernels/cpu_gemm.py).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from kernels.ms_deform_attn import (ms_deform_attn_gather, ms_deform_attn_levels, ms_deform_attn_recompute,
+from m2f_kernels.ms_deform_attn import (ms_deform_attn_gather, ms_deform_attn_levels, ms_deform_attn_recompute,
                                     ms_deform_attn_reference)
 from m2f.models.transformer_decoder import Attention, masked_attention_bias
 
@@ -102,8 +102,8 @@ def test_hungarian_matcher(benchmark):
 @pytest.mark.parametrize("backend", ["reference", "onednn"])
 def test_linear_forward_backward(benchmark, backend):
     """The pixel decoder's FFN expansion (tokens x 256 -> 1024) forward + backward per GEMM backend
-    (kernels/cpu_gemm.py; "reference" = F.linear, MKL on x86)."""
-    from kernels.cpu_gemm import linear, onednn_available
+    (m2f_kernels/cpu_gemm.py; "reference" = F.linear, MKL on x86)."""
+    from m2f_kernels.cpu_gemm import linear, onednn_available
 
     if backend == "onednn" and not onednn_available():
         pytest.skip("this PyTorch build has no oneDNN linear op")

@@ -78,9 +78,9 @@ class PixelDecoderCfg:
     num_points: int = 4
     ffn_dim: int = 1024
     dropout: float = 0.0
-    # Multi-scale deformable attention implementation (kernels/ms_deform_attn.py): "reference" (pure
+    # Multi-scale deformable attention implementation (m2f_kernels/ms_deform_attn.py): "reference" (pure
     # PyTorch, runs everywhere: per-level grid_sample under autograd, one embedding_bag gather without;
-    # both equal kernels.ms_deform_attn_reference), "reference_recompute" (the same, but training keeps
+    # both equal m2f_kernels.ms_deform_attn_reference), "reference_recompute" (the same, but training keeps
     # only the attention's inputs for backward and recomputes the samples there: less memory, more
     # time; reports/bench/kernels.json), "triton", "auto" (triton on CUDA when available).
     deform_attn_backend: Literal["reference", "reference_recompute", "triton", "auto"] = execution_only(
@@ -226,7 +226,7 @@ class Config:
     # Backbone input normalisation (0-255 RGB), detectron2's ImageNet values.
     pixel_mean: Tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: Tuple[float, float, float] = (58.395, 57.12, 57.375)
-    # float32 CPU GEMMs of every linear layer and 1x1 convolution (kernels/cpu_gemm.py): "onednn"
+    # float32 CPU GEMMs of every linear layer and 1x1 convolution (m2f_kernels/cpu_gemm.py): "onednn"
     # (oneDNN's linear op; how much faster than the BLAS depends on the CPU: reports/bench/gemm_cpu*.json),
     # "reference" (F.linear / F.conv2d), "auto" (oneDNN for float32 CPU tensors outside autocast where
     # the build has it, else reference).  Same function up to float32 summation order.

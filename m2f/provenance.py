@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The sources behind a result, by part (paths relative to the repository / install root).
 FINGERPRINT_PARTS: Dict[str, List[str]] = {
     "config": ["m2f/config.py"],
-    "model": ["m2f/models", "kernels", "m2f/registry.py"],
+    "model": ["m2f/models", "m2f_kernels", "m2f/registry.py"],
     "loss": ["m2f/loss"],
     "data": ["m2f/data"],
     "training": ["m2f/train.py"],

@@ -180,8 +180,8 @@ def kernels_used(cfg: Config, device) -> Dict[str, str]:
     """The implementations that actually ran: every kernel field of the config (marked
     ``execution_only(..., kernel=True)`` in m2f.config) with "auto" resolved on ``device``, recorded
     with results.  The deformable-attention backend only for the msdeform pixel decoder."""
-    from kernels.cpu_gemm import resolve_for_device
-    from kernels.ms_deform_attn import resolve_backend
+    from m2f_kernels.cpu_gemm import resolve_for_device
+    from m2f_kernels.ms_deform_attn import resolve_backend
 
     amp = amp_context(cfg.solver, torch.device(device).type) is not nullcontext
     resolvers = {"gemm_backend": lambda v: resolve_for_device(v, device, amp=amp),

@@ -10,10 +10,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from kernels.ms_deform_attn import ms_deform_attn_reference  # noqa: E402
+from m2f_kernels.ms_deform_attn import ms_deform_attn_reference  # noqa: E402
 from m2f.bench import cli, common, memory, profile, report  # noqa: E402
 from m2f.errors import InputError  # noqa: E402
-from kernels.ms_deform_attn import (  # noqa: E402
+from m2f_kernels.ms_deform_attn import (  # noqa: E402
     ms_deform_attn_gather,
     ms_deform_attn_levels,
     ms_deform_attn_recompute,
@@ -418,7 +418,7 @@ def test_summary_table_against_goals(tmp_path):
 def test_gemm_report_rows(tmp_path):
     """m2f.bench gemm's JSON lands in the README summary: median speed-up and the training step."""
     from m2f.bench import gemm as bench_gemm
-    from kernels.cpu_gemm import onednn_available
+    from m2f_kernels.cpu_gemm import onednn_available
 
     if not onednn_available():
         pytest.skip("this PyTorch build has no oneDNN linear op")

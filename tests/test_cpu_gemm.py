@@ -1,4 +1,4 @@
-"""kernels/cpu_gemm.py: float32 CPU linear layers and 1x1 convolutions through oneDNN, against
+"""m2f_kernels/cpu_gemm.py: float32 CPU linear layers and 1x1 convolutions through oneDNN, against
 F.linear / F.conv2d (values, gradients, layouts, fallbacks) and in the model."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import cpu_gemm
-from kernels.cpu_gemm import Conv2d, Linear, adopt_linear, conv2d, linear, onednn_available
+from m2f_kernels import cpu_gemm
+from m2f_kernels.cpu_gemm import Conv2d, Linear, adopt_linear, conv2d, linear, onednn_available
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN linear op")
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
+from m2f_kernels.ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from kernels.ms_deform_attn import _HAS_TRITON as HAS_TRITON  # noqa: E402
-from kernels.ms_deform_attn import _interpreter_active, ms_deform_attn_triton, triton_available  # noqa: E402
+from m2f_kernels.ms_deform_attn import _HAS_TRITON as HAS_TRITON  # noqa: E402
+from m2f_kernels.ms_deform_attn import _interpreter_active, ms_deform_attn_triton, triton_available  # noqa: E402
 
 
 def _triton_device():
@@ -222,7 +222,7 @@ def _compile_sm90(which: str, dtype: str, Dh: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import ms_deform_attn as mod
+    from m2f_kernels import ms_deform_attn as mod
 
     sig = {"value_ptr": f"*{dtype}", "levels_ptr": "*i32", "loc_ptr": f"*{dtype}", "attn_ptr": f"*{dtype}"}
     if which == "fwd":
@@ -438,7 +438,7 @@ def test_masked_attention_sdpa_cuda(dtype, tol, fused):
 
 
 def test_resolve_backend_names_what_runs():
-    from kernels.ms_deform_attn import resolve_backend
+    from m2f_kernels.ms_deform_attn import resolve_backend
 
     assert resolve_backend("auto", "cpu") == "reference"
     assert resolve_backend("reference_recompute", "cpu") == "reference_recompute"

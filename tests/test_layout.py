@@ -1,4 +1,4 @@
-"""The house rules of the layout: kernels/ is a leaf, no import cycles, the library does not import its
+"""The house rules of the layout: m2f_kernels/ is a leaf, no import cycles, the library does not import its
 tooling, execution-only fields are marked once, and one provenance module."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from m2f import provenance
 from m2f.config import EXECUTION_ONLY, KERNEL_FIELDS, Config, apply_overrides, config_hash, get_preset
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("m2f", "ablations", "kernels")
+PACKAGES = ("m2f", "ablations", "m2f_kernels")
 
 
 def _modules() -> dict:
@@ -48,8 +48,8 @@ def _graph() -> dict:
 
 
 def test_kernels_is_a_leaf_package():
-    bad = {m: sorted(d for d in deps if not d.startswith("kernels"))
-           for m, deps in _graph().items() if m.startswith("kernels")}
+    bad = {m: sorted(d for d in deps if not d.startswith("m2f_kernels"))
+           for m, deps in _graph().items() if m.startswith("m2f_kernels")}
     assert not any(bad.values()), bad
 
 
@@ -178,7 +178,7 @@ def test_design_map_names_files_that_exist(doc):
     import re
 
     text = (ROOT / doc).read_text()
-    paths = set(re.findall(r"`((?:m2f|ablations|kernels|tests|benchmarks|reports|docs)/[\w./-]*)`", text))
+    paths = set(re.findall(r"`((?:m2f|ablations|m2f_kernels|tests|benchmarks|reports|docs)/[\w./-]*)`", text))
     assert len(paths) >= 15, paths
     missing = sorted(p for p in paths if not (ROOT / p.rstrip("/")).exists())
     assert missing == []

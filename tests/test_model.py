@@ -7,7 +7,7 @@ from typing import get_args
 import pytest
 import torch
 
-from kernels.mask_product import mask_product  # noqa: E402
+from m2f_kernels.mask_product import mask_product  # noqa: E402
 from m2f.config import CrossAttention, FeatureSchedule, LayerOrder, QueryFeatures  # noqa: E402
 from m2f.config import DecoderCfg, get_preset  # noqa: E402
 from m2f.errors import InputError  # noqa: E402

@@ -99,7 +99,7 @@ def test_resume_continues_the_identical_loss_curve(tmp_path):
     assert [i for i, _ in a] == [1, 2, 3, 4, 5, 6]
     assert a == b  # bit-identical on CPU
     assert len({round(v, 6) for _, v in a}) > 1  # the loss actually changes
-    from kernels.cpu_gemm import resolve_for_device
+    from m2f_kernels.cpu_gemm import resolve_for_device
 
     assert full["kernels"] == {"decoder.attention_backend": cfg.decoder.attention_backend,
                                "gemm_backend": resolve_for_device("auto", "cpu"),

@@ -1,5 +1,5 @@
 """float32 CPU GEMMs: the BLAS behind ``torch.mm`` / ``F.linear`` vs oneDNN's linear op
-(kernels/cpu_gemm.py) on the model's linear-layer shapes, forward and both gradients, interleaved in
+(m2f_kernels/cpu_gemm.py) on the model's linear-layer shapes, forward and both gradients, interleaved in
 one process; GFLOP/s (best of ``--iters``), the ratio, and each one's error against the
 float64 product.  Also one R50 training step with ``gemm_backend`` reference vs auto (``--step``).
 
@@ -33,7 +33,7 @@ def _best(fn: Callable[[], Any], iters: int) -> float:
 
 
 def gemm_table(iters: int, shapes: Sequence[tuple] = SHAPES) -> List[Dict[str, Any]]:
-    from kernels.cpu_gemm import _mm_nt, _weight_grad
+    from m2f_kernels.cpu_gemm import _mm_nt, _weight_grad
 
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -70,7 +70,7 @@ def step_times(preset: str, size: int, iters: int) -> Dict[str, float]:
     models = {}
     for backend in ("reference", "auto"):  # one model per backend, the same weights
         torch.manual_seed(0)
-        # "auto" is timed as oneDNN, what it picks on the CPUs where it picks it (kernels/cpu_gemm.py)
+        # "auto" is timed as oneDNN, what it picks on the CPUs where it picks it (m2f_kernels/cpu_gemm.py)
         impl = "onednn" if backend == "auto" else backend
         models[backend] = build_model(get_preset(preset, [f"gemm_backend={impl}"])).train()
     models["auto"].load_state_dict(models["reference"].state_dict())
@@ -90,7 +90,7 @@ def step_times(preset: str, size: int, iters: int) -> Dict[str, float]:
             step(models[backend])
             times[backend].append(time.perf_counter() - t0)
     med = {k: statistics.median(v[1:]) for k, v in times.items()}  # first round: warm-up
-    from kernels.cpu_gemm import resolve_for_device
+    from m2f_kernels.cpu_gemm import resolve_for_device
 
     return {"preset": preset, "size": size, "reference_s": med["reference"], "auto_s": med["auto"],
             "speedup": med["reference"] / med["auto"], "auto_timed_as": "onednn",
@@ -108,7 +108,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    from kernels.cpu_gemm import onednn_available
+    from m2f_kernels.cpu_gemm import onednn_available
     from m2f.provenance import cpu_info, environment
 
     if not onednn_available():

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
-from kernels.ms_deform_attn import ms_deform_attn_reference
+from m2f_kernels.ms_deform_attn import ms_deform_attn_reference
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 H100_TBS = 3.35  # H100 SXM HBM3 peak, TB/s
@@ -176,7 +176,7 @@ def _inputs(B, S, Q, nH, Dh, L, P, dtype, device, seed):
 
 
 def _triton_skip_reason(device: str) -> Optional[str]:
-    from kernels.ms_deform_attn import triton_available
+    from m2f_kernels.ms_deform_attn import triton_available
 
     if not device.startswith("cuda"):
         return "triton backend is timed on CUDA only (the CPU interpreter is for correctness tests)"
@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     fns = {"reference": ms_deform_attn_reference}
     skip = _triton_skip_reason(device) if "triton" in args.backends else None
     if "triton" in args.backends and skip is None:
-        from kernels.ms_deform_attn import ms_deform_attn_triton
+        from m2f_kernels.ms_deform_attn import ms_deform_attn_triton
 
         fns["triton"] = ms_deform_attn_triton
     for dname in args.dtypes:

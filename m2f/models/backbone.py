@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 
-from kernels.cpu_gemm import check_backend as check_gemm_backend
-from kernels.cpu_gemm import conv2d as gemm_conv2d
+from m2f_kernels.cpu_gemm import check_backend as check_gemm_backend
+from m2f_kernels.cpu_gemm import conv2d as gemm_conv2d
 from m2f.config import BackboneCfg
 from m2f.errors import InputError
 from m2f.models.checkpointing import run_block
@@ -91,7 +91,7 @@ class FrozenBatchNorm2d(nn.Module):
 
 
 def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, backend: str = "reference") -> Tensor:
-    """``norm(conv(x))`` with the convolution through the GEMM ``backend`` (kernels/cpu_gemm.py); a
+    """``norm(conv(x))`` with the convolution through the GEMM ``backend`` (m2f_kernels/cpu_gemm.py); a
     FrozenBatchNorm2d is folded into the convolution (weight * scale, bias shift): one conv instead of
     conv + two full-size elementwise passes, same function (gradients still reach ``conv.weight``)."""
     if isinstance(norm, FrozenBatchNorm2d):
@@ -140,7 +140,7 @@ class ResNetBackbone(nn.Module):
             False = stride in the first 1x1 conv (original ResNet / MSRA weights).
         weights: optional local weights: a torchvision state dict or a detectron2 ``.pkl``
             (``stem`` / ``res2..res5`` names, e.g. the official configs' ``R-50.pkl``).
-        gemm_backend: the convolutions' 1x1 GEMMs (kernels/cpu_gemm.py).
+        gemm_backend: the convolutions' 1x1 GEMMs (m2f_kernels/cpu_gemm.py).
         activation_checkpointing: recompute each block in backward (same gradients, less memory).
     """
 

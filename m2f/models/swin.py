@@ -35,7 +35,7 @@ from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models.swin_transformer import PatchMerging, WindowAttention
 from torch import Tensor, nn
 
-from kernels.cpu_gemm import adopt_linear
+from m2f_kernels.cpu_gemm import adopt_linear
 from m2f.config import BackboneCfg
 from m2f.errors import InputError
 from m2f.models.checkpointing import run_block
@@ -171,7 +171,7 @@ class SwinBackbone(nn.Module):
         drop_path_rate: stochastic depth, linearly increasing from 0 over all blocks.
         patch_size: 4 (stride of res2).
         weights: optional local checkpoint (timm or official Swin layout); never downloaded.
-        gemm_backend: the linear layers' GEMMs (kernels/cpu_gemm.py).
+        gemm_backend: the linear layers' GEMMs (m2f_kernels/cpu_gemm.py).
         activation_checkpointing: recompute each block in backward (same gradients, less memory).
     """
 

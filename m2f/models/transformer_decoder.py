@@ -41,8 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.cpu_gemm import Conv2d, Linear
-from kernels.mask_product import mask_product
+from m2f_kernels.cpu_gemm import Conv2d, Linear
+from m2f_kernels.mask_product import mask_product
 from m2f.config import CrossAttention, DecoderCfg, FeatureSchedule, LayerOrder, QueryFeatures
 from m2f.models.outputs import Mask2FormerOutput, MaskPrediction
 from m2f.models.position_encoding import PositionEmbeddingSine
@@ -310,7 +310,7 @@ class MaskedTransformerDecoder(nn.Module):
         self.cross_attention, self.feature_schedule = cross_attention, feature_schedule
         self.cross_variant = CROSS_ATTENTION[cross_attention]  # picked once: no string dispatch in forward
         self.schedule = SCHEDULES[feature_schedule]
-        self.gemm_backend = gemm_backend  # the mask head product's GEMMs (kernels/mask_product.py)
+        self.gemm_backend = gemm_backend  # the mask head product's GEMMs (m2f_kernels/mask_product.py)
         self.query_features, self.mask_threshold = query_features, mask_threshold
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
         self.level_embed = nn.Embedding(NUM_LEVELS, hidden_dim)

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.cpu_gemm import Conv2d
+from m2f_kernels.cpu_gemm import Conv2d
 from m2f.config import PixelDecoderCfg
 from m2f.errors import InputError
 from m2f.models.pixel_decoders.fpn import NUM_MULTI_SCALE, c2_xavier_fill, conv_norm, levels_low_res_first

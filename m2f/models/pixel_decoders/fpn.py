@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.cpu_gemm import Conv2d
+from m2f_kernels.cpu_gemm import Conv2d
 from m2f.config import PixelDecoderCfg
 from m2f.errors import InputError
 from m2f.registry import PIXEL_DECODERS
@@ -48,7 +48,7 @@ def c2_xavier_fill(conv: nn.Conv2d) -> None:
 def conv_norm(in_ch: int, out_ch: int, kernel: int, norm: str, relu: bool = False, groups: int = 1,
               gemm_backend: str = "reference") -> nn.Sequential:
     """conv(kernel, stride 1, 'same' padding) -> norm -> optional ReLU.  Bias only without a norm.
-    ``gemm_backend``: kernels/cpu_gemm.py (1x1 convolutions of channels-last input)."""
+    ``gemm_backend``: m2f_kernels/cpu_gemm.py (1x1 convolutions of channels-last input)."""
     conv = Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=norm == "none", groups=groups,
                   backend=gemm_backend)
     c2_xavier_fill(conv)

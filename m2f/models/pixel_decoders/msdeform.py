@@ -10,8 +10,8 @@ with sine positional encodings plus a learnable embedding per level.  One FPN st
 [1/32, 1/16, 1/8] maps with conv_dim channels)`` (low resolution first).
 
 The deformable attention itself (its reference, fast paths and dispatch on ``backend``) is
-:mod:`kernels.ms_deform_attn`.  The sine positional encodings and reference points depend only on
-the level shapes: cached per shape.  ``gemm_backend`` (kernels/cpu_gemm.py) computes the linear
+:mod:`m2f_kernels.ms_deform_attn`.  The sine positional encodings and reference points depend only on
+the level shapes: cached per shape.  ``gemm_backend`` (m2f_kernels/cpu_gemm.py) computes the linear
 layers and 1x1 convolutions; ``activation_checkpointing`` recomputes the encoder layers in backward.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.cpu_gemm import Conv2d, Linear
-from kernels.ms_deform_attn import check_backend, ms_deform_attn
+from m2f_kernels.cpu_gemm import Conv2d, Linear
+from m2f_kernels.ms_deform_attn import check_backend, ms_deform_attn
 from m2f.config import PixelDecoderCfg
 from m2f.models.checkpointing import run_block
 from m2f.models.position_encoding import PositionEmbeddingSine
@@ -53,8 +53,8 @@ class MSDeformAttn(nn.Module):
     forward(query [B,Q,C], reference_points [B,Q,L,2] in [0,1] (x,y), value_in [B,S,C],
     spatial_shapes [(H_l, W_l)] * L) -> [B,Q,C]
 
-    ``backend``: the implementation of the attention (``kernels.ms_deform_attn.BACKENDS``);
-    ``gemm_backend``: the linear layers' (``kernels.cpu_gemm.BACKENDS``).
+    ``backend``: the implementation of the attention (``m2f_kernels.ms_deform_attn.BACKENDS``);
+    ``gemm_backend``: the linear layers' (``m2f_kernels.cpu_gemm.BACKENDS``).
     """
 
     def __init__(self, dim: int, num_heads: int, num_levels: int, num_points: int, backend: str = "reference",
@@ -143,8 +143,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         in_channels / in_strides: backbone outputs, e.g. {"res2": 256, ...} / {"res2": 4, ...}.
         transformer_in_features: the levels the deformable encoder sees (res3..res5).
         common_stride: stride of the mask features (4): FPN steps run down to it.
-        backend: the deformable attention's implementation (``kernels.ms_deform_attn.BACKENDS``).
-        gemm_backend: the linear layers' and 1x1 convolutions' (``kernels.cpu_gemm.BACKENDS``).
+        backend: the deformable attention's implementation (``m2f_kernels.ms_deform_attn.BACKENDS``).
+        gemm_backend: the linear layers' and 1x1 convolutions' (``m2f_kernels.cpu_gemm.BACKENDS``).
         activation_checkpointing: recompute each encoder layer in backward (same gradients, less memory).
     """
 

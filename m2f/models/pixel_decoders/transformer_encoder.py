@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.cpu_gemm import Conv2d, Linear
+from m2f_kernels.cpu_gemm import Conv2d, Linear
 from m2f.config import PixelDecoderCfg
 from m2f.errors import InputError
 from m2f.models.checkpointing import run_block

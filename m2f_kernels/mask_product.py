@@ -3,7 +3,7 @@
 :func:`mask_product_reference` is the specification (the einsum).  :func:`mask_product` is the fast
 path with the same function (:class:`_MaskProduct`): an autograd function whose CPU backward
 multiplies only the queries that receive a gradient, with its products through the CPU GEMM backend
-(:mod:`kernels.cpu_gemm`), and which keeps channels-last features' layout.  Under ``torch.jit.trace``
+(:mod:`m2f_kernels.cpu_gemm`), and which keeps channels-last features' layout.  Under ``torch.jit.trace``
 (fvcore's FLOP count) the einsum runs, which tracers see into.  Nothing here imports m2f.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.cpu_gemm import bmm_nt
+from m2f_kernels.cpu_gemm import bmm_nt
 
 
 def mask_product_reference(embed: Tensor, features: Tensor) -> Tensor:
@@ -92,7 +92,7 @@ def _channels_inner(x: Tensor) -> bool:
 def mask_product(embed: Tensor, features: Tensor, gemm_backend: str = "reference") -> Tensor:
     """Mask logits [B, Q, H, W] = ``einsum("bqc,bchw->bqhw", embed [B, Q, C], features [B, C, H, W])``
     (:class:`_MaskProduct`: the backward skips queries without gradient; the products through
-    ``gemm_backend``, kernels/cpu_gemm.py).  Under ``torch.jit.trace`` (fvcore's FLOP count) the
+    ``gemm_backend``, m2f_kernels/cpu_gemm.py).  Under ``torch.jit.trace`` (fvcore's FLOP count) the
     plain einsum, which tracers see into."""
     if torch.jit.is_tracing():
         return mask_product_reference(embed, features)

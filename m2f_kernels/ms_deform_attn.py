@@ -28,11 +28,11 @@ Implementations (``BACKENDS``; the config field ``pixel_decoder.deform_attn_back
 - ``"triton"``: the Triton kernels below (CUDA, or CPU under Triton's interpreter).
 - ``"auto"``: ``"triton"`` for CUDA tensors when Triton runs here, else ``"reference"``.
 
-Nothing here imports m2f: kernels/ is a leaf package.
+Nothing here imports m2f: m2f_kernels/ is a leaf package.
 
 Triton kernels
 --------------
-:func:`kernels.ms_deform_attn.ms_deform_attn_reference`).
+:func:`m2f_kernels.ms_deform_attn.ms_deform_attn_reference`).
 
 :func:`ms_deform_attn_triton` has the
 reference's semantics and shapes (B batch, S = sum_l H_l * W_l keys, nH heads, Dh channels per head,
@@ -118,7 +118,7 @@ def ms_deform_attn_gather(value: Tensor, spatial_shapes: Sequence[Tuple[int, int
                           attention_weights: Tensor) -> Tensor:
     """Multi-scale deformable attention as one weighted gather (``F.embedding_bag``, mode "sum").
 
-    Same shapes and semantics as ``kernels.ms_deform_attn.ms_deform_attn_reference``:
+    Same shapes and semantics as ``m2f_kernels.ms_deform_attn.ms_deform_attn_reference``:
     value [B, S, nH, Dh]; sampling_locations [B, Q, nH, L, P, 2] normalised (x, y);
     attention_weights [B, Q, nH, L, P] -> [B, Q, nH * Dh].  Bilinear, zero outside each map,
     align_corners=False (pixel coordinate = loc * size - 0.5).
