@@ -93,7 +93,7 @@ class PixelDecoderCfg:
     activation_checkpointing: bool = execution_only(False)
 
 
-CrossAttention = Literal["masked", "standard", "mask_pooling", "smca"]
+CrossAttention = Literal["masked", "standard", "mask_pooling", "smca", "smca_mask"]
 FeatureSchedule = Literal["multi_scale", "single_32", "single_16", "single_8", "naive_multi_scale"]
 LayerOrder = Literal["ca_first", "sa_first"]
 QueryFeatures = Literal["learnable_supervised", "learnable", "zero"]

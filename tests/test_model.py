@@ -17,6 +17,7 @@ from m2f.models.transformer_decoder import (  # noqa: E402
     CROSS_ATTENTION,
     SCHEDULES,
     Attention,
+    SMCAPrior,
     build_transformer_decoder,
     foreground_attention,
     masked_attention_bias,
@@ -214,13 +215,80 @@ def test_cross_attention_kinds_differ():
     for kind in sorted(CROSS_ATTENTION):
         dec = build_transformer_decoder(DecoderCfg(hidden_dim=C, num_heads=4, ffn_dim=128, num_queries=NQ,
                                                    cross_attention=kind), C, C, K).eval()
-        dec.load_state_dict(base.state_dict())
+        missing, unexpected = dec.load_state_dict(base.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("smca.") for k in missing), (kind, missing)
+        assert bool(missing) == CROSS_ATTENTION[kind].query_prior
         with torch.no_grad():
             outs[kind] = dec(ms, mf).mask_logits
     kinds = list(outs)
     for i in range(len(kinds)):
         for j in range(i + 1, len(kinds)):
             assert (outs[kinds[i]] - outs[kinds[j]]).abs().max() > 1e-3, (kinds[i], kinds[j])
+
+
+def test_smca_prior_is_smcas_gaussian():
+    """SMCAPrior's bias, element by element: -(s_x^2 (x_k - c_x)^2 + s_y^2 (y_k - c_y)^2) / beta, the
+    centre = sigmoid(MLP) * (W, H) of the 1/32 level + the head's offset, distances in 1/32 cells."""
+    torch.manual_seed(7)
+    nH, L = 4, 3
+    prior = SMCAPrior(C, nH, L, beta=8.0)
+    for lin in prior.scales:  # non-trivial scales (they start at 1)
+        torch.nn.init.normal_(lin.weight, std=0.1)
+    x, pos = torch.randn(B, NQ, C), torch.randn(B, NQ, C)
+    coarse, sizes = SIZES[0], SIZES[:2]
+    bias0, centre = prior(x, pos, 0, sizes, coarse)
+    bias1, centre1 = prior(x + 1, pos, 1, sizes, coarse, centre)
+    assert bias0.shape == (B, nH, NQ, sum(h * w for h, w in sizes)) and centre1 is centre
+    assert (centre > 0).all() and (centre < 1).all()
+    H32, W32 = coarse
+    for layer, xin, bias in ((0, x, bias0), (1, x + 1, bias1)):
+        h = prior.norms[layer](xin + pos)
+        off = prior.offsets[layer](h).view(B, NQ, nH, 2)
+        sc = prior.scales[layer](h).view(B, NQ, nH, 2) ** 2
+        for b, q, head in ((0, 0, 0), (1, NQ - 1, nH - 1), (0, 2, 1)):
+            cx = centre[b, q, 0] * W32 + off[b, q, head, 0]
+            cy = centre[b, q, 1] * H32 + off[b, q, head, 1]
+            k = 0
+            for hl, wl in sizes:
+                for i in range(hl):
+                    for j in range(wl):
+                        xk, yk = (j + 0.5) * W32 / wl, (i + 0.5) * H32 / hl
+                        want = -(sc[b, q, head, 0] * (xk - cx) ** 2 + sc[b, q, head, 1] * (yk - cy) ** 2) / 8.0
+                        torch.testing.assert_close(bias[b, head, q, k], want, rtol=1e-5, atol=1e-5)
+                        k += 1
+
+
+def test_smca_is_predicted_from_the_queries_not_the_masks():
+    """The paper's SMCA costs what plain cross-attention costs (Table 4c: 213G both): its prior needs
+    no intermediate mask prediction.  So the final queries (hence class logits) do not depend on the
+    mask features with smca and standard, and do with masked and smca_mask; smca's prior learns."""
+    ms, mf = _features()
+    mf2 = mf + torch.randn_like(mf)
+    for kind, depends in (("smca", False), ("standard", False), ("masked", True), ("smca_mask", True)):
+        torch.manual_seed(3)
+        dec = build_transformer_decoder(DecoderCfg(hidden_dim=C, num_heads=4, ffn_dim=128, num_queries=NQ,
+                                                   cross_attention=kind), C, C, K).eval()
+        with torch.no_grad():
+            a, b = dec(ms, mf).class_logits, dec(ms, mf2).class_logits
+        assert (a - b).abs().max().item() > 1e-4 if depends else torch.equal(a, b), kind
+    dec = build_transformer_decoder(DecoderCfg(hidden_dim=C, num_heads=4, ffn_dim=128, num_queries=NQ,
+                                               cross_attention="smca"), C, C, K).train()
+    out = dec(ms, mf)
+    sum(p.class_logits.square().mean() + p.mask_logits.square().mean() for p in out.predictions()).backward()
+    for name in ("centre.layers.0.weight", "offsets.0.weight", "scales.0.bias", "scales.8.bias", "norms.4.weight"):
+        g = dec.smca.get_parameter(name).grad
+        assert g is not None and g.abs().sum() > 0, name
+
+
+def test_smca_row_shares_its_base_rows_initialisation():
+    """Paired seeds: the smca model draws every shared weight exactly as the masked-attention model."""
+    sd = {}
+    for kind in ("masked", "smca"):
+        torch.manual_seed(11)
+        sd[kind] = build_model(get_preset("tiny", {"decoder.cross_attention": kind})).state_dict()
+    extra = set(sd["smca"]) - set(sd["masked"])
+    assert extra and all(".smca." in k for k in extra) and set(sd["masked"]) <= set(sd["smca"])
+    assert all(torch.equal(v, sd["smca"][k]) for k, v in sd["masked"].items())
 
 
 # ----------------------------------------------------------------------------------------------

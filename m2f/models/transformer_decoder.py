@@ -19,8 +19,15 @@ Cross-attention kinds (``cross_attention``; paper Table 4c):
     standard     plain cross-attention (DETR).
     mask_pooling the cross-attention output is replaced by the average of the (value-projected)
                  pixel features weighted by the query's previous sigmoid mask (detached).
-    smca         plain cross-attention plus a log Gaussian spatial prior centred on the previous
-                 mask's centre of mass with its spatial std (Spatially Modulated Co-Attention).
+    smca         Spatially Modulated Co-Attention (Gao et al., ICCV 2021) as the paper compares it:
+                 plain cross-attention plus a learned log-Gaussian spatial prior per head whose
+                 centre and scales are predicted from the queries (:class:`SMCAPrior`), not from
+                 the previous mask, so it needs no intermediate mask prediction (the paper's
+                 Table 4c gives SMCA the FLOPs of plain cross-attention, 213G, where masked
+                 attention's intermediate predictions cost 226G).
+    smca_mask    our earlier variant, kept as a switch: a fixed log-Gaussian prior centred on the
+                 previous mask's centre of mass with its spatial std (detached, no parameters).
+                 It uses the intermediate mask predictions, so it is NOT the paper's SMCA.
 Feature schedules (``feature_schedule``; Table 4d): round robin over [1/32, 1/16, 1/8], one fixed
 level, or all three levels concatenated in every layer.
 Query features (``query_features``; Table 11b): ``learnable_supervised`` outputs the prediction
@@ -143,8 +150,9 @@ def _resized_sigmoid(mask_logits: Tensor, sizes: Sequence[Tuple[int, int]]) -> T
 
 
 def smca_bias(mask_logits: Tensor, sizes: Sequence[Tuple[int, int]], eps: float = 1e-3) -> Tensor:
-    """Spatially-modulated co-attention prior: log of a Gaussian centred on each query's previous
-    mask (sigmoid-weighted centre of mass) with its sigmoid-weighted spatial std per axis.
+    """The ``smca_mask`` prior (not the paper's SMCA: :class:`SMCAPrior` is): log of a Gaussian
+    centred on each query's previous mask (sigmoid-weighted centre of mass) with its
+    sigmoid-weighted spatial std per axis.
 
     Coordinates are normalised to [0, 1] per level.  Returns [B, 1, Q, S] (detached, <= 0).
     """
@@ -166,6 +174,60 @@ def smca_bias(mask_logits: Tensor, sizes: Sequence[Tuple[int, int]], eps: float 
         return torch.cat(parts, dim=-1).unsqueeze(1)
 
 
+class SMCAPrior(nn.Module):
+    """Spatially Modulated Co-Attention's prior (Gao et al., ICCV 2021), on Mask2Former's levels.
+
+    As in SMCA: in the first layer each query predicts a normalised centre (x, y) = sigmoid(MLP(.))
+    shared by the heads; in every layer it predicts per-head offsets of that centre and per-head,
+    per-axis scales s (a linear layer each, on LayerNorm(query + query_pos)); a key at (x_k, y_k)
+    gets the additive attention bias ``-(s_x^2 (x_k - c_x)^2 + s_y^2 (y_k - c_y)^2) / beta`` (log
+    of a Gaussian-like map; SMCA's ``smooth`` beta = 8, its per-axis dynamic scales initialised to
+    1).  Distances are measured in cells of the coarsest (1/32) level, SMCA's single feature map,
+    whatever level a layer attends, so one prior geometry holds across the multi-scale schedule.
+    Not detached: the centres, offsets and scales learn through the attention (Mask2Former has no
+    box loss to supervise the centres).  Uses no mask prediction.
+
+    forward(x [B,Q,C], query_pos [B,Q,C], layer i, sizes [(H_l, W_l)] attended, coarse (H, W) of
+    the 1/32 level, centre [B,Q,2] from layer 0 or None) -> (bias [B, nH, Q, S], centre)
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_layers: int, beta: float = 8.0,
+                 gemm_backend: str = "reference"):
+        super().__init__()
+        if beta <= 0:
+            raise ValueError(f"decoder.smca_beta={beta}: expected > 0")
+        self.num_heads, self.beta = num_heads, float(beta)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(num_layers))
+        self.centre = MLP(dim, dim, 2, 3, gemm_backend=gemm_backend)
+        self.offsets = nn.ModuleList(Linear(dim, 2 * num_heads, backend=gemm_backend) for _ in range(num_layers))
+        self.scales = nn.ModuleList(Linear(dim, 2 * num_heads, backend=gemm_backend) for _ in range(num_layers))
+        for lin in [*self.centre.layers, *self.offsets]:
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        for lin in self.scales:  # SMCA's dynamic scales start at 1 for every head and axis
+            nn.init.zeros_(lin.weight)
+            nn.init.ones_(lin.bias)
+
+    def forward(self, x: Tensor, query_pos: Tensor, layer: int, sizes: Sequence[Tuple[int, int]],
+                coarse: Tuple[int, int], centre: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        B, Q, _ = x.shape
+        h = self.norms[layer](x + query_pos)
+        if centre is None:
+            centre = self.centre(h).sigmoid()  # [B, Q, 2] (x, y) in [0, 1]
+        cells = x.new_tensor([float(coarse[1]), float(coarse[0])])  # (W, H) of the 1/32 level
+        point = centre.unsqueeze(2) * cells + self.offsets[layer](h).view(B, Q, self.num_heads, 2)  # [B,Q,nH,2]
+        scale = self.scales[layer](h).view(B, Q, self.num_heads, 2).square()
+        parts = []
+        for hl, wl in sizes:
+            xs = (torch.arange(wl, device=x.device, dtype=x.dtype) + 0.5) * (cells[0] / wl)  # [w] in 1/32 cells
+            ys = (torch.arange(hl, device=x.device, dtype=x.dtype) + 0.5) * (cells[1] / hl)
+            dx = (xs - point[..., 0:1]).square() * scale[..., 0:1]  # [B, Q, nH, w]
+            dy = (ys - point[..., 1:2]).square() * scale[..., 1:2]  # [B, Q, nH, h]
+            parts.append((dy.unsqueeze(-1) + dx.unsqueeze(-2)).flatten(-2))  # [B, Q, nH, h*w]
+        bias = torch.cat(parts, dim=-1).div(-self.beta)
+        return bias.permute(0, 2, 1, 3), centre  # [B, nH, Q, S]
+
+
 # ----------------------------------------------------------------------------------------------
 # Cross-attention variants (paper Table 4c): how a layer uses the previous mask prediction
 # ----------------------------------------------------------------------------------------------
@@ -178,13 +240,16 @@ class CrossAttentionVariant:
     name: str
     prior: Callable[[Tensor, Sequence[Tuple[int, int]], float], Tuple[Optional[Tensor], Optional[Tensor]]]
     pools: bool = False
+    # the bias comes from the queries (the decoder's SMCAPrior), not from the previous mask
+    query_prior: bool = False
 
 
 CROSS_ATTENTION: Dict[str, CrossAttentionVariant] = {v.name: v for v in (
     CrossAttentionVariant("masked", lambda m, sizes, thr: (masked_attention_bias(m, sizes, thr), None)),
     CrossAttentionVariant("standard", lambda m, sizes, thr: (None, None)),
     CrossAttentionVariant("mask_pooling", lambda m, sizes, thr: (None, _resized_sigmoid(m, sizes)), pools=True),
-    CrossAttentionVariant("smca", lambda m, sizes, thr: (smca_bias(m, sizes), None)),
+    CrossAttentionVariant("smca", lambda m, sizes, thr: (None, None), query_prior=True),
+    CrossAttentionVariant("smca_mask", lambda m, sizes, thr: (smca_bias(m, sizes), None)),
 )}
 if set(CROSS_ATTENTION) != set(get_args(CrossAttention)):  # pragma: no cover - caught by the tests at import
     raise AssertionError(f"CROSS_ATTENTION {sorted(CROSS_ATTENTION)} != config's {sorted(get_args(CrossAttention))}")
@@ -301,7 +366,7 @@ class MaskedTransformerDecoder(nn.Module):
                  feature_schedule: str = "multi_scale", layer_order: str = "ca_first",
                  query_features: str = "learnable_supervised", mask_threshold: float = 0.5,
                  enforce_input_projection: bool = False, attention_backend: str = "sdpa",
-                 gemm_backend: str = "reference"):
+                 gemm_backend: str = "reference", smca_beta: float = 8.0):
         super().__init__()
         _choice("cross_attention", cross_attention, CROSS_ATTENTION)
         _choice("feature_schedule", feature_schedule, SCHEDULES)
@@ -334,6 +399,10 @@ class MaskedTransformerDecoder(nn.Module):
         self.class_embed = Linear(hidden_dim, num_classes + 1, backend=gemm_backend)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3, gemm_backend=gemm_backend)
         self._reset_parameters()
+        # Built last, after every shared part has drawn its initialisation: the smca row starts from
+        # the same weights as its base row (paired seeds).
+        self.smca = (SMCAPrior(hidden_dim, num_heads, num_layers, smca_beta, gemm_backend)
+                     if self.cross_variant.query_prior else None)
 
     def _reset_parameters(self) -> None:
         # As the official layers: xavier-uniform matrices; q/k/v drawn with the bound of one packed
@@ -400,6 +469,7 @@ class MaskedTransformerDecoder(nn.Module):
             prev_masks = torch.zeros(B, x.shape[1], *mask_features.shape[-2:], dtype=x.dtype, device=x.device)
 
         keys = {}  # attended levels -> (memory [B, S, C], pos [B, S, C]); concatenated once
+        centre: Optional[Tensor] = None  # smca: the queries' centres from layer 0
         for i, layer in enumerate(self.layers):
             levels = self.schedule(i)
             lvl_sizes = [sizes[lvl] for lvl in levels]
@@ -407,7 +477,11 @@ class MaskedTransformerDecoder(nn.Module):
                 keys[levels] = (torch.cat([memories[lvl] for lvl in levels], 1),
                                 torch.cat([memory_pos[lvl] for lvl in levels], 1))
             memory, pos = keys[levels]
-            bias, pool = self._cross_inputs(prev_masks, lvl_sizes)
+            if self.smca is not None:
+                bias, centre = self.smca(x, query_pos, i, lvl_sizes, sizes[0], centre if i else None)
+                pool = None
+            else:
+                bias, pool = self._cross_inputs(prev_masks, lvl_sizes)
             x, attn = layer(x, query_pos, memory, pos, bias, pool, need_weights=return_attention)
             if attention_maps is not None:
                 attention_maps.append(attn)
