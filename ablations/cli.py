@@ -90,7 +90,8 @@ def cmd_report(args) -> int:
     names = args.names or list_specs()
     n = 0
     for name in names:
-        res = render_ablation(name, args.out, scale=args.scale, allow_stale=args.allow_stale)
+        res = render_ablation(name, args.out, scale=args.scale, allow_stale=args.allow_stale,
+                              fingerprint=args.fingerprint)
         if res is None:
             if args.names:
                 print(f"{name}: no records in {args.out}/{name}/runs.jsonl (run `python -m ablations run {name}`)")
@@ -100,7 +101,7 @@ def cmd_report(args) -> int:
                 not res["records"] else f"{res['records']} runs at scale {res['scale']}" +
                 (" (STALE records)" if res.get("stale") else ""))
         print(f"{name}: {what} -> {res['table']}")
-    p = render_readme(args.out)
+    p = render_readme(args.out, fingerprint=args.fingerprint)
     print(f"wrote {p} ({n} tables)")
     return 0
 
@@ -229,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-stale", action="store_true",
                    help="render older code versions' records (marked STALE in the table header) when there are "
                         "none of the current code")
+    s.add_argument("--fingerprint", default=None, metavar="FP",
+                   help="render the tables and the scoreboard of this code version's records (e.g. the last one "
+                        "whose tables were complete, while the current code's are retrained), marked STALE when "
+                        "it is not the checkout's")
     s.set_defaults(fn=cmd_report)
     return p
 
