@@ -181,9 +181,10 @@ class SMCAPrior(nn.Module):
     shared by the heads; in every layer it predicts per-head offsets of that centre and per-head,
     per-axis scales s (a linear layer each, on LayerNorm(query + query_pos)); a key at (x_k, y_k)
     gets the additive attention bias ``-(s_x^2 (x_k - c_x)^2 + s_y^2 (y_k - c_y)^2) / beta`` (log
-    of a Gaussian-like map; SMCA's ``smooth`` beta = 8; per-axis dynamic scales as in the SMCA paper
-    (its release defaults to fixed scales of 1), initialised to 1).  Distances are measured in cells of the coarsest (1/32) level, SMCA's single feature map,
-    whatever level a layer attends, so one prior geometry holds across the multi-scale schedule.
+    of a Gaussian-like map; SMCA's ``smooth`` beta = 8; per-axis dynamic scales as in the SMCA
+    paper (its release defaults to fixed scales of 1), initialised to 1).  Distances are measured
+    in cells of the coarsest (1/32) level, SMCA's single feature map, whatever level a layer
+    attends, so one prior geometry holds across the multi-scale schedule.
     Not detached: the centres, offsets and scales learn through the attention (Mask2Former has no
     box loss to supervise the centres).  Uses no mask prediction.
 
@@ -195,7 +196,7 @@ class SMCAPrior(nn.Module):
                  gemm_backend: str = "reference"):
         super().__init__()
         if beta <= 0:
-            raise ValueError(f"decoder.smca_beta={beta}: expected > 0")
+            raise ValueError(f"SMCAPrior: beta={beta}, expected > 0")
         self.num_heads, self.beta = num_heads, float(beta)
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(num_layers))
         self.centre = MLP(dim, dim, 2, 3, gemm_backend=gemm_backend)
