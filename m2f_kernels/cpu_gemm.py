@@ -15,14 +15,12 @@ operand contiguous, so the narrower of ``g^T`` and ``x^T`` goes first).  Same fu
 stride-1, ungrouped convolutions of channels-last input to :func:`linear` on the [B*H*W, C] view
 (no copies); a larger kernel whose output has at most :data:`IM2COL_MAX_ROWS` positions over the
 batch (B * H_out * W_out; ResNet's last stage at small inputs) runs as one oneDNN GEMM on its
-``F.unfold`` columns (measured on both ISAs: reports/bench/NOTES.md; with ``auto`` on an Intel CPU
-the same route runs with ``F.linear``'s MKL GEMM, :func:`_blas_im2col`); everything else goes to
+``F.unfold`` columns (measured on both ISAs: reports/bench/NOTES.md); everything else goes to
 ``F.conv2d``.
 
 Backends: ``"reference"`` (``F.linear`` / ``F.conv2d``), ``"onednn"``, ``"auto"`` (oneDNN for
 float32 CPU tensors outside autocast when the op is present and agrees with ``F.linear`` on a probe,
-and the CPU is not an Intel one (:func:`auto_prefers_onednn`); else PyTorch's own ops plus the
-small-output im2col route through ``F.linear``, recorded as "blas").  The vendor rule is
+and the CPU is not an Intel one (:func:`auto_prefers_onednn`); else reference).  The vendor rule is
 measured, not assumed (reports/bench/NOTES.md): on the 2-core AMD EPYC oneDNN made the R50 step 1.37x
 faster than PyTorch's BLAS (MKL, which does not run its AVX-512 kernels on AMD CPUs), while on the
 2-core Intel Xeon (AVX-512 + AMX) the tiny step was 5-9% slower with oneDNN than with MKL.  Under ``torch.jit.trace`` (fvcore's FLOP count) every backend runs the reference
@@ -103,14 +101,11 @@ def resolve_backend(backend: str, *tensors: Tensor) -> str:
 
 
 def resolve_for_device(backend: str, device: "torch.device | str", amp: bool = False) -> str:
-    """What ``backend`` runs for a float32 model on ``device`` (under autocast if ``amp``), for records:
-    "onednn", "reference", or "blas" (``auto`` on an Intel CPU: PyTorch's own ops, with the
-    small-output convolutions as unfold + ``F.linear``, :func:`_blas_im2col`)."""
-    if backend == "reference" or amp or torch.device(device).type != "cpu":
+    """What ``backend`` runs for a float32 model on ``device`` (under autocast if ``amp``), for records."""
+    if (backend == "reference" or amp or torch.device(device).type != "cpu" or not onednn_available()
+            or (backend == "auto" and not auto_prefers_onednn())):
         return "reference"
-    if backend == "auto" and not auto_prefers_onednn():
-        return "blas"
-    return "onednn" if onednn_available() else "reference"
+    return "onednn"
 
 
 def _mm_nt(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -211,16 +206,6 @@ def _im2col_applies(x: Tensor, weight: Tensor, stride, padding, dilation, groups
     return 0 < rows <= IM2COL_MAX_ROWS
 
 
-def _blas_im2col(backend: str, x: Tensor, weight: Tensor) -> bool:
-    """``auto`` where it resolves to PyTorch's BLAS (Intel CPUs): the small-output im2col route still
-    pays, with ``F.linear`` (MKL) as its GEMM: 1.57x at [4,512,4,4] 3x3 and 1.32x at [4,256,8,8]
-    stride 2 against ``F.conv2d`` (forward + backward, one thread, Intel Xeon; slower from 256
-    rows: reports/bench/speed_leads_cpu.json)."""
-    return (backend == "auto" and not torch.is_autocast_enabled("cpu")
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided
-                    for t in (x, weight)))
-
-
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Union[int, Sequence[int]] = 1,
            padding: Union[int, Sequence[int], str] = 0, dilation: Union[int, Sequence[int]] = 1, groups: int = 1,
            backend: str = "auto") -> Tensor:
@@ -237,7 +222,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Uni
     if (backend != "reference" and not torch.jit.is_tracing() and x.dim() == 4
             and x.is_contiguous(memory_format=torch.channels_last)
             and _im2col_applies(x, weight, stride, padding, dilation, groups)
-            and (resolve_backend(backend, x, weight) == "onednn" or _blas_im2col(backend, x, weight))):
+            and resolve_backend(backend, x, weight) == "onednn"):
         return _im2col_conv(x, weight, bias, stride, padding, backend)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
