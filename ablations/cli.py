@@ -1,4 +1,4 @@
-"""``python -m ablations {list,run,collect,report,calibrate}`` (each with ``--help``)."""
+"""``python -m ablations {list,run,collect,report,compare,calibrate}`` (each with ``--help``)."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,29 @@ def cmd_list(args) -> int:
               f"the cpu scale before it moved to {SCALES['cpu'].overrides['solver.max_iters']} iterations); their "
               f"tables are rendered and labelled with that scale; `python -m ablations run NAME` trains the current one")
     print("\nscales: " + "; ".join(f"{k} = {v.description}" for k, v in SCALES.items()))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """Whether one code version reproduced another's runs (same row, seed, scale and config)."""
+    from ablations.records import compare_versions, runs_path
+    from ablations.spec import list_specs
+    from m2f.checkpoint import read_jsonl
+    from m2f.provenance import code_fingerprint
+
+    fp_b = args.new or code_fingerprint()
+    total = same = 0
+    for name in args.names or list_specs():
+        pairs = compare_versions(read_jsonl(runs_path(args.out, name)), args.old, fp_b)
+        for p in pairs:
+            total += 1
+            same += p["eval_identical"] and p["curve_identical"]
+            diff = "-" if p["max_abs_diff"] is None else f"{p['max_abs_diff']:.4g}"
+            print(f"{name:20s} {p['scale']:6s} {p['row']:30s} seed {p['seed']}: final evaluation "
+                  f"{'identical' if p['eval_identical'] else 'DIFFERS'}, logged curve "
+                  f"{'identical' if p['curve_identical'] else 'DIFFERS'}, max |diff| of PQ/AP/mIoU metrics {diff}")
+    print(f"\n{same} of {total} run(s) recorded by both {args.old} and {fp_b} are identical "
+          f"(final evaluation and every logged loss and evaluation)")
     return 0
 
 
@@ -220,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reuse-records", action="store_true",
                    help="count committed records of the current code as finished (continue on another machine)")
     s.set_defaults(fn=cmd_calibrate)
+
+    s = sub.add_parser("compare", help="did one code version reproduce another's runs? (same row, seed, scale, "
+                                       "config; final evaluation and logged curves compared exactly)")
+    s.add_argument("names", nargs="*", metavar="NAME", help="ablations (default: all)")
+    s.add_argument("--old", required=True, metavar="FP", help="the code fingerprint of the earlier records")
+    s.add_argument("--new", default=None, metavar="FP", help="the other fingerprint (default: the current code's)")
+    s.add_argument("--out", default="reports", help="reports directory (default %(default)s)")
+    s.set_defaults(fn=cmd_compare)
 
     s = sub.add_parser("report", help="re-render tables and plots from stored runs.jsonl (no training)")
     s.add_argument("names", nargs="*", metavar="NAME", help="ablations to render (default: all with records)")

@@ -131,3 +131,27 @@ def build_record(spec: AblationSpec, plan: RunPlan, scale: Scale, result: Dict[s
     }
     rec["metrics"] = flat_metrics(rec)
     return rec
+
+
+def compare_versions(records, fp_a: str, fp_b: str):
+    """Runs recorded by two code versions for the same (row, seed, scale, config hash): whether version
+    ``fp_b`` reproduced ``fp_a``.  Returns one dict per pair: row, seed, scale, ``eval_identical``
+    (final evaluation equal, every number), ``curve_identical`` (every logged loss and intermediate
+    evaluation equal) and ``max_abs_diff`` (the largest |difference| of the final PQ / AP / mIoU
+    family of metrics, :data:`EVAL_METRICS`); timings and machine are not compared."""
+    def key(r):
+        return (r.get("row"), r.get("seed"), r.get("scale"), r.get("config_hash"))
+
+    a = {key(r): r for r in records if r.get("code_fingerprint") == fp_a}
+    pairs = []
+    for r in records:
+        if r.get("code_fingerprint") != fp_b or key(r) not in a:
+            continue
+        o = a[key(r)]
+        ma, mb = ({m: eval_metric(x.get("eval") or {}, m) for m in EVAL_METRICS} for x in (o, r))
+        diffs = [abs(ma[m] - mb[m]) for m in EVAL_METRICS if ma[m] is not None and mb[m] is not None]
+        pairs.append({"row": r.get("row"), "seed": r.get("seed"), "scale": r.get("scale"),
+                      "eval_identical": o.get("eval") == r.get("eval"),
+                      "curve_identical": o.get("metrics_over_training") == r.get("metrics_over_training"),
+                      "max_abs_diff": max(diffs) if diffs else None})
+    return pairs

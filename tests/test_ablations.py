@@ -941,3 +941,26 @@ def test_report_renders_a_named_code_version_marked_stale(tmp_path):
     assert main(["report", "--out", str(out)]) == 0
     md = (out / "masked_attention" / "table.md").read_text()
     assert "STALE" not in md and "70.00 (n=1)" in md
+
+
+def test_compare_reports_whether_a_code_version_reproduced_another(tmp_path, capsys):
+    """`ablations compare --old A --new B`: per run both versions recorded (same row, seed, scale,
+    config hash), whether the final evaluation and the logged curve are identical, and the largest
+    metric difference; runs only one version recorded are not paired."""
+    from ablations.cli import main
+    from ablations.records import compare_versions
+
+    out = tmp_path / "reports"
+    runs = out / "masked_attention" / "runs.jsonl"
+    a, b = "aaaaaaaaaaaa", "bbbbbbbbbbbb"
+    append_jsonl(runs, _record("full model", 0, 50.0, 40.0, 45.0, fingerprint=a))
+    append_jsonl(runs, _record("full model", 0, 50.0, 40.0, 45.0, fingerprint=b))  # reproduced
+    append_jsonl(runs, _record("full model", 1, 51.0, 40.0, 45.0, fingerprint=a))
+    append_jsonl(runs, _record("full model", 1, 51.0, 40.5, 45.0, fingerprint=b))  # AP differs by 0.5
+    append_jsonl(runs, _record("full model", 2, 52.0, 40.0, 45.0, fingerprint=b))  # only B: not paired
+    pairs = compare_versions(read_jsonl(runs), a, b)
+    assert [(p["seed"], p["eval_identical"], p["curve_identical"]) for p in pairs] == [(0, True, True), (1, False, True)]
+    assert pairs[0]["max_abs_diff"] == 0 and pairs[1]["max_abs_diff"] == pytest.approx(0.5)
+    assert main(["compare", "masked_attention", "--old", a, "--new", b, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "1 of 2 run(s) recorded by both" in text and "DIFFERS" in text
