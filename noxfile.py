@@ -8,6 +8,7 @@ Arguments after ``--`` pass through, e.g.::
     nox -s ablation_point_loss -- --seeds 3 --device cuda
     nox -s ablation_queries -- --scale paper --dry-run     # print the torchrun commands
     nox -s ablation_all                                    # every table (shared base runs train once)
+    nox -s ablation_core                                   # Tables 4a, 4c, 4d, 5 (4a first: shared runs)
     nox -s report                                          # re-render every table, no training
 """
 import sys
@@ -48,6 +49,18 @@ for _name, _ablation in ABLATIONS.items():
 def ablation_all(s: nox.Session) -> None:
     """Every ablation in turn (args after -- go to each); runs identical across tables train once."""
     for ablation in ABLATIONS.values():
+        s.run(PY, "-m", "ablations", "run", ablation, *s.posargs, external=True)
+
+
+# Tables 4a, 4c, 4d and 5, in the order that trains every shared run once: 4a's rows are 4c's
+# cross-attention / masked attention, 4d's 1/32 / efficient multi-scale and 5's point->point.
+CORE_TABLES = ("masked_attention", "cross_attention", "feature_resolution", "point_loss")
+
+
+@nox.session(name="ablation_core", venv_backend="none")
+def ablation_core(s: nox.Session) -> None:
+    """Tables 4a, 4c, 4d, 5 in turn (args after -- go to each); 4a first, so the others share its runs."""
+    for ablation in CORE_TABLES:
         s.run(PY, "-m", "ablations", "run", ablation, *s.posargs, external=True)
 
 
