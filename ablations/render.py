@@ -570,10 +570,41 @@ def render_scoreboard(out: Path | str = "reports", fingerprint: Optional[str] = 
         lines.append(f"| {spec.table} | [{name}](reports/{name}/table.md) | {', '.join(scales) or '—'} | "
                      + " | ".join(str(counts[k]) for k in kinds) + f" | {len(cells)} |")
     lines.append("| **total** | | | " + " | ".join(f"**{total[k]}**" for k in kinds) + f" | **{sum(total.values())}** |")
+    if fp == current:
+        lines += _earlier_versions_board(out, current, kinds)
     if other_scales:
         lines.append("")
         lines += [f"- `{sc}`" + (f": {describe(sc)}." if describe(sc) else ".") for sc in sorted(other_scales)]
     return "\n".join(lines) + "\n"
+
+
+def _earlier_versions_board(out: Path | str, current: str, kinds: Tuple[str, ...]) -> List[str]:
+    """While tables are retrained at a new code version: for every table with no finding of the
+    current code yet, the counts of its most recent earlier code version, one version per row, kept
+    out of the total above and marked STALE ([] when there is none)."""
+    lines: List[str] = []
+    for name in sorted(list_specs(), key=_paper_order):
+        spec = load_spec(name)
+        if any(c["verdict"] != "not run" for c in scoreboard_cells(spec, out, current)):
+            continue
+        _, records, info = select_records(read_jsonl(runs_path(out, name)), None, None, allow_stale=True)
+        if not records or not info["stale"] or not info["fingerprint"]:
+            continue  # nothing earlier, or records older than fingerprints
+        cells = scoreboard_cells(spec, out, info["fingerprint"])
+        if not cells or all(c["verdict"] == "not run" for c in cells):
+            continue
+        counts = {k: sum(c["verdict"] == k for c in cells) for k in kinds}
+        scales = sorted({f"{c['scale']} (n={c['pairs']})" for c in cells if c["scale"]})
+        lines.append(f"| {spec.table} | [{name}](reports/{name}/table.md) | `{info['fingerprint']}` | "
+                     f"{', '.join(scales) or '—'} | " + " | ".join(str(counts[k]) for k in kinds) + f" | {len(cells)} |")
+    if not lines:
+        return []
+    return ["", f"**Not yet retrained at this code (`{current}`)**: these tables' most recent records are of an "
+                "earlier code version, named per row. **STALE**: kept out of the total above, and not what this "
+                "checkout may compute; `python -m ablations report --fingerprint FP` renders them, "
+                "`python -m ablations run NAME` retrains them.", "",
+            "| table | ablation | code version | scale (seeds) | " + " | ".join(kinds) + " | findings |",
+            "|---|---|---|---|" + "---|" * (len(kinds) + 1)] + lines
 
 
 def _splice(text: str, begin: str, end: str, inner: str) -> Optional[str]:

@@ -943,6 +943,39 @@ def test_report_renders_a_named_code_version_marked_stale(tmp_path):
     assert "STALE" not in md and "70.00 (n=1)" in md
 
 
+def test_scoreboard_lists_tables_not_yet_retrained_with_their_earlier_version(tmp_path):
+    """While tables are retrained at a new code version, the current scoreboard counts only the current
+    code's findings; a table with none of them shows its most recent earlier version's counts in a
+    separate STALE block naming that version, kept out of the total.  A table with current findings
+    is not listed there, and a board rendered for a named version has no such block."""
+    from ablations.render import render_scoreboard
+
+    out = tmp_path / "reports"
+    old = "0ldc0de00000"
+    runs = out / "masked_attention" / "runs.jsonl"
+    for seed, (a, b, c) in enumerate([(50, 46, 51.5), (52, 46.5, 50.5), (51, 45, 52.0)]):
+        append_jsonl(runs, _record("full model", seed, a, 40.0, 45.0, fingerprint=old))
+        append_jsonl(runs, _record("- masked attention", seed, b, 38.0 - seed * 0.1, 44.0 + seed, fingerprint=old))
+        append_jsonl(runs, _record("- high-resolution features", seed, c, 39.0, 44.5, fingerprint=old))
+    board = render_scoreboard(out)
+    main_rows, _, earlier = board.partition("Not yet retrained at this code")
+    cells = lambda text, t: [c.strip() for c in next(l for l in text.splitlines()
+                                                     if l.startswith(f"| {t} |")).strip("|").split("|")]
+    assert cells(main_rows, "4a")[3:] == ["0", "0", "0", "6", "6"]
+    assert "| **0** | **0** | **0** |" in main_rows  # the old version's verdicts are not in the total
+    assert earlier and "STALE" in earlier and _fp() in earlier
+    assert cells(earlier, "4a")[2:] == [f"`{old}`", "cpu (n=3)", "4", "0", "2", "0", "6"]
+    assert "| 4c |" not in earlier  # no records at all: not listed
+    assert "Not yet retrained" not in render_scoreboard(out, old)
+    # once the current code has findings of its own, the table leaves the earlier-version block
+    for seed, (a, b, c) in enumerate([(50, 46, 51.5), (52, 46.5, 50.5), (51, 45, 52.0)]):
+        append_jsonl(runs, _record("full model", seed, a, 40.0, 45.0))
+        append_jsonl(runs, _record("- masked attention", seed, b, 38.0 - seed * 0.1, 44.0 + seed))
+        append_jsonl(runs, _record("- high-resolution features", seed, c, 39.0, 44.5))
+    board = render_scoreboard(out)
+    assert "Not yet retrained" not in board and cells(board, "4a")[3:] == ["4", "0", "2", "0", "6"]
+
+
 def test_compare_reports_whether_a_code_version_reproduced_another(tmp_path, capsys):
     """`ablations compare --old A --new B`: per run both versions recorded (same row, seed, scale,
     config hash), whether the final evaluation and the logged curve are identical, and the largest
