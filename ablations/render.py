@@ -556,12 +556,15 @@ def render_scoreboard(out: Path | str = "reports", fingerprint: Optional[str] = 
              "| table | ablation | scale (seeds) | " + " | ".join(kinds) + " | findings |",
              "|---|---|---|" + "---|" * (len(kinds) + 1)]
     total = {k: 0 for k in kinds}
+    unrun: List[AblationSpec] = []  # tables with no finding of the code version counted
     other_scales: set = set()
     for name in sorted(list_specs(), key=_paper_order):
         spec = load_spec(name)
         cells = scoreboard_cells(spec, out, fp)
         if not cells:
             continue
+        if all(c["verdict"] == "not run" for c in cells):
+            unrun.append(spec)
         counts = {k: sum(c["verdict"] == k for c in cells) for k in kinds}
         for k in kinds:
             total[k] += counts[k]
@@ -571,22 +574,21 @@ def render_scoreboard(out: Path | str = "reports", fingerprint: Optional[str] = 
                      + " | ".join(str(counts[k]) for k in kinds) + f" | {len(cells)} |")
     lines.append("| **total** | | | " + " | ".join(f"**{total[k]}**" for k in kinds) + f" | **{sum(total.values())}** |")
     if fp == current:
-        lines += _earlier_versions_board(out, current, kinds)
+        lines += _earlier_versions_board(out, current, kinds, unrun)
     if other_scales:
         lines.append("")
         lines += [f"- `{sc}`" + (f": {describe(sc)}." if describe(sc) else ".") for sc in sorted(other_scales)]
     return "\n".join(lines) + "\n"
 
 
-def _earlier_versions_board(out: Path | str, current: str, kinds: Tuple[str, ...]) -> List[str]:
-    """While tables are retrained at a new code version: for every table with no finding of the
-    current code yet, the counts of its most recent earlier code version, one version per row, kept
-    out of the total above and marked STALE ([] when there is none)."""
+def _earlier_versions_board(out: Path | str, current: str, kinds: Tuple[str, ...],
+                            unrun: List[AblationSpec]) -> List[str]:
+    """While tables are retrained at a new code version: for every table of ``unrun`` (no finding of
+    the current code yet), the counts of its most recent earlier code version, one version per row,
+    kept out of the total above and marked STALE ([] when there is none)."""
     lines: List[str] = []
-    for name in sorted(list_specs(), key=_paper_order):
-        spec = load_spec(name)
-        if any(c["verdict"] != "not run" for c in scoreboard_cells(spec, out, current)):
-            continue
+    for spec in unrun:
+        name = spec.name
         _, records, info = select_records(read_jsonl(runs_path(out, name)), None, None, allow_stale=True)
         if not records or not info["stale"] or not info["fingerprint"]:
             continue  # nothing earlier, or records older than fingerprints
