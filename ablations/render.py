@@ -573,7 +573,7 @@ def render_scoreboard(out: Path | str = "reports", fingerprint: Optional[str] = 
         lines.append(f"| {spec.table} | [{name}](reports/{name}/table.md) | {', '.join(scales) or '—'} | "
                      + " | ".join(str(counts[k]) for k in kinds) + f" | {len(cells)} |")
     lines.append("| **total** | | | " + " | ".join(f"**{total[k]}**" for k in kinds) + f" | **{sum(total.values())}** |")
-    if fp == current:
+    if fingerprint is None:  # the default board; a named version renders only its own records
         lines += _earlier_versions_board(out, current, kinds, unrun)
     if other_scales:
         lines.append("")
@@ -589,15 +589,21 @@ def _earlier_versions_board(out: Path | str, current: str, kinds: Tuple[str, ...
     lines: List[str] = []
     for spec in unrun:
         name = spec.name
-        _, records, info = select_records(read_jsonl(runs_path(out, name)), None, None, allow_stale=True)
-        if not records or not info["stale"] or not info["fingerprint"]:
-            continue  # nothing earlier, or records older than fingerprints
-        cells = scoreboard_cells(spec, out, info["fingerprint"])
-        if not cells or all(c["verdict"] == "not run" for c in cells):
+        # the most recent earlier version, even when the current code has records (shared runs) already
+        earlier = [record_fingerprint(r) for r in read_jsonl(runs_path(out, name))]
+        earlier = [f for f in earlier if f and f != current]
+        if not earlier:
+            continue  # nothing earlier, or only records older than fingerprints
+        # the most recent earlier version that has findings (an older recipe's records may come later)
+        for fp_old in dict.fromkeys(reversed(earlier)):
+            cells = scoreboard_cells(spec, out, fp_old)
+            if any(c["verdict"] != "not run" for c in cells):
+                break
+        else:
             continue
         counts = {k: sum(c["verdict"] == k for c in cells) for k in kinds}
         scales = sorted({f"{c['scale']} (n={c['pairs']})" for c in cells if c["scale"]})
-        lines.append(f"| {spec.table} | [{name}](reports/{name}/table.md) | `{info['fingerprint']}` | "
+        lines.append(f"| {spec.table} | [{name}](reports/{name}/table.md) | `{fp_old}` | "
                      f"{', '.join(scales) or '—'} | " + " | ".join(str(counts[k]) for k in kinds) + f" | {len(cells)} |")
     if not lines:
         return []

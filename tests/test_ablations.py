@@ -967,6 +967,9 @@ def test_scoreboard_lists_tables_not_yet_retrained_with_their_earlier_version(tm
     assert cells(earlier, "4a")[2:] == [f"`{old}`", "cpu (n=3)", "4", "0", "2", "0", "6"]
     assert "| 4c |" not in earlier  # no records at all: not listed
     assert "Not yet retrained" not in render_scoreboard(out, old)
+    # a first current record (e.g. a shared run) gives no finding yet: the earlier version stays listed
+    append_jsonl(runs, _record("full model", 0, 50, 40.0, 45.0))
+    assert cells(render_scoreboard(out).partition("Not yet retrained")[2], "4a")[2] == f"`{old}`"
     # once the current code has findings of its own, the table leaves the earlier-version block
     for seed, (a, b, c) in enumerate([(50, 46, 51.5), (52, 46.5, 50.5), (51, 45, 52.0)]):
         append_jsonl(runs, _record("full model", seed, a, 40.0, 45.0))
