@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ablations.records import eval_metric, flat_metrics, runs_path
-from ablations.scales import describe, recipe_scale, scale_rank
-from ablations.stats import paired_delta, verdict
+from ablations.scales import describe, get_scale, recipe_scale, scale_rank
+from ablations.stats import CONFIDENCE, paired_delta, second_look_error, verdict
 from ablations.spec import PROPOSAL_PATTERN, AblationSpec, expand_metrics, list_specs, load_spec, table_label
 from m2f.checkpoint import atomic_write_text, read_jsonl
+from m2f.errors import InputError
 
 README_TABLES = "README-tables.md"
 # Elementwise / trivial ops fvcore does not count (also not counted by the paper's fvcore numbers);
@@ -128,11 +129,37 @@ def aggregate(spec: AblationSpec, records: List[Dict[str, Any]]) -> Tuple[List[s
     return metrics, out
 
 
-def table_rows(spec: AblationSpec, metrics: List[str], agg: Dict[str, Dict[str, Dict]]) -> List[Dict[str, Any]]:
+def scale_seeds(scale: Optional[str]) -> Optional[int]:
+    """The number of seeds a table at ``scale`` runs per row by default (None: unknown scale / all)."""
+    try:
+        return get_scale(scale).seeds if scale else None
+    except InputError:
+        return None
+
+
+def extra_seed_rows(rows: List[Dict[str, Any]], table_seeds: Optional[int]) -> Tuple[Dict[str, int], int]:
+    """Rows given seeds that the other rows did not run (``run NAME --seeds 8 --row ROW --row BASE``):
+    ({row: pairs}, the other rows' number), for the rows paired on more seeds than both the scale's
+    ``table_seeds`` and the fewest pairs of any run row ({} when every row ran as many, e.g. a whole
+    table at ``--seeds 8``)."""
+    pairs: Dict[str, int] = {}
+    for r in rows:
+        if not r["is_base"] and r["pairs"]:
+            pairs[r["row"]] = max(pairs.get(r["row"], 0), r["pairs"])
+    if not table_seeds or not pairs:
+        return {}, table_seeds or 0
+    ref = max(table_seeds, min(pairs.values()))
+    return {row: n for row, n in pairs.items() if n > ref}, ref
+
+
+def table_rows(spec: AblationSpec, metrics: List[str], agg: Dict[str, Dict[str, Dict]],
+               table_seeds: Optional[int] = None) -> List[Dict[str, Any]]:
     """One dict per (row, metric): n, mean, std, delta (paired: mean of per-seed differences), low,
     high (its 95% interval), pairs (seeds both rows ran), paper, paper_delta, verdict.  A row paired
     on fewer seeds than its base row ran (a table still being run) gets no verdict: ``incomplete
-    (k/N seeds)``; every row runs the base row's seeds."""
+    (k/N seeds)``; every row runs the base row's seeds.  ``table_seeds`` (the scale's number of
+    seeds): a row paired on all of them is complete even when its base row ran more seeds, for
+    another row that was given extra seeds (:func:`extra_seed_rows`)."""
     base = spec.base
     out = []
     for row in spec.rows:
@@ -145,8 +172,9 @@ def table_rows(spec: AblationSpec, metrics: List[str], agg: Dict[str, Dict[str, 
             pb = base.paper.get(m)
             paper_delta = (paper - pb) if (paper is not None and pb is not None and not is_base) else None
             v = "base" if is_base else ("not run" if not row.run else verdict(d, paper_delta))
-            if d and d["n"] < b["n"] and v not in ("base", "not run"):
-                v = f"incomplete ({d['n']}/{b['n']} seeds)"
+            need = b["n"] if table_seeds is None else min(b["n"], table_seeds)
+            if d and d["n"] < need and v not in ("base", "not run"):
+                v = f"incomplete ({d['n']}/{need} seeds)"
             out.append({"row": row.name, "metric": m, "is_base": is_base, "run": row.run, "n": s["n"],
                         "mean": s["mean"], "std": s["std"], "delta": d["delta"] if d else None,
                         "low": d["low"] if d else None, "high": d["high"] if d else None,
@@ -279,6 +307,19 @@ def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metri
     if shared:
         lines.append("- **Shared runs:** " + "; ".join(f"{row} = the identical run of `{src}`" for row, src in shared)
                      + " (same config hash, seed, code fingerprint and val images: recorded from it, not retrained)")
+    extra = info.get("extra_seeds") or {}
+    if extra:
+        n0 = info.get("table_seeds")
+        lines.append("- **Extra seeds:** " + "; ".join(f"`{row}` is paired on {n} seeds" for row, n in extra.items())
+                     + f", more than the {n0} of the other rows: these seeds were run for this row and its base row only "
+                     f"(`python -m ablations run {spec.name} --seeds N --row ROW --row \"{spec.base_row}\"`); every "
+                     f"other row is paired on the seeds it shares with the base row. When seeds are added because "
+                     f"a row's first {n0} were inconclusive, its interval is a second look at the data: with no "
+                     f"true effect it excludes 0 in "
+                     + ", ".join(f"{100 * second_look_error(n0, n):.1f}% of tables at {n} seeds"
+                                 for n in sorted(set(extra.values())))
+                     + f", not {100 * (1 - CONFIDENCE):.0f}% (`ablations.stats.second_look_error({n0}, n)`, half on "
+                     f"each side of 0). ablations/README.md gives the reason for each addition.")
     if len(seeds) < 2:
         lines.append("- With one seed there is no interval: every verdict is `inconclusive`.")
     lines += ["", f"Δ = mean over seeds of (row − base row) for the seeds both ran, [95% interval] (Student t over "
@@ -483,7 +524,10 @@ def render_ablation(spec: AblationSpec | str, out: Path | str = "reports", scale
                     "fingerprint": None}
         return None
     metrics, agg = aggregate(spec, records)
-    rows = table_rows(spec, metrics, agg)
+    n0 = scale_seeds(scale)
+    rows = table_rows(spec, metrics, agg, n0)
+    extra, ref = extra_seed_rows(rows, n0)
+    info = {**info, "table_seeds": ref, "extra_seeds": extra}
     md = render_markdown(spec, scale, records, metrics, rows, agg, info)
     files = {"table": d / "table.md", "csv": d / "table.csv", "convergence": d / "convergence.png"}
     plotted = plot_convergence(spec, records, files["convergence"])
@@ -517,7 +561,7 @@ def scoreboard_cells(spec: AblationSpec, out: Path | str = "reports", fingerprin
     rows = []
     if records:
         metrics, agg = aggregate(spec, records)
-        rows = table_rows(spec, [m for m in SCOREBOARD_METRICS if m in metrics], agg)
+        rows = table_rows(spec, [m for m in SCOREBOARD_METRICS if m in metrics], agg, scale_seeds(scale))
     by = {(r["row"], r["metric"]): r for r in rows}
     cells = []
     base = spec.base
@@ -552,7 +596,7 @@ def render_scoreboard(out: Path | str = "reports", fingerprint: Optional[str] = 
              f"from reports/*/runs.jsonl; code fingerprint `{fp}`{stale}): each paper finding = a row and metric (PQ, AP, mIoU) whose paper Δ is at least "
              f"{SCOREBOARD_MIN_PAPER_DELTA:g}; verdict from our paired 95% interval at the scale named "
              f"(ablations/stats.py). `not run` = no records of this code version, or a row paired on fewer seeds "
-             f"than its base row ran (a table still being run).", "",
+             f"than its base row ran, up to the scale's number (a table still being run).", "",
              "| table | ablation | scale (seeds) | " + " | ".join(kinds) + " | findings |",
              "|---|---|---|" + "---|" * (len(kinds) + 1)]
     total = {k: 0 for k in kinds}

@@ -278,6 +278,55 @@ def test_rows_paired_on_fewer_seeds_than_the_base_get_no_verdict(tmp_path):
     assert line.count("incomplete (2/3 seeds)") == 4 and "agrees" not in line  # PQ, AP, mIoU, FLOPs
 
 
+def test_second_look_error_is_the_nominal_rate_without_added_seeds_and_higher_with_them():
+    from ablations.stats import second_look_error
+
+    assert second_look_error(5, 5) == pytest.approx(0.05, abs=0.002)  # one look: the t interval's own 5%
+    assert second_look_error(3, 3) == pytest.approx(0.05, abs=0.002)
+    e8, e12 = second_look_error(5, 8), second_look_error(5, 12)
+    assert 0.075 < e8 < 0.09 and e8 < e12 < 0.1  # a second look adds false verdicts, more the later it comes
+    assert second_look_error(1, 2) == pytest.approx(0.05, abs=0.002)  # one seed first: no first interval
+    with pytest.raises(ValueError):
+        second_look_error(5, 4)
+
+
+def test_extra_seeds_for_one_row_keep_the_other_rows_complete_and_are_disclosed(tmp_path):
+    """`run NAME --seeds 8 --row ROW --row BASE` gives one row and its base row more seeds than the
+    scale's 5 (cpu): the other rows, paired on the 5, keep their verdicts; a row with fewer than 5 pairs
+    is still incomplete; the table names the row with extra seeds and warns about a second look."""
+    from ablations.render import render_scoreboard, scoreboard_cells
+
+    out = tmp_path / "reports"
+    runs = out / "masked_attention" / "runs.jsonl"
+    for seed in range(8):
+        append_jsonl(runs, _record("full model", seed, 50.0 + seed, 40.0, 45.0))
+        append_jsonl(runs, _record("- masked attention", seed, 48.0 + seed + (seed % 2) * 0.5, 38.0, 44.0))
+        if seed < 5:
+            append_jsonl(runs, _record("- high-resolution features", seed, 45.0 + seed, 35.0, 40.0))
+    cells = {(c["row"], c["metric"]): c for c in scoreboard_cells(load_spec("masked_attention"), out)}
+    assert cells[("- masked attention", "PQ")]["pairs"] == 8
+    assert cells[("- masked attention", "PQ")]["verdict"] == "agrees"  # -2 / -1.5 alternating
+    assert cells[("- high-resolution features", "PQ")]["pairs"] == 5
+    assert cells[("- high-resolution features", "PQ")]["verdict"] == "agrees"  # -5 on all 5: not incomplete
+    row = next(l for l in render_scoreboard(out).splitlines() if l.startswith("| 4a |"))
+    assert [c.strip() for c in row.strip("|").split("|")][2:] == ["cpu (n=5), cpu (n=8)", "6", "0", "0", "0", "6"]
+    md = Path(render_ablation("masked_attention", out)["table"]).read_text()
+    assert "**Extra seeds:** `- masked attention` is paired on 8 seeds, more than the 5 of the other rows" in md
+    assert "second look" in md and "excludes 0 in 8.2% of tables at 8 seeds, not 5%" in md
+    assert "incomplete" not in md
+    # a row paired on 4 of the scale's 5 seeds is still a table being run
+    runs.write_text("".join(l for l in runs.read_text().splitlines(keepends=True)
+                            if not ('"- high-resolution features"' in l and '"seed": 4,' in l)))
+    md = Path(render_ablation("masked_attention", out)["table"]).read_text()
+    line = next(l for l in md.splitlines() if l.startswith("| - high-resolution features"))
+    assert "incomplete (4/5 seeds)" in line and "agrees" not in line
+    # a whole table at 8 seeds: no row has extra seeds
+    for seed in range(4, 8):
+        append_jsonl(runs, _record("- high-resolution features", seed, 45.0 + seed, 35.0, 40.0))
+    md = Path(render_ablation("masked_attention", out)["table"]).read_text()
+    assert "Extra seeds" not in md and "incomplete" not in md
+
+
 def test_render_table_csv_and_plot(tmp_path):
     out = tmp_path / "reports"
     runs = out / "masked_attention" / "runs.jsonl"
