@@ -129,6 +129,23 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_recount_flops(args) -> int:
+    from ablations.render import render_ablation, render_readme
+    from ablations.runner import recount_flops
+    from ablations.spec import list_specs
+
+    names = args.names or list_specs()
+    changed = recount_flops(names, args.out)
+    for name, n in changed.items():
+        if n:
+            render_ablation(name, args.out)
+    if any(changed.values()):
+        render_readme(args.out)
+    print("recount-flops: " + ", ".join(f"{k} {v} record(s) changed" for k, v in changed.items() if v)
+          if any(changed.values()) else "recount-flops: every record of this code already carries this code's count")
+    return 0
+
+
 def _fractions(text: str) -> List[float]:
     try:
         return [float(x) for x in text.split(",")]
@@ -266,6 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "whose tables were complete, while the current code's are retrained), marked STALE when "
                         "it is not the checkout's")
     s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("recount-flops", help="count the FLOPs of the current code's records again and fix the ones "
+                       "that carry another count (then re-render)",
+                       description="FLOPs are counted once per config and cached. Until 2026-12-06 the cache key "
+                       "left out the code fingerprint, so a config whose model changed with the code (Table 4c's "
+                       "SMCA at 1ebb60d016cf) was recorded with the old model's count. This counts every record of "
+                       "the current code fingerprint again (fvcore, one count per config) and rewrites the ones "
+                       "that differ; records of other code versions are left alone.")
+    s.add_argument("names", nargs="*", metavar="NAME", help="ablations (default: all)")
+    s.add_argument("--out", default="reports", help="reports directory (default %(default)s)")
+    s.set_defaults(fn=cmd_recount_flops)
     return p
 
 

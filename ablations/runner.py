@@ -177,7 +177,7 @@ def execute_run(job: Dict[str, Any]) -> Dict[str, Any]:
 
             with warnings.catch_warnings():  # fvcore's torch.jit deprecation noise
                 warnings.simplefilter("ignore", FutureWarning)
-                flops = m2f_flops.count_flops(cfg, h, w)
+                flops = {**m2f_flops.count_flops(cfg, h, w), "code_fingerprint": fp}
         except Exception as e:  # noqa: BLE001 - FLOPs are a report column, not worth losing a run over
             flops = {"error": f"{type(e).__name__}: {e}"}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
@@ -202,8 +202,16 @@ def _job(plan: RunPlan, scale: Scale, device: Optional[str], threads: int, need_
 # ---------------------------------------------------------------------------------------------
 # FLOPs cache (per config hash with the seed normalised away, and input size)
 # ---------------------------------------------------------------------------------------------
-def flops_key(cfg: Config, size) -> str:
-    return f"{config_hash(apply_overrides(cfg, {'solver.seed': 0}))}@{size[0]}x{size[1]}"
+def flops_key(cfg: Config, size, fingerprint: Optional[str] = None) -> str:
+    """The cache key of a model's FLOPs: its config without the seed, the input size and the code
+    fingerprint (default: the checkout's).  The fingerprint is part of it because the same config can
+    be a different model under other code: until 2026-12-06 it was not, and Table 4c's SMCA records of
+    1ebb60d016cf carried the FLOPs of fe5233d89935's SMCA (``python -m ablations recount-flops``)."""
+    if fingerprint is None:
+        from m2f.provenance import code_fingerprint
+
+        fingerprint = code_fingerprint()
+    return f"{config_hash(apply_overrides(cfg, {'solver.seed': 0}))}@{size[0]}x{size[1]}/{fingerprint}"
 
 
 def _load_flops_cache(out: Path) -> Dict[str, Any]:
@@ -216,14 +224,78 @@ def _load_flops_cache(out: Path) -> Dict[str, Any]:
     return {}
 
 
+def recount_flops(names: List[str], out: Path | str = "reports",
+                  print_fn: Callable[[str], None] = print) -> Dict[str, int]:
+    """Count again, with this checkout's code, the FLOPs of every record of its code fingerprint in
+    ``out/NAME/runs.jsonl`` (one fvcore count per config and size), and write the count into the
+    records that carry another one (their ``metrics`` too; atomic rewrite).  Every recounted record
+    gets ``flops.code_fingerprint``.  Records of other code versions are left alone: this code cannot
+    count them.  Returns {name: records whose FLOPs or params changed}."""
+    import warnings
+
+    from m2f.flops import count_flops
+    from m2f.checkpoint import rewrite_jsonl
+    from m2f.provenance import code_fingerprint
+
+    fp = code_fingerprint()
+    out = Path(out)
+    cache = _load_flops_cache(out)
+    counted: Dict[str, Dict[str, Any]] = {}
+    changed: Dict[str, int] = {}
+    for name in names:
+        path = runs_path(out, name)
+        records = read_jsonl(path) if path.exists() else []
+        n_changed, touched = 0, False
+        for rec in records:
+            if rec.get("code_fingerprint") != fp or not rec.get("config"):
+                continue
+            cfg = from_dict(rec["config"])
+            if config_hash(cfg) != rec.get("config_hash"):
+                print_fn(f"{name}: {rec.get('row')} seed {rec.get('seed')}: its config does not hash to its "
+                         f"config_hash {rec.get('config_hash')} with this code; left alone")
+                continue
+            old = rec.get("flops") or {}
+            try:
+                size = old.get("size") or list(get_scale(rec.get("scale")).flops_size)
+            except InputError:
+                continue
+            key = flops_key(cfg, size, fp)
+            if key not in counted:
+                with warnings.catch_warnings():  # fvcore's torch.jit deprecation noise
+                    warnings.simplefilter("ignore", FutureWarning)
+                    counted[key] = {**count_flops(cfg, int(size[0]), int(size[1])), "code_fingerprint": fp}
+                cache[key] = counted[key]
+            new = counted[key]
+            if old == new:
+                continue
+            if old.get("gflops") != new["gflops"] or old.get("params") != new["params"]:
+                n_changed += 1
+                print_fn(f"{name}: {rec.get('row')} seed {rec.get('seed')}: FLOPs {old.get('gflops')} G -> "
+                         f"{new['gflops']} G, params {old.get('params')} -> {new['params']}")
+            rec["flops"] = new
+            rec["metrics"] = flat_metrics(rec)
+            touched = True
+        if touched:
+            rewrite_jsonl(path, records)
+        changed[name] = n_changed
+    if counted:
+        atomic_write_json(out / FLOPS_CACHE, cache)
+    return changed
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory per image (paper Table 5's column): one probe per config, attached to its records
 # ---------------------------------------------------------------------------------------------
-def memory_key(cfg: Config, size: int) -> str:
+def memory_key(cfg: Config, size: int, fingerprint: Optional[str] = None) -> str:
     """The probe's identity: the config without its seed -- execution-only fields included
-    (activation checkpointing changes memory, not results) -- size and mask count."""
+    (activation checkpointing changes memory, not results) -- size, mask count and the code
+    fingerprint (default: the checkout's; other code may allocate differently)."""
+    if fingerprint is None:
+        from m2f.provenance import code_fingerprint
+
+        fingerprint = code_fingerprint()
     h = config_hash(apply_overrides(cfg, {"solver.seed": 0}), execution=True)
-    return f"{h}@{size}x{size}/{MEMORY_PROBE_MASKS}masks"
+    return f"{h}@{size}x{size}/{MEMORY_PROBE_MASKS}masks/{fingerprint}"
 
 
 def attach_memory_probes(spec: AblationSpec, plans: List[RunPlan], sc: Scale, out: Path, device: Optional[str],
@@ -247,7 +319,7 @@ def attach_memory_probes(spec: AblationSpec, plans: List[RunPlan], sc: Scale, ou
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     probes: Dict[str, Dict[str, Any]] = {}
     for p in plans:
-        key = memory_key(p.cfg, size)
+        key = memory_key(p.cfg, size, p.fingerprint)
         if key not in cache:
             print_fn(f"memory probe {p.row.name}: one training step at {size}x{size}, batch 1, "
                      f"{MEMORY_PROBE_MASKS} masks, on {device}")
@@ -260,12 +332,12 @@ def attach_memory_probes(spec: AblationSpec, plans: List[RunPlan], sc: Scale, ou
             cache[key] = {k: r.get(k) for k in ("size", "num_masks", "peak_bytes", "method", "amp", "rss_peak_bytes")}
             atomic_write_json(cache_path, cache)
         if key in cache:
-            probes[p.config_hash] = {**cache[key], "key": key}
+            probes[(p.config_hash, p.fingerprint)] = {**cache[key], "key": key}
     path = runs_path(out, spec.name)
     records = read_jsonl(path)
     changed = 0
-    for rec in records:
-        probe = probes.get(rec.get("config_hash"))
+    for rec in records:  # only the records of the code that was probed
+        probe = probes.get((rec.get("config_hash"), rec.get("code_fingerprint")))
         if probe is not None and rec.get("scale") == sc.name and rec.get("memory_probe") != probe:
             rec["memory_probe"] = probe
             rec["metrics"] = flat_metrics(rec)
@@ -570,7 +642,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
     progress = Progress(sc)
 
     def finish(plan: RunPlan, result: Dict[str, Any]) -> None:
-        fk = flops_key(plan.cfg, sc.flops_size)
+        fk = flops_key(plan.cfg, sc.flops_size, plan.fingerprint)
         flops = result.get("flops") or flops_cache.get(fk)
         if result.get("flops") and "error" not in result["flops"]:
             flops_cache[fk] = result["flops"]
@@ -621,11 +693,11 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
             print_fn(f"[{counter['n'] + 1}/{total}] starting {p.label}: {shlex.join(torchrun_command(spec, p, sc))}")
             try:
                 res = _run_torchrun(spec, p, sc)
-                if flops_key(p.cfg, sc.flops_size) not in flops_cache:
+                if flops_key(p.cfg, sc.flops_size, p.fingerprint) not in flops_cache:
                     try:
                         from m2f.flops import count_flops
 
-                        res["flops"] = count_flops(p.cfg, *sc.flops_size)
+                        res["flops"] = {**count_flops(p.cfg, *sc.flops_size), "code_fingerprint": p.fingerprint}
                     except Exception as e:  # noqa: BLE001
                         res["flops"] = {"error": f"{type(e).__name__}: {e}"}
                 finish(p, res)
@@ -641,7 +713,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
         seen_flops = set(flops_cache)
         progress.queue(pending)
         for p in pending:
-            fk = flops_key(p.cfg, sc.flops_size)
+            fk = flops_key(p.cfg, sc.flops_size, p.fingerprint)
             jobs_of[id(p)] = _job(p, sc, device, threads, need_flops=fk not in seen_flops,
                                   proposals=spec.evaluate_proposals, isolated=not inline)
             seen_flops.add(fk)

@@ -139,15 +139,15 @@ def collect(name: str, scale: str = "cpu", seeds: Optional[int] = None, data: Op
             results[id(p)] = r
             f = r.get("flops")
             if f and "error" not in f:  # one job per config counts FLOPs; the others share it
-                cache[flops_key(p.cfg, sc.flops_size)] = f
+                cache[flops_key(p.cfg, sc.flops_size, p.fingerprint)] = f
         if results:
             atomic_write_json(out / FLOPS_CACHE, cache)
         for p in plans:
             r = results.get(id(p))
             if r is None:
                 continue
-            append_jsonl(rpath, build_record(spec, p, sc, r, r.get("flops") or cache.get(flops_key(p.cfg, sc.flops_size)),
-                                             git))
+            flops = r.get("flops") or cache.get(flops_key(p.cfg, sc.flops_size, p.fingerprint))
+            append_jsonl(rpath, build_record(spec, p, sc, r, flops, git))
             added += 1
             print_fn(f"recorded {p.label} from {p.run_dir / RESULT_NAME}")
     print_fn(f"collect {spec.name} ({table_label(spec)}) at scale {sc.name}: {added} recorded now, "

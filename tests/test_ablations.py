@@ -764,6 +764,52 @@ def test_default_scale_is_the_highest_fidelity_recorded():
     assert select_records([{"scale": "smoke", "row": "a", "seed": 0}])[0] == "smoke"
 
 
+def test_flops_are_counted_again_under_new_code_not_taken_from_the_cache(tmp_path, fake_train, monkeypatch):
+    """The FLOPs cache is keyed by the code fingerprint too: the same config under other code can be
+    another model (Table 4c's SMCA records of 1ebb60d016cf carried fe5233d89935's SMCA count)."""
+    import m2f.provenance
+
+    calls, flops_calls = fake_train
+    out, runs = tmp_path / "reports", tmp_path / "runs"
+    fp0 = m2f.provenance.code_fingerprint()
+    ab_runner.run_ablation("masked_attention", scale="smoke", seeds=1, out=out, runs_root=runs, inline=True,
+                           print_fn=lambda m: None)
+    assert len(flops_calls) == 3
+    monkeypatch.setattr(m2f.provenance, "code_fingerprint", lambda root=None: "0123456789ab")
+    s = ab_runner.run_ablation("masked_attention", scale="smoke", seeds=1, out=out, runs_root=runs, inline=True,
+                               print_fn=lambda m: None)
+    assert s["ran"] == 3 and len(flops_calls) == 6  # counted again, once per config
+    recs = read_jsonl(out / "masked_attention" / "runs.jsonl")
+    assert sorted(r["flops"]["code_fingerprint"] for r in recs) == sorted([fp0] * 3 + ["0123456789ab"] * 3)
+    assert all(r["flops"]["code_fingerprint"] == r["code_fingerprint"] for r in recs)
+
+
+def test_recount_flops_fixes_the_current_codes_records_and_leaves_other_versions_alone(tmp_path):
+    from ablations.runner import recount_flops
+    from m2f.config import to_dict
+    from m2f.flops import count_flops
+
+    out = tmp_path / "reports"
+    runs = out / "masked_attention" / "runs.jsonl"
+    cfg = get_preset("tiny", ["data.image_size=64", "decoder.cross_attention=smca"])
+    stale = {"gflops": 9.5, "params": 1, "size": [64, 64]}  # another model's count
+    for seed, fp in ((0, _fp()), (1, _fp()), (0, "0123456789ab")):
+        rec = _record("- masked attention", seed, 40.0, 30.0, 35.0, scale="smoke", fingerprint=fp)
+        rec.update(config=to_dict(cfg), config_hash=config_hash(cfg), flops=dict(stale))
+        rec["metrics"] = {"FLOPs_G": 9.5}
+        append_jsonl(runs, rec)
+    assert recount_flops(["masked_attention"], out, print_fn=lambda m: None) == {"masked_attention": 2}
+    want = count_flops(cfg, 64, 64)
+    recs = read_jsonl(runs)
+    for r in recs[:2]:
+        assert r["flops"] == {**want, "code_fingerprint": _fp()}
+        assert r["metrics"]["FLOPs_G"] == pytest.approx(want["gflops"]) and r["metrics"]["FLOPs_G"] != 9.5
+    assert recs[2]["flops"] == stale and recs[2]["metrics"] == {"FLOPs_G": 9.5}  # other code: not ours to count
+    before = runs.read_text()
+    assert recount_flops(["masked_attention"], out, print_fn=lambda m: None) == {"masked_attention": 0}
+    assert runs.read_text() == before
+
+
 def test_memory_probe_identity_includes_execution_only_fields():
     """Activation checkpointing leaves a run's identity alone but changes its memory: the probe cache
     must not mix the two."""
