@@ -784,6 +784,25 @@ def test_flops_are_counted_again_under_new_code_not_taken_from_the_cache(tmp_pat
     assert all(r["flops"]["code_fingerprint"] == r["code_fingerprint"] for r in recs)
 
 
+def test_committed_records_count_flops_of_the_model_they_trained():
+    """Every committed record's FLOPs come from the model it trained: the FLOPs count's params equal
+    the run's own, and a count marked with a code fingerprint is that record's.  (The SMCA records of
+    1ebb60d016cf once carried another model's count from the cache.)"""
+    root = Path(__file__).resolve().parents[1] / "reports"
+    paths = sorted(root.glob("*/runs.jsonl")) + sorted(root.glob("calibration/*/runs.jsonl"))
+    assert paths
+    checked = 0
+    for path in paths:
+        for r in read_jsonl(path):
+            f = r.get("flops") or {}
+            if r.get("params") is not None and f.get("params") is not None:
+                assert f["params"] == r["params"], (path, r.get("row"), r.get("seed"), r.get("code_fingerprint"))
+                checked += 1
+            if f.get("code_fingerprint") is not None:
+                assert f["code_fingerprint"] == r.get("code_fingerprint"), (path, r.get("row"), r.get("seed"))
+    assert checked > 100
+
+
 def test_recount_flops_fixes_the_current_codes_records_and_leaves_other_versions_alone(tmp_path):
     from ablations.runner import recount_flops
     from m2f.config import to_dict
