@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from m2f.errors import M2FError
+from m2f.errors import InputError, M2FError
 
 
 def cmd_list(args) -> int:
@@ -126,6 +126,42 @@ def cmd_report(args) -> int:
         print(f"{name}: {what} -> {res['table']}")
     p = render_readme(args.out, fingerprint=args.fingerprint)
     print(f"wrote {p} ({n} tables)")
+    return 0
+
+
+def cmd_carry(args) -> int:
+    """Count an earlier code version's records for the current code, row by row, where the current code
+    retrained some of the row's runs and computed the same."""
+    from ablations.records import carry_records, runs_path
+    from ablations.render import render_ablation, render_readme
+    from ablations.runner import recount_flops
+    from ablations.spec import load_spec
+    from m2f.checkpoint import append_jsonl, read_jsonl
+    from m2f.provenance import code_fingerprint
+
+    fp_new = code_fingerprint()
+    if args.old == fp_new:
+        raise InputError(f"carry --from {args.old}: that is the current code's fingerprint")
+    total = 0
+    for name in args.names:
+        spec = load_spec(name)
+        path = runs_path(args.out, name)
+        records = read_jsonl(path) if path.exists() else []
+        carried, why = carry_records(records, spec, args.scale, args.old, fp_new, args.min_verified)
+        for row, w in why.items():
+            print(f"{name}: {row}: {w}")
+        if not why:
+            print(f"{name}: no {args.scale} records of {args.old}")
+        if args.dry_run or not carried:
+            continue
+        for rec in carried:
+            append_jsonl(path, rec)
+        total += len(carried)
+        recount_flops([name], args.out, print_fn=print)
+        render_ablation(name, args.out)
+    if total:
+        render_readme(args.out)
+    print(f"carry: {total} record(s) carried from {args.old} to {fp_new}" + (" (dry run)" if args.dry_run else ""))
     return 0
 
 
@@ -283,6 +319,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "whose tables were complete, while the current code's are retrained), marked STALE when "
                         "it is not the checkout's")
     s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("carry", help="count an earlier code version's records for the current code, row by row, "
+                       "where the current code retrained some of the row's runs and computed the same",
+                       description="A change to the sources makes every table stale, although most rows compute "
+                       "exactly as before (ablations compare shows it). For each row of NAME, when the current code "
+                       "has retrained at least --min-verified of the row's (seed, config) runs of code --from, and "
+                       "each of them computed the same (final evaluation equal, every loss and evaluation logged "
+                       "by both equal), the row's other records of --from are copied as records of the current "
+                       "code, marked carried_from (source fingerprint, verified seeds). Their FLOPs are counted "
+                       "again and their memory probe is measured again by the next run. The table header says "
+                       "which records were carried. A row that differs is not carried: run retrains it.")
+    s.add_argument("names", nargs="+", metavar="NAME", help="ablations")
+    s.add_argument("--from", dest="old", required=True, metavar="FP", help="the earlier code fingerprint")
+    s.add_argument("--scale", default="cpu", type=_scale_name, help="the records' scale (default %(default)s)")
+    s.add_argument("--min-verified", type=int, default=1, metavar="K",
+                   help="retrained runs per row that must match before its other records carry (default 1)")
+    s.add_argument("--dry-run", action="store_true", help="say what would carry, write nothing")
+    s.add_argument("--out", default="reports", help="reports directory (default %(default)s)")
+    s.set_defaults(fn=cmd_carry)
 
     s = sub.add_parser("recount-flops", help="count the FLOPs of the current code's records again and fix the ones "
                        "that carry another count (then re-render)",

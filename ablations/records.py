@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ablations.scales import Scale
 from ablations.spec import EVAL_METRICS, AblationSpec, Row
@@ -142,11 +142,11 @@ def compare_versions(records, fp_a: str, fp_b: str):
     def key(r):
         return (r.get("row"), r.get("seed"), r.get("scale"), r.get("config_hash"))
 
-    a = {key(r): r for r in records if r.get("code_fingerprint") == fp_a}
+    a = {key(r): r for r in records if r.get("code_fingerprint") == fp_a and not r.get("carried_from")}
     pairs = []
     for r in records:
-        if r.get("code_fingerprint") != fp_b or key(r) not in a:
-            continue
+        if r.get("code_fingerprint") != fp_b or key(r) not in a or r.get("carried_from"):
+            continue  # a carried record is a copy of its source: comparing them proves nothing
         o = a[key(r)]
         ma, mb = ({m: eval_metric(x.get("eval") or {}, m) for m in EVAL_METRICS} for x in (o, r))
         diffs = [abs(ma[m] - mb[m]) for m in EVAL_METRICS if ma[m] is not None and mb[m] is not None]
@@ -155,3 +155,81 @@ def compare_versions(records, fp_a: str, fp_b: str):
                       "curve_identical": o.get("metrics_over_training") == r.get("metrics_over_training"),
                       "max_abs_diff": max(diffs) if diffs else None})
     return pairs
+
+
+def _curve_entries(record: Dict[str, Any]) -> Dict[tuple, Any]:
+    """{(iteration, "loss" | "eval"): logged entry} of a record's metrics over training."""
+    out = {}
+    for e in record.get("metrics_over_training") or []:
+        out[(e.get("iter"), "eval" if "eval" in e else "loss")] = e
+    return out
+
+
+def same_computation(a: Dict[str, Any], b: Dict[str, Any]) -> Optional[str]:
+    """None when two records of one (row, seed, config) computed the same: final evaluation equal in
+    every number, and every loss and evaluation logged by both at the same iteration equal, over at
+    least 90% of the shorter curve (a run resumed between sessions logs an extra line, see
+    docs/pending); else the reason they differ."""
+    if a.get("config_hash") != b.get("config_hash"):
+        return "different configs"
+    if not a.get("eval") or a.get("eval") != b.get("eval"):
+        return "final evaluation differs"
+    ca, cb = _curve_entries(a), _curve_entries(b)
+    common = set(ca) & set(cb)
+    if len(common) < 0.9 * min(len(ca), len(cb)) or not common:
+        return f"too few logged iterations in common ({len(common)} of {min(len(ca), len(cb))})"
+    bad = sorted((k for k in common if ca[k] != cb[k]), key=str)
+    if bad:
+        return f"logged values differ at iteration {bad[0][0]} ({bad[0][1]})"
+    return None
+
+
+def carry_records(records: List[Dict[str, Any]], spec: AblationSpec, scale: str, fp_old: str, fp_new: str,
+                  min_verified: int = 1) -> Tuple[List[Dict[str, Any]], Dict[str, str]]:
+    """Records of code version ``fp_old`` to count for ``fp_new`` without retraining them, row by row:
+    a row carries when ``fp_new`` has retrained at least ``min_verified`` of its (seed, config) runs
+    and every such pair computed the same (:func:`same_computation`).  The copies get ``fp_new``'s
+    fingerprint and ``carried_from`` = {"code_fingerprint": fp_old, "verified_seeds": [...], "carried_at"};
+    their training provenance (git commit, machine, run directory, curves) is the source's, their
+    memory probe is dropped (the current code measures it again) and their FLOPs are the source's until
+    :func:`ablations.runner.recount_flops` counts them.  Returns (new records, {row: why it does or
+    does not carry}).  ``records``: one table's records at ``scale`` (the latest per row and seed count)."""
+    from ablations.scales import recipe_scale
+
+    def latest(fp):
+        out = {}
+        for r in records:
+            if r.get("code_fingerprint") == fp and recipe_scale(r) == scale:
+                out[(r.get("row"), r.get("seed"))] = r
+        return out
+
+    old, new = latest(fp_old), latest(fp_new)
+    carried, why = [], {}
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for row in spec.rows:
+        olds = {seed: r for (name, seed), r in old.items() if name == row.name}
+        if not olds:
+            continue
+        pairs = {seed: (r, new[(row.name, seed)]) for seed, r in olds.items()
+                 if (row.name, seed) in new and not new[(row.name, seed)].get("carried_from")}
+        diffs = {seed: same_computation(a, b) for seed, (a, b) in pairs.items()}
+        diffs = {seed: d for seed, d in diffs.items() if d}
+        todo = sorted(seed for seed in olds if (row.name, seed) not in new)
+        if diffs:
+            seed, d = sorted(diffs.items())[0]
+            why[row.name] = f"not carried: seed {seed} {d} between {fp_old} and {fp_new}"
+            continue
+        if len(pairs) < min_verified:
+            why[row.name] = (f"not carried: {len(pairs)} of its runs retrained by {fp_new}, {min_verified} needed "
+                             f"(`python -m ablations run {spec.name} --row \"{row.name}\" --seeds 1` retrains seed 0)")
+            continue
+        verified = sorted(pairs)
+        for seed in todo:
+            rec = {k: v for k, v in olds[seed].items() if k != "memory_probe"}
+            rec["code_fingerprint"] = fp_new
+            rec["carried_from"] = {"code_fingerprint": fp_old, "verified_seeds": verified, "carried_at": now}
+            rec["metrics"] = flat_metrics(rec)
+            carried.append(rec)
+        why[row.name] = (f"{len(todo)} record(s) carried; seed(s) {', '.join(map(str, verified))} retrained by "
+                         f"{fp_new} computed the same" if todo else "nothing to carry (every seed retrained)")
+    return carried, why

@@ -303,6 +303,21 @@ def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metri
     else:
         lines.append(f"- **Honesty:** ours: one {tasks or 'panoptic'}-trained model per row scored on every task; "
                      f"paper: {PAPER_SOURCES}.")
+    carried = [r for r in records if r.get("carried_from")]
+    if carried:
+        by_row: Dict[str, Dict[str, Any]] = {}
+        for r in carried:
+            c = r["carried_from"]
+            e = by_row.setdefault(r.get("row"), {"fp": c.get("code_fingerprint"), "seeds": [],
+                                                 "verified": c.get("verified_seeds") or []})
+            e["seeds"].append(r.get("seed"))
+        lines.append(f"- **Carried records:** {len(carried)} of the {len(records)} records were trained by an earlier "
+                     f"code version and carried to this one (`python -m ablations carry`), because the runs this "
+                     f"code retrained computed the same (final evaluation and every logged loss and evaluation "
+                     f"equal): " + "; ".join(
+                         f"{row}: seed(s) {', '.join(map(str, sorted(e['seeds'])))} from `{e['fp']}`, verified on "
+                         f"seed(s) {', '.join(map(str, e['verified']))}" for row, e in sorted(by_row.items()))
+                     + ". Their FLOPs are counted by this code; a fresh clone retrains every run, carried or not.")
     shared = sorted({(r.get("row"), _source_ablation(r.get("shared_from"))) for r in records if r.get("shared_from")})
     if shared:
         lines.append("- **Shared runs:** " + "; ".join(f"{row} = the identical run of `{src}`" for row, src in shared)
@@ -311,8 +326,8 @@ def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metri
     if extra:
         n0 = info.get("table_seeds")
         lines.append("- **Extra seeds:** " + "; ".join(f"`{row}` is paired on {n} seeds" for row, n in extra.items())
-                     + f", more than the {n0} of the other rows: these seeds were run for this row and its base row only "
-                     f"(`python -m ablations run {spec.name} --seeds N --row ROW --row \"{spec.base_row}\"`); every "
+                     + f", more than the {n0} of the other rows: these seeds were run for this row and its base "
+                     f"row only (`python -m ablations run {spec.name} --seeds N --row ROW --row \"{spec.base_row}\"`); every "
                      f"other row is paired on the seeds it shares with the base row. When seeds are added because "
                      f"a row's first {n0} were inconclusive, its interval is a second look at the data: with no "
                      f"true effect it excludes 0 in "

@@ -784,6 +784,56 @@ def test_flops_are_counted_again_under_new_code_not_taken_from_the_cache(tmp_pat
     assert all(r["flops"]["code_fingerprint"] == r["code_fingerprint"] for r in recs)
 
 
+def test_carry_counts_an_earlier_versions_records_only_for_rows_retrained_identically(tmp_path):
+    """`carry --from OLD`: a row whose runs retrained by the current code computed exactly what OLD's
+    did gets OLD's other seeds as current records (marked, FLOPs recounted by the CLI); a row that
+    differs, or was not retrained, does not; the table header names what was carried."""
+    from ablations.records import carry_records, compare_versions, same_computation
+
+    old, cur = "0123456789ab", _fp()
+    spec = load_spec("masked_attention")
+    recs = []
+    for seed in range(3):
+        for row, pq in (("full model", 50.0), ("- masked attention", 45.0), ("- high-resolution features", 47.0)):
+            r = _record(row, seed, pq + seed, 30.0, 40.0, fingerprint=old)
+            r["memory_probe"] = {"peak_bytes": 1}
+            recs.append(r)
+        recs.append(_record("full model", seed, 50.0 + seed, 30.0, 40.0))  # the base row: retrained (shared)
+    recs.append(_record("- masked attention", 0, 45.0, 30.0, 40.0))  # retrained: the same computation
+    recs.append(_record("- high-resolution features", 0, 47.5, 30.0, 40.0))  # retrained: differs
+    carried, why = carry_records(recs, spec, "cpu", old, cur)
+    assert sorted((r["row"], r["seed"]) for r in carried) == [("- masked attention", 1), ("- masked attention", 2)]
+    assert why["- high-resolution features"].startswith("not carried: seed 0 final evaluation differs")
+    assert why["full model"] == "nothing to carry (every seed retrained)"
+    for r in carried:
+        assert r["code_fingerprint"] == cur and "memory_probe" not in r
+        assert r["carried_from"]["code_fingerprint"] == old and r["carried_from"]["verified_seeds"] == [0]
+        assert r["eval"] == next(x for x in recs if x["code_fingerprint"] == old and x["row"] == r["row"]
+                                 and x["seed"] == r["seed"])["eval"]
+    # a row nobody retrained does not carry
+    only_old = [r for r in recs if r["code_fingerprint"] == old]
+    assert carry_records(only_old, spec, "cpu", old, cur)[0] == []
+    # rendered: the carried seeds complete the row; the header says where they come from
+    out = tmp_path / "reports"
+    runs = out / "masked_attention" / "runs.jsonl"
+    for r in recs + carried:
+        append_jsonl(runs, r)
+    md = Path(render_ablation("masked_attention", out)["table"]).read_text()
+    assert ("**Carried records:** 2 of the 7 records were trained by an earlier code version" in md
+            and f"- masked attention: seed(s) 1, 2 from `{old}`, verified on seed(s) 0" in md)
+    line = next(l for l in md.splitlines() if l.startswith("| - masked attention"))
+    assert "-5.00 [-5.00, -5.00] (n=3)" in line
+    assert "incomplete (1/3 seeds)" in next(l for l in md.splitlines() if l.startswith("| - high-resolution"))
+    # compare pairs only runs both versions trained, never a carried copy with its source
+    assert len(compare_versions(recs + carried, old, cur)) == 5
+    # curves: an extra line from a resume is tolerated, a different logged value is not
+    a, b = _record("x", 0, 1.0, 1.0, 1.0), _record("x", 0, 1.0, 1.0, 1.0)
+    b["metrics_over_training"] = b["metrics_over_training"] + [{"iter": 21, "loss": 0.1}]
+    assert same_computation(a, b) is None
+    b["metrics_over_training"][0] = {**b["metrics_over_training"][0], "loss": 9.0}
+    assert same_computation(a, b) == "logged values differ at iteration 10 (loss)"
+
+
 def test_committed_records_count_flops_of_the_model_they_trained():
     """Every committed record's FLOPs come from the model it trained: the FLOPs count's params equal
     the run's own, and a count marked with a code fingerprint is that record's.  (The SMCA records of
