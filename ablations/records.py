@@ -129,6 +129,8 @@ def build_record(spec: AblationSpec, plan: RunPlan, scale: Scale, result: Dict[s
         "shared_from_record": result.get("shared_from_record"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if result.get("carried_from"):  # shared from a carried record (ablations carry)
+        rec["carried_from"] = result["carried_from"]
     rec["metrics"] = flat_metrics(rec)
     return rec
 

@@ -579,6 +579,8 @@ def share_run(plan: RunPlan, rec: Dict[str, Any], proposals: bool, device: Optio
               "wall_seconds": rec.get("wall_seconds"), "code_fingerprint": rec.get("code_fingerprint"),
               "config_hash": rec.get("config_hash"), "flops": rec.get("flops"), "git_commit": rec.get("git_commit"),
               "shared_from": origin, "shared_from_record": source_label(rec)}
+    if rec.get("carried_from"):  # a carried record shared on stays marked as carried
+        result["carried_from"] = rec["carried_from"]
     atomic_write_json(plan.run_dir / RESULT_NAME, result)
     return result
 

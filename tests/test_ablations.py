@@ -826,6 +826,15 @@ def test_carry_counts_an_earlier_versions_records_only_for_rows_retrained_identi
     assert "incomplete (1/3 seeds)" in next(l for l in md.splitlines() if l.startswith("| - high-resolution"))
     # compare pairs only runs both versions trained, never a carried copy with its source
     assert len(compare_versions(recs + carried, old, cur)) == 5
+    # another table sharing a carried run records it as carried too
+    from ablations.records import RunPlan, build_record
+
+    src = {**carried[0], "_records_file": "reports/masked_attention/runs.jsonl", "run_dir": str(tmp_path / "src")}
+    plan = RunPlan("cross_attention", load_spec("cross_attention").base, 1, "cpu", get_preset("tiny"),
+                   src["config_hash"], tmp_path / "runs" / "x", cur)
+    res = ab_runner.share_run(plan, src, proposals=False)
+    rec = build_record(load_spec("cross_attention"), plan, get_scale("cpu"), res, res["flops"], "abc")
+    assert rec["carried_from"] == carried[0]["carried_from"] and rec["shared_from"] == str(tmp_path / "src")
     # curves: an extra line from a resume is tolerated, a different logged value is not
     a, b = _record("x", 0, 1.0, 1.0, 1.0), _record("x", 0, 1.0, 1.0, 1.0)
     b["metrics_over_training"] = b["metrics_over_training"] + [{"iter": 21, "loss": 0.1}]
