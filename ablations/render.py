@@ -573,6 +573,8 @@ def scoreboard_cells(spec: AblationSpec, out: Path | str = "reports", fingerprin
     """Every (paper row, metric in PQ/AP/mIoU) of ``spec`` with |paper Δ| >= 0.5 and its verdict at
     the highest scale recorded with the current code (``not run`` when there is none)."""
     scale, records, info = select_records(read_jsonl(runs_path(out, spec.name)), None, fingerprint)
+    carried = sorted({r["carried_from"].get("code_fingerprint") for r in records if r.get("carried_from")})
+    n_carried = sum(1 for r in records if r.get("carried_from"))
     rows = []
     if records:
         metrics, agg = aggregate(spec, records)
@@ -592,7 +594,8 @@ def scoreboard_cells(spec: AblationSpec, out: Path | str = "reports", fingerprin
             cells.append({"table": spec.table, "ablation": spec.name, "row": row.name, "metric": m,
                           "paper_delta": p - pb, "verdict": v, "scale": scale if v != "not run" else None,
                           "delta": r["delta"] if r else None, "low": r["low"] if r else None,
-                          "high": r["high"] if r else None, "pairs": r["pairs"] if r else 0})
+                          "high": r["high"] if r else None, "pairs": r["pairs"] if r else 0,
+                          "carried": n_carried, "carried_from": carried})
     return cells
 
 
@@ -628,6 +631,9 @@ def render_scoreboard(out: Path | str = "reports", fingerprint: Optional[str] = 
         for k in kinds:
             total[k] += counts[k]
         scales = sorted({f"{c['scale']} (n={c['pairs']})" for c in cells if c["scale"]})
+        if cells[0].get("carried"):
+            scales.append(f"{cells[0]['carried']} records carried from "
+                          + ", ".join(f"`{fp}`" for fp in cells[0]["carried_from"]))
         other_scales.update(c["scale"] for c in cells if c["scale"] and c["scale"] not in ("cpu", "paper"))
         lines.append(f"| {spec.table} | [{name}](reports/{name}/table.md) | {', '.join(scales) or '—'} | "
                      + " | ".join(str(counts[k]) for k in kinds) + f" | {len(cells)} |")

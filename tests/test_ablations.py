@@ -823,6 +823,10 @@ def test_carry_counts_an_earlier_versions_records_only_for_rows_retrained_identi
             and f"- masked attention: seed(s) 1, 2 from `{old}`, verified on seed(s) 0" in md)
     line = next(l for l in md.splitlines() if l.startswith("| - masked attention"))
     assert "-5.00 [-5.00, -5.00] (n=3)" in line
+    from ablations.render import render_scoreboard
+
+    board = next(l for l in render_scoreboard(out).splitlines() if l.startswith("| 4a |"))
+    assert f"2 records carried from `{old}`" in board
     assert "incomplete (1/3 seeds)" in next(l for l in md.splitlines() if l.startswith("| - high-resolution"))
     # compare pairs only runs both versions trained, never a carried copy with its source
     assert len(compare_versions(recs + carried, old, cur)) == 5
