@@ -847,6 +847,27 @@ def test_carry_counts_an_earlier_versions_records_only_for_rows_retrained_identi
     assert same_computation(a, b) == "logged values differ at iteration 10 (loss)"
 
 
+def test_carry_check_on_the_committed_records_passes_reproduced_runs_and_fails_the_changed_function():
+    """On real records: every run of Tables 4a and 4c that both fe5233d89935 and 1ebb60d016cf trained
+    computed the same (two of them resumed between sessions, with the logging artifacts of docs/pending
+    0002), except SMCA, whose function 1ebb60d016cf changed."""
+    from ablations.records import same_computation
+
+    root = Path(__file__).resolve().parents[1] / "reports"
+    verdicts = {}
+    for name in ("masked_attention", "cross_attention"):
+        recs = read_jsonl(root / name / "runs.jsonl")
+        old = {(r["row"], r["seed"], r["config_hash"]): r for r in recs
+               if r.get("code_fingerprint") == "fe5233d89935"}
+        for r in recs:
+            k = (r["row"], r["seed"], r["config_hash"])
+            if r.get("code_fingerprint") == "1ebb60d016cf" and k in old and not r.get("carried_from"):
+                verdicts[(name,) + k[:2]] = same_computation(old[k], r)
+    assert len(verdicts) == 35
+    assert {k for k, v in verdicts.items() if v} == {("cross_attention", "SMCA", s) for s in range(5)}
+    assert all(v == "final evaluation differs" for v in verdicts.values() if v)
+
+
 def test_committed_records_count_flops_of_the_model_they_trained():
     """Every committed record's FLOPs come from the model it trained: the FLOPs count's params equal
     the run's own, and a count marked with a code fingerprint is that record's.  (The SMCA records of
