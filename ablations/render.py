@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ablations.records import eval_metric, flat_metrics, runs_path
 from ablations.scales import describe, get_scale, recipe_scale, scale_rank
-from ablations.stats import CONFIDENCE, paired_delta, second_look_error, verdict
+from ablations.stats import CONFIDENCE, paired_delta, second_look_confidence, second_look_error, verdict
 from ablations.spec import PROPOSAL_PATTERN, AblationSpec, expand_metrics, list_specs, load_spec, table_label
 from m2f.checkpoint import atomic_write_text, read_jsonl
 from m2f.errors import InputError
@@ -179,6 +179,14 @@ def table_rows(spec: AblationSpec, metrics: List[str], agg: Dict[str, Dict[str, 
                         "mean": s["mean"], "std": s["std"], "delta": d["delta"] if d else None,
                         "low": d["low"] if d else None, "high": d["high"] if d else None,
                         "pairs": d["n"] if d else 0, "paper": paper, "paper_delta": paper_delta, "verdict": v})
+    # Rows given extra seeds (a second look): their interval at the two-look design's confidence
+    extra, ref = extra_seed_rows(out, table_seeds)
+    for r in out:
+        if r["row"] in extra and r["pairs"] > ref:
+            c = second_look_confidence(ref, r["pairs"])
+            d = paired_delta(agg[base.name][r["metric"]].get("by_seed", {}),
+                             agg[r["row"]][r["metric"]].get("by_seed", {}), confidence=c)
+            r.update(low=d["low"], high=d["high"], confidence=c, verdict=verdict(d, r["paper_delta"]))
     return out
 
 
@@ -209,8 +217,9 @@ def fmt_delta(r: Dict[str, Any], metric: str) -> str:
         return "—"
     if r.get("low") is None:
         return f"{fmt(r['delta'], metric, signed=True)} (n={r['pairs']})"
+    level = f", {100 * r['confidence']:.1f}%" if r.get("confidence") else ""
     return (f"{fmt(r['delta'], metric, signed=True)} [{fmt(r['low'], metric, signed=True)}, "
-            f"{fmt(r['high'], metric, signed=True)}] (n={r['pairs']})")
+            f"{fmt(r['high'], metric, signed=True)}] (n={r['pairs']}{level})")
 
 
 def fmt_ours(n: int, mean, std, metric: str) -> str:
@@ -328,13 +337,17 @@ def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metri
         lines.append("- **Extra seeds:** " + "; ".join(f"`{row}` is paired on {n} seeds" for row, n in extra.items())
                      + f", more than the {n0} of the other rows: these seeds were run for this row and its base "
                      f"row only (`python -m ablations run {spec.name} --seeds N --row ROW --row \"{spec.base_row}\"`); every "
-                     f"other row is paired on the seeds it shares with the base row. When seeds are added because "
-                     f"a row's first {n0} were inconclusive, its interval is a second look at the data: with no "
-                     f"true effect it excludes 0 in "
+                     f"other row is paired on the seeds it shares with the base row. Seeds added because a row's "
+                     f"first {n0} were inconclusive make a second look at the data: at 95% both times, with no "
+                     f"true effect, one of the two intervals would exclude 0 in "
                      + ", ".join(f"{100 * second_look_error(n0, n):.1f}% of tables at {n} seeds"
                                  for n in sorted(set(extra.values())))
-                     + f", not {100 * (1 - CONFIDENCE):.0f}% (`ablations.stats.second_look_error({n0}, n)`, half on "
-                     f"each side of 0). ablations/README.md gives the reason for each addition.")
+                     + f", not {100 * (1 - CONFIDENCE):.0f}%. So such a row's interval is shown at the confidence "
+                     f"of a two-look design that errs in {100 * (1 - CONFIDENCE):.0f}% ("
+                     + ", ".join(f"{100 * second_look_confidence(n0, n):.1f}% at {n} seeds"
+                                 for n in sorted(set(extra.values())))
+                     + f"; `ablations.stats.second_look_confidence({n0}, n)`, a simulation), and its verdict "
+                     f"comes from that interval. ablations/README.md gives the reason for each addition.")
     if len(seeds) < 2:
         lines.append("- With one seed there is no interval: every verdict is `inconclusive`.")
     lines += ["", f"Δ = mean over seeds of (row − base row) for the seeds both ran, [95% interval] (Student t over "
@@ -381,10 +394,11 @@ def render_markdown(spec: AblationSpec, scale: str, records: List[Dict[str, Any]
 def render_csv(spec: AblationSpec, scale: str, rows: List[Dict[str, Any]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    cols = ["row", "metric", "is_base", "run", "n", "mean", "std", "delta", "low", "high", "pairs", "paper",
-            "paper_delta", "verdict"]
+    cols = ["row", "metric", "is_base", "run", "n", "mean", "std", "delta", "low", "high", "confidence", "pairs",
+            "paper", "paper_delta", "verdict"]
     w.writerow(["ablation", "table", "scale"] + cols)
     for r in rows:
+        r = {**r, "confidence": r.get("confidence") or (CONFIDENCE if r.get("low") is not None else None)}
         w.writerow([spec.name, spec.table, scale] + ["" if r[c] is None else r[c] for c in cols])
     return buf.getvalue()
 

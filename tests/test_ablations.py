@@ -285,6 +285,11 @@ def test_second_look_error_is_the_nominal_rate_without_added_seeds_and_higher_wi
     assert second_look_error(3, 3) == pytest.approx(0.05, abs=0.002)
     e8, e12 = second_look_error(5, 8), second_look_error(5, 12)
     assert 0.075 < e8 < 0.09 and e8 < e12 < 0.1  # a second look adds false verdicts, more the later it comes
+    from ablations.stats import second_look_confidence
+
+    c = second_look_confidence(5, 8)
+    assert 0.965 < c < 0.975 and second_look_error(5, 8, confidence=c) == pytest.approx(0.05, abs=0.001)
+    assert second_look_confidence(5, 5) == pytest.approx(0.95)
     assert second_look_error(1, 2) == pytest.approx(0.05, abs=0.002)  # one seed first: no first interval
     with pytest.raises(ValueError):
         second_look_error(5, 4)
@@ -306,13 +311,18 @@ def test_extra_seeds_for_one_row_keep_the_other_rows_complete_and_are_disclosed(
     cells = {(c["row"], c["metric"]): c for c in scoreboard_cells(load_spec("masked_attention"), out)}
     assert cells[("- masked attention", "PQ")]["pairs"] == 8
     assert cells[("- masked attention", "PQ")]["verdict"] == "agrees"  # -2 / -1.5 alternating
+    assert cells[("- masked attention", "PQ")]["low"] < -1.75 - 2.365 * 0.267 / 8 ** 0.5  # wider than 95%
     assert cells[("- high-resolution features", "PQ")]["pairs"] == 5
     assert cells[("- high-resolution features", "PQ")]["verdict"] == "agrees"  # -5 on all 5: not incomplete
     row = next(l for l in render_scoreboard(out).splitlines() if l.startswith("| 4a |"))
     assert [c.strip() for c in row.strip("|").split("|")][2:] == ["cpu (n=5), cpu (n=8)", "6", "0", "0", "0", "6"]
     md = Path(render_ablation("masked_attention", out)["table"]).read_text()
     assert "**Extra seeds:** `- masked attention` is paired on 8 seeds, more than the 5 of the other rows" in md
-    assert "second look" in md and "excludes 0 in 8.2% of tables at 8 seeds, not 5%" in md
+    assert "second look" in md and "exclude 0 in 8.2% of tables at 8 seeds, not 5%" in md
+    assert "two-look design that errs in 5% (97.1% at 8 seeds" in md
+    line = next(l for l in md.splitlines() if l.startswith("| - masked attention"))
+    assert "(n=8, 97.1%)" in line and "(n=5)" not in line
+    assert "(n=5)" in next(l for l in md.splitlines() if l.startswith("| - high-resolution"))
     assert "incomplete" not in md
     # a row paired on 4 of the scale's 5 seeds is still a table being run
     runs.write_text("".join(l for l in runs.read_text().splitlines(keepends=True)
