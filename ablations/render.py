@@ -29,7 +29,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ablations.records import eval_metric, flat_metrics, runs_path
 from ablations.scales import describe, get_scale, recipe_scale, scale_rank
-from ablations.stats import CONFIDENCE, paired_delta, second_look_confidence, second_look_error, verdict
+from ablations.stats import (CONFIDENCE, paired_delta, second_look_confidence, second_look_error,
+                             seeds_for_half_width, verdict)
 from ablations.spec import PROPOSAL_PATTERN, AblationSpec, expand_metrics, list_specs, load_spec, table_label
 from m2f.checkpoint import atomic_write_text, read_jsonl
 from m2f.errors import InputError
@@ -178,7 +179,8 @@ def table_rows(spec: AblationSpec, metrics: List[str], agg: Dict[str, Dict[str, 
             out.append({"row": row.name, "metric": m, "is_base": is_base, "run": row.run, "n": s["n"],
                         "mean": s["mean"], "std": s["std"], "delta": d["delta"] if d else None,
                         "low": d["low"] if d else None, "high": d["high"] if d else None,
-                        "pairs": d["n"] if d else 0, "paper": paper, "paper_delta": paper_delta, "verdict": v})
+                        "pairs": d["n"] if d else 0, "paper": paper, "paper_delta": paper_delta, "verdict": v,
+                        "sd": d.get("sd") if d else None})
     # Rows given extra seeds (a second look): their interval at the two-look design's confidence
     extra, ref = extra_seed_rows(out, table_seeds)
     for r in out:
@@ -387,8 +389,35 @@ def render_markdown(spec: AblationSpec, scale: str, records: List[Dict[str, Any]
                 cells += [fmt_ours(r["n"], r["mean"], r["std"], m), fmt_delta(r, m),
                           fmt_paper(r["paper"]), fmt_paper(r["paper_delta"], signed=True), r["verdict"]]
             lines.append("| " + " | ".join(cells) + " |")
+        lines += _inconclusive_lines(rows)
     lines.append("")
     return "\n".join(lines)
+
+
+def _inconclusive_lines(rows: List[Dict[str, Any]]) -> List[str]:
+    """For each inconclusive finding (PQ / AP / mIoU, |paper Δ| >= the scoreboard's 0.5): its interval's
+    half-width, and about how many paired seeds would bring the half-width below the paper's |Δ| and
+    below our own |Δ| at the measured spread (:func:`ablations.stats.seeds_for_half_width`)."""
+    def seeds(target: float, sd: Optional[float]) -> str:
+        n = seeds_for_half_width(sd, target)
+        return "—" if n is None else "more than 200" if n > 200 else f"about {n}"
+
+    out = []
+    for r in rows:
+        pd = r.get("paper_delta")
+        if (r["verdict"] != "inconclusive" or r["metric"] not in SCOREBOARD_METRICS or pd is None
+                or abs(pd) < SCOREBOARD_MIN_PAPER_DELTA or r.get("low") is None):
+            continue
+        half = (r["high"] - r["low"]) / 2
+        out.append(f"- `{r['row']}` {r['metric']}: Δ {r['delta']:+.2f} ± {half:.2f} (n={r['pairs']}), paper "
+                   f"{pd:+.1f}; sd of the per-seed differences {r['sd']:.2f}. Seeds for a half-width below the "
+                   f"paper's |Δ|: {seeds(abs(pd), r['sd'])}; below ours: {seeds(abs(r['delta']), r['sd'])}.")
+    if not out:
+        return []
+    return ["", "**Inconclusive findings** (|paper Δ| ≥ 0.5): each interval's half-width, and the paired "
+                "seeds that would make it smaller than the paper's |Δ| and than ours, at the spread measured "
+                "here (`ablations.stats.seeds_for_half_width`, 95%). These are planning figures: the spread is "
+                "itself estimated from these seeds, and a smaller interval does not promise agreement.", ""] + out
 
 
 def render_csv(spec: AblationSpec, scale: str, rows: List[Dict[str, Any]]) -> str:

@@ -112,3 +112,16 @@ def second_look_confidence(n_first: int, n_total: int, alpha: float = 1 - CONFID
         else:
             hi = mid
     return round(hi, 4)
+
+
+def seeds_for_half_width(sd: Optional[float], target: float, confidence: float = CONFIDENCE,
+                         max_seeds: int = 200) -> Optional[int]:
+    """The fewest paired seeds n whose interval half-width t_{n-1} · sd / √n falls below ``target``
+    (e.g. |paper Δ|), given the per-seed differences' ``sd``: a planning figure (it takes the sd as
+    known); None when sd or target is missing, ``max_seeds + 1`` when even ``max_seeds`` do not."""
+    if sd is None or not target or target <= 0:
+        return None
+    for n in range(2, max_seeds + 1):
+        if t_quantile(n - 1, confidence) * sd / math.sqrt(n) < target:
+            return n
+    return max_seeds + 1

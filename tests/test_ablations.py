@@ -295,6 +295,15 @@ def test_second_look_error_is_the_nominal_rate_without_added_seeds_and_higher_wi
         second_look_error(5, 4)
 
 
+def test_seeds_for_half_width():
+    from ablations.stats import seeds_for_half_width, t_quantile
+
+    n = seeds_for_half_width(1.0, 1.0)  # t_{n-1} / sqrt(n) < 1 from n = 7 on
+    assert n == 7 and t_quantile(5) / 6 ** 0.5 >= 1.0 > t_quantile(6) / 7 ** 0.5
+    assert seeds_for_half_width(None, 1.0) is None and seeds_for_half_width(1.0, 0.0) is None
+    assert seeds_for_half_width(100.0, 0.1) == 201  # beyond the cap
+
+
 def test_extra_seeds_for_one_row_keep_the_other_rows_complete_and_are_disclosed(tmp_path):
     """`run NAME --seeds 8 --row ROW --row BASE` gives one row and its base row more seeds than the
     scale's 5 (cpu): the other rows, paired on the 5, keep their verdicts; a row with fewer than 5 pairs
@@ -363,6 +372,10 @@ def test_render_table_csv_and_plot(tmp_path):
     assert cells[6:11] == ["41.50 ± 0.71 (n=2)", "+1.50 [-4.85, +7.85] (n=2)", "37.8", "-5.9", "inconclusive"]
     # FLOPs are the same every seed: a zero-width interval below 0 agrees
     assert cells[16:21] == ["1.800 ± 0.000 (n=2)", "-0.200 [-0.200, -0.200] (n=2)", "213", "-13", "agrees"]
+    # inconclusive findings with the seeds a useful interval would take (sd 1.41: t_2 * 1.41 / sqrt(3) = 3.5)
+    assert ("- `- masked attention` PQ: Δ -5.00 ± 12.71 (n=2), paper -4.8; sd of the per-seed differences 1.41. "
+            "Seeds for a half-width below the paper's |Δ|: about 3; below ours: about 3.") in md
+    assert "- `- masked attention` AP:" in md and "FLOPs_G: Δ" not in md  # FLOPs are not findings
 
     rows = list(csv.DictReader(open(res["csv"])))
     by = {(r["row"], r["metric"]): r for r in rows}
