@@ -30,6 +30,9 @@ def cmd_list(args) -> int:
             cur, tot = by_scale.get(sc, (0, 0))
             by_scale[sc] = (cur + (r.get("code_fingerprint") == fp), tot + 1)
         done = ", ".join(f"{k}:{c}/{t}" for k, (c, t) in by_scale.items()) or "-"
+        carried = sum(1 for r in recs if r.get("code_fingerprint") == fp and r.get("carried_from"))
+        if carried:
+            done += f" ({carried} carried)"
         status = "-" if not recs else ("current" if any(c for k, (c, _) in by_scale.items() if k in SCALES) else
                                        "RECIPE" if any(c for c, _ in by_scale.values()) else "STALE")
         n_stale += status == "STALE"

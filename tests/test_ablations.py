@@ -807,7 +807,7 @@ def test_flops_are_counted_again_under_new_code_not_taken_from_the_cache(tmp_pat
     assert all(r["flops"]["code_fingerprint"] == r["code_fingerprint"] for r in recs)
 
 
-def test_carry_counts_an_earlier_versions_records_only_for_rows_retrained_identically(tmp_path):
+def test_carry_counts_an_earlier_versions_records_only_for_rows_retrained_identically(tmp_path, capsys):
     """`carry --from OLD`: a row whose runs retrained by the current code computed exactly what OLD's
     did gets OLD's other seeds as current records (marked, FLOPs recounted by the CLI); a row that
     differs, or was not retrained, does not; the table header names what was carried."""
@@ -850,6 +850,12 @@ def test_carry_counts_an_earlier_versions_records_only_for_rows_retrained_identi
 
     board = next(l for l in render_scoreboard(out).splitlines() if l.startswith("| 4a |"))
     assert f"2 records carried from `{old}`" in board
+    from ablations.cli import main
+
+    capsys.readouterr()
+    assert main(["list", "--out", str(out)]) == 0
+    assert "cpu:7/16 (2 carried)" in next(l for l in capsys.readouterr().out.splitlines()
+                                          if l.startswith("masked_attention"))
     assert "incomplete (1/3 seeds)" in next(l for l in md.splitlines() if l.startswith("| - high-resolution"))
     # compare pairs only runs both versions trained, never a carried copy with its source
     assert len(compare_versions(recs + carried, old, cur)) == 5
