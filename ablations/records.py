@@ -155,7 +155,9 @@ def compare_versions(records, fp_a: str, fp_b: str):
         pairs.append({"row": r.get("row"), "seed": r.get("seed"), "scale": r.get("scale"),
                       "eval_identical": o.get("eval") == r.get("eval"),
                       "curve_identical": o.get("metrics_over_training") == r.get("metrics_over_training"),
-                      "max_abs_diff": max(diffs) if diffs else None})
+                      "max_abs_diff": max(diffs) if diffs else None,
+                      "same_computation": same_computation(o, r),
+                      "devices": sorted({str((x.get("environment") or {}).get("device")) for x in (o, r)})})
     return pairs
 
 

@@ -1227,3 +1227,11 @@ def test_compare_reports_whether_a_code_version_reproduced_another(tmp_path, cap
     assert main(["compare", "masked_attention", "--old", a, "--new", b, "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "1 of 2 run(s) recorded by both" in text and "DIFFERS" in text
+    md = tmp_path / "repro.md"
+    assert main(["compare", "masked_attention", "--old", a, "--new", b, "--out", str(out), "--write", str(md)]) == 0
+    lines = md.read_text().splitlines()
+    assert f"`python -m ablations compare masked_attention --old {a} --new {b} --write {md}`" in lines[2]
+    assert "cpu (test)" in lines[2] and "**1 of 2 run(s) recorded by both" in md.read_text()
+    assert "| masked_attention | cpu | full model | 0 | identical | identical | 0 | yes |" in lines
+    assert ("| masked_attention | cpu | full model | 1 | **differs** | identical | 0.5 | no: final evaluation "
+            "differs |") in lines
