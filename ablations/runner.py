@@ -129,7 +129,6 @@ def execute_run(job: Dict[str, Any]) -> Dict[str, Any]:
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     from m2f import evaluate as m2f_evaluate
-    from m2f import flops as m2f_flops
     from m2f import train as m2f_train
     from m2f.provenance import code_fingerprint, environment
 
@@ -169,17 +168,7 @@ def execute_run(job: Dict[str, Any]) -> Dict[str, Any]:
         model, _ = m2f_evaluate.load_model_from_checkpoint(run_dir / m2f_train.CKPT_NAME, device=job.get("device"))
         summary["eval"] = m2f_evaluate.evaluate_model(model, cfg, limit=job.get("eval_limit"), proposals=True)
         append_jsonl(run_dir / "metrics.jsonl", {"iter": summary.get("iter"), "eval": summary["eval"]})
-    flops = None
-    if job.get("need_flops"):
-        h, w = job["flops_size"]
-        try:
-            import warnings
-
-            with warnings.catch_warnings():  # fvcore's torch.jit deprecation noise
-                warnings.simplefilter("ignore", FutureWarning)
-                flops = {**m2f_flops.count_flops(cfg, h, w), "code_fingerprint": fp}
-        except Exception as e:  # noqa: BLE001 - FLOPs are a report column, not worth losing a run over
-            flops = {"error": f"{type(e).__name__}: {e}"}
+    flops = model_flops(cfg, job["flops_size"], fp) if job.get("need_flops") else None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     result = {"summary": summary, "flops": flops, "peak_rss_bytes": rss if job.get("isolated") else None,
               "wall_seconds": time.perf_counter() - t0, "environment": environment(job.get("device")),
@@ -224,6 +213,22 @@ def _load_flops_cache(out: Path) -> Dict[str, Any]:
     return {}
 
 
+def model_flops(cfg: Config, size, fingerprint: str) -> Dict[str, Any]:
+    """fvcore FLOPs of one ``size`` (H, W) image of ``cfg``'s model, marked with the ``fingerprint`` of
+    the code that counted them; {"error": ...} when counting fails (FLOPs are a report column, not worth
+    losing a run over)."""
+    import warnings
+
+    from m2f import flops as m2f_flops
+
+    try:
+        with warnings.catch_warnings():  # fvcore's torch.jit deprecation noise
+            warnings.simplefilter("ignore", FutureWarning)
+            return {**m2f_flops.count_flops(cfg, int(size[0]), int(size[1])), "code_fingerprint": fingerprint}
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def recount_flops(names: List[str], out: Path | str = "reports",
                   print_fn: Callable[[str], None] = print) -> Dict[str, int]:
     """Count again, with this checkout's code, the FLOPs of every record of its code fingerprint in
@@ -231,9 +236,6 @@ def recount_flops(names: List[str], out: Path | str = "reports",
     records that carry another one (their ``metrics`` too; atomic rewrite).  Every recounted record
     gets ``flops.code_fingerprint``.  Records of other code versions are left alone: this code cannot
     count them.  Returns {name: records whose FLOPs or params changed}."""
-    import warnings
-
-    from m2f.flops import count_flops
     from m2f.checkpoint import rewrite_jsonl
     from m2f.provenance import code_fingerprint
 
@@ -261,12 +263,13 @@ def recount_flops(names: List[str], out: Path | str = "reports",
                 continue
             key = flops_key(cfg, size, fp)
             if key not in counted:
-                with warnings.catch_warnings():  # fvcore's torch.jit deprecation noise
-                    warnings.simplefilter("ignore", FutureWarning)
-                    counted[key] = {**count_flops(cfg, int(size[0]), int(size[1])), "code_fingerprint": fp}
-                cache[key] = counted[key]
+                counted[key] = model_flops(cfg, size, fp)
+                if "error" not in counted[key]:
+                    cache[key] = counted[key]
             new = counted[key]
-            if old == new:
+            if old == new or "error" in new:  # a failed count never replaces a count
+                if "error" in new:
+                    print_fn(f"{name}: {rec.get('row')} seed {rec.get('seed')}: FLOPs not counted ({new['error']})")
                 continue
             if old.get("gflops") != new["gflops"] or old.get("params") != new["params"]:
                 n_changed += 1
@@ -696,12 +699,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
             try:
                 res = _run_torchrun(spec, p, sc)
                 if flops_key(p.cfg, sc.flops_size, p.fingerprint) not in flops_cache:
-                    try:
-                        from m2f.flops import count_flops
-
-                        res["flops"] = {**count_flops(p.cfg, *sc.flops_size), "code_fingerprint": p.fingerprint}
-                    except Exception as e:  # noqa: BLE001
-                        res["flops"] = {"error": f"{type(e).__name__}: {e}"}
+                    res["flops"] = model_flops(p.cfg, sc.flops_size, p.fingerprint)
                 finish(p, res)
                 summary["ran"] += 1
             except Exception as e:  # noqa: BLE001
