@@ -1,4 +1,4 @@
-"""``python -m ablations {list,run,collect,report,compare,calibrate}`` (each with ``--help``)."""
+"""``python -m ablations {list,run,collect,report,compare,calibrate,carry,replay,recount-flops}`` (each with ``--help``)."""
 from __future__ import annotations
 
 import argparse
@@ -195,6 +195,36 @@ def cmd_carry(args) -> int:
     return 0
 
 
+def cmd_replay(args) -> int:
+    """Retrain the first iterations of one recorded run here and compare the logged losses bit for bit."""
+    from ablations.records import runs_path
+    from ablations.runner import replay_record
+    from ablations.scales import recipe_scale
+    from m2f.checkpoint import read_jsonl
+    from m2f.provenance import code_fingerprint
+
+    fp = code_fingerprint()
+    path = runs_path(args.out, args.name)
+    recs = [r for r in (read_jsonl(path) if path.exists() else [])
+            if r.get("row") == args.row and r.get("seed") == args.seed and recipe_scale(r) == args.scale
+            and r.get("code_fingerprint") == fp and not r.get("carried_from")]
+    if not recs:
+        raise InputError(f"{path}: no {args.scale} record of row {args.row!r}, seed {args.seed} trained by the "
+                         f"current code ({fp})")
+    res = replay_record(recs[-1], args.iters, gemm_backend=args.gemm_backend)
+    print(f"record: {args.name} / {args.row} / seed {args.seed}, trained on {res['recorded']}")
+    print(f"here:   {res['here']}")
+    for it, a, b in res["compared"]:
+        print(f"  iter {it:5d}: loss here {a!r:>22s}  recorded {b!r:>22s}  {'equal' if a == b else 'DIFFERENT'}")
+    if res["first_difference"] is None:
+        print(f"replay: this machine reproduced the record's bits at every logged iteration up to {args.iters}")
+        return 0
+    print(f"replay: the logged values differ from iteration {res['first_difference']}: this machine does not "
+          f"reproduce the record's bits, so a retrain here cannot verify a carry of records trained there "
+          f"(ablations/README.md, \"Machines\")")
+    return 1
+
+
 def cmd_recount_flops(args) -> int:
     from ablations.render import render_ablation, render_readme
     from ablations.runner import recount_flops
@@ -370,6 +400,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="say what would carry, write nothing")
     s.add_argument("--out", default="reports", help="reports directory (default %(default)s)")
     s.set_defaults(fn=cmd_carry)
+
+    s = sub.add_parser("replay", help="retrain the first iterations of a recorded run here and compare its logged "
+                       "losses bit for bit: does this machine reproduce the record (and so can it verify a carry)?",
+                       description="Runs of one config and seed compute the same function on every machine, but "
+                       "their bits differ between CPUs and GEMM backends, and training amplifies the difference. "
+                       "`carry` needs a retrain that reproduces the source's bits. This retrains the first --iters "
+                       "iterations of one record of the current code (its config, seed, threads and resolved GEMM "
+                       "backend) and compares every logged loss. Exit status 0: reproduced; 1: it differs.")
+    s.add_argument("name", metavar="NAME", help="ablation")
+    s.add_argument("--row", required=True, help="the record's row")
+    s.add_argument("--seed", type=int, default=0, help="the record's seed (default %(default)s)")
+    s.add_argument("--iters", type=int, default=20, help="iterations to retrain (default %(default)s)")
+    s.add_argument("--scale", default="cpu", type=_scale_name, help="the record's scale (default %(default)s)")
+    s.add_argument("--gemm-backend", choices=("onednn", "reference"), default=None,
+                   help="run this GEMM backend instead of the one the record resolved")
+    s.add_argument("--out", default="reports", help="reports directory (default %(default)s)")
+    s.set_defaults(fn=cmd_replay)
 
     s = sub.add_parser("recount-flops", help="count the FLOPs of the current code's records again and fix the ones "
                        "that carry another count (then re-render)",

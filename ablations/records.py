@@ -169,6 +169,17 @@ def _curve_entries(record: Dict[str, Any]) -> Dict[tuple, Any]:
     return out
 
 
+def machine_of(record: Dict[str, Any]) -> str:
+    """What a run's bits depend on besides its config, seed and code: the CPU (model and ISA class) or
+    device, the GEMM backend ``auto`` resolved to, and the threads per run.  Runs that differ here
+    compute the same function but not the same bits (ablations/README.md, "Machines")."""
+    env = record.get("environment") or {}
+    cpu = env.get("cpu") if isinstance(env.get("cpu"), dict) else None
+    where = (f"{cpu.get('model')} ({cpu.get('isa_class')})" if cpu else str(env.get("device") or "unknown machine"))
+    gemm = (record.get("kernels") or {}).get("gemm_backend")
+    return where + (f", gemm {gemm}" if gemm else "") + (f", {env['threads']} thread(s)" if env.get("threads") else "")
+
+
 def same_computation(a: Dict[str, Any], b: Dict[str, Any]) -> Optional[str]:
     """None when two records of one (row, seed, config) computed the same: final evaluation equal in
     every number, and every loss and evaluation logged by both at the same iteration equal, over at
@@ -177,15 +188,21 @@ def same_computation(a: Dict[str, Any], b: Dict[str, Any]) -> Optional[str]:
     if a.get("config_hash") != b.get("config_hash"):
         return "different configs"
     if not a.get("eval") or a.get("eval") != b.get("eval"):
-        return "final evaluation differs"
+        return "final evaluation differs" + _machines_differ(a, b)
     ca, cb = _curve_entries(a), _curve_entries(b)
     common = set(ca) & set(cb)
     if len(common) < 0.9 * min(len(ca), len(cb)) or not common:
         return f"too few logged iterations in common ({len(common)} of {min(len(ca), len(cb))})"
     bad = sorted((k for k in common if ca[k] != cb[k]), key=str)
     if bad:
-        return f"logged values differ at iteration {bad[0][0]} ({bad[0][1]})"
+        return f"logged values differ at iteration {bad[0][0]} ({bad[0][1]})" + _machines_differ(a, b)
     return None
+
+
+def _machines_differ(a: Dict[str, Any], b: Dict[str, Any]) -> str:
+    ma, mb = machine_of(a), machine_of(b)
+    return ("" if ma == mb else f"; they ran on different machines ({ma} vs {mb}), which do not reproduce each "
+            f"other's bits: retrain on the first")
 
 
 def carry_records(records: List[Dict[str, Any]], spec: AblationSpec, scale: str, fp_old: str, fp_new: str,

@@ -120,14 +120,37 @@ def aggregate(spec: AblationSpec, records: List[Dict[str, Any]]) -> Tuple[List[s
             per_row[rec["row"]].append((rec.get("seed"), m))
             available.extend(k for k in m if k not in available)
     metrics = expand_metrics(spec, available)
+    from ablations.records import machine_of
+
+    machines = {row: {} for row in per_row}
+    for rec in records:
+        if rec.get("row") in per_row:
+            machines[rec["row"]][rec.get("seed")] = machine_of(rec)
     out: Dict[str, Dict[str, Dict]] = {}
     for row, ms in per_row.items():
         out[row] = {}
         for m in metrics:
             st = stats([x[m] for _, x in ms if m in x])
             st["by_seed"] = {seed: x[m] for seed, x in ms if m in x}
+            st["machine_by_seed"] = {seed: machines[row].get(seed) for seed in st["by_seed"]}
             out[row][m] = st
     return metrics, out
+
+
+TIMING_METRICS = ("train_images_per_s", "train_seconds")  # measured, not computed: one machine per pair
+
+
+def _pairable(base: Dict[str, Any], row: Dict[str, Any], metric: str) -> Tuple[Dict, Dict, int]:
+    """(base values by seed, row values by seed, pairs left out) for a paired Δ: a timing metric pairs
+    only seeds whose row and base row ran on the same machine (a speed ratio across CPUs measures the
+    CPUs); every other metric pairs every seed both ran."""
+    bs, rs = base.get("by_seed", {}), row.get("by_seed", {})
+    if metric not in TIMING_METRICS:
+        return bs, rs, 0
+    bm, rm = base.get("machine_by_seed", {}), row.get("machine_by_seed", {})
+    cross = {seed for seed in set(bs) & set(rs) if bm.get(seed) != rm.get(seed)}
+    return ({k: v for k, v in bs.items() if k not in cross}, {k: v for k, v in rs.items() if k not in cross},
+            len(cross))
 
 
 def scale_seeds(scale: Optional[str]) -> Optional[int]:
@@ -168,12 +191,13 @@ def table_rows(spec: AblationSpec, metrics: List[str], agg: Dict[str, Dict[str, 
             s = agg[row.name][m]
             b = agg[base.name][m]
             is_base = row.name == base.name
-            d = None if is_base else paired_delta(b.get("by_seed", {}), s.get("by_seed", {}))
+            bs, rs, cross = _pairable(b, s, m)
+            d = None if is_base else paired_delta(bs, rs)
             paper = row.paper.get(m)
             pb = base.paper.get(m)
             paper_delta = (paper - pb) if (paper is not None and pb is not None and not is_base) else None
             v = "base" if is_base else ("not run" if not row.run else verdict(d, paper_delta))
-            need = b["n"] if table_seeds is None else min(b["n"], table_seeds)
+            need = (b["n"] if table_seeds is None else min(b["n"], table_seeds)) - cross
             if d and d["n"] < need and v not in ("base", "not run"):
                 v = f"incomplete ({d['n']}/{need} seeds)"
             out.append({"row": row.name, "metric": m, "is_base": is_base, "run": row.run, "n": s["n"],
@@ -186,8 +210,8 @@ def table_rows(spec: AblationSpec, metrics: List[str], agg: Dict[str, Dict[str, 
     for r in out:
         if r["row"] in extra and r["pairs"] > ref:
             c = second_look_confidence(ref, r["pairs"])
-            d = paired_delta(agg[base.name][r["metric"]].get("by_seed", {}),
-                             agg[r["row"]][r["metric"]].get("by_seed", {}), confidence=c)
+            bs, rs, _ = _pairable(agg[base.name][r["metric"]], agg[r["row"]][r["metric"]], r["metric"])
+            d = paired_delta(bs, rs, confidence=c)
             r.update(low=d["low"], high=d["high"], confidence=c, verdict=verdict(d, r["paper_delta"]))
     return out
 
@@ -250,6 +274,31 @@ def _source_ablation(run_dir: Optional[str]) -> str:
     return parts[-4] + (f"` at `{parts[-3]}" if parts[-3].startswith("cpu-") else "")
 
 
+def _machines_lines(spec: AblationSpec, records: List[Dict[str, Any]]) -> List[str]:
+    """A header line when a table's records come from more than one machine (CPU, GEMM backend, threads):
+    how many ran on each, and which (row, seed) pairs were trained on different machines."""
+    from ablations.records import machine_of
+
+    latest: Dict[tuple, Dict[str, Any]] = {}
+    for r in records:
+        latest[(r.get("row"), r.get("seed"))] = r
+    machines = _distinct(latest.values(), machine_of)
+    if len(machines) < 2:
+        return []
+    counts = {m: sum(1 for r in latest.values() if machine_of(r) == m) for m in machines}
+    across = sorted(((row, seed) for (row, seed), r in latest.items()
+                     if row != spec.base_row and (spec.base_row, seed) in latest
+                     and machine_of(latest[(spec.base_row, seed)]) != machine_of(r)), key=str)
+    return [f"- **Machines:** " + "; ".join(f"{n} run(s) on {m}" for m, n in counts.items())
+            + ". One config and seed computes the same function on each, but not the same bits (the kernels' "
+              "summation order differs), and training amplifies the difference like another draw of seed noise: "
+              "data order, augmentation and initialisation stay matched (ablations/README.md, \"Machines\"). "
+            + (f"Pairs whose row and base row ran on different machines: "
+               + ", ".join(f"{row} seed {seed}" for row, seed in across) + "." if across
+               else "Every pair's row and base row ran on the same machine.")
+            + " Timings (" + ", ".join(TIMING_METRICS) + ") pair only runs of one machine."]
+
+
 def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metrics: List[str],
             info: Optional[Dict[str, Any]] = None) -> List[str]:
     description = describe(scale)
@@ -286,6 +335,7 @@ def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metri
                 f"ablations run {spec.name}` retrains)" if info.get("stale") else " (the current code)")
              + (f"; {info['stale_records']} record(s) of other code versions left out" if info.get("stale_records")
                 and not info.get("stale") else "")]
+    lines += _machines_lines(spec, records)
     if "memory_GB" in metrics:
         if all(r.get("memory_probe") for r in records):
             probes = _distinct(records, lambda r: tuple(r["memory_probe"].get(k) for k in

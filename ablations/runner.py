@@ -31,6 +31,12 @@ from m2f.checkpoint import append_jsonl, atomic_write_json, atomic_write_text, r
 from m2f.config import Config, apply_overrides, config_hash, from_dict, get_preset, to_dict
 from m2f.errors import InputError
 
+
+def say(msg: str) -> None:
+    """The runner's default ``print_fn``: print and flush, so progress reaches a log file as it happens
+    (``nohup python -m ablations run ... > log``: a redirected stdout is block-buffered)."""
+    print(msg, flush=True)
+
 FLOPS_CACHE = ".flops_cache.json"
 MEMORY_CACHE = ".memory_cache.json"
 MEMORY_PROBE_MASKS = 20  # synthetic target masks per image in the memory probe
@@ -230,7 +236,7 @@ def model_flops(cfg: Config, size, fingerprint: str) -> Dict[str, Any]:
 
 
 def recount_flops(names: List[str], out: Path | str = "reports",
-                  print_fn: Callable[[str], None] = print) -> Dict[str, int]:
+                  print_fn: Callable[[str], None] = say) -> Dict[str, int]:
     """Count again, with this checkout's code, the FLOPs of every record of its code fingerprint in
     ``out/NAME/runs.jsonl`` (one fvcore count per config and size), and write the count into the
     records that carry another one (their ``metrics`` too; atomic rewrite).  Every recounted record
@@ -302,7 +308,7 @@ def memory_key(cfg: Config, size: int, fingerprint: Optional[str] = None) -> str
 
 
 def attach_memory_probes(spec: AblationSpec, plans: List[RunPlan], sc: Scale, out: Path, device: Optional[str],
-                         fresh_process: bool = True, print_fn: Callable[[str], None] = print) -> int:
+                         fresh_process: bool = True, print_fn: Callable[[str], None] = say) -> int:
     """Measure training memory per image (``m2f.bench.memory.probe_memory`` at ``sc.memory_size``) for each
     distinct config of ``plans`` (cached in ``out/.memory_cache.json``: the figure depends on the
     config, not on the seed or the trained weights) and write it into the matching records of
@@ -401,6 +407,63 @@ def _run_torchrun(spec: AblationSpec, plan: RunPlan, scale: Scale) -> Dict[str, 
 # ---------------------------------------------------------------------------------------------
 # The driver
 # ---------------------------------------------------------------------------------------------
+def replay_record(record: Dict[str, Any], iters: int = 20, work_dir: Optional[Path] = None,
+                  gemm_backend: Optional[str] = None) -> Dict[str, Any]:
+    """Retrain the first ``iters`` iterations of a recorded CPU run here and compare every logged loss
+    with the record's: does this machine reproduce the record's bits?  The record's config, seed,
+    threads per run and resolved GEMM backend are used (``gemm_backend`` overrides the backend).  Used
+    before :func:`ablations.records.carry_records`, whose check needs a retrain that reproduces the
+    source's bits, which only the machine kind that trained it can.  Returns {"here", "recorded" (the
+    two machines), "compared": [(iter, loss here, loss recorded)], "first_difference": iter or None}."""
+    import tempfile
+
+    import torch
+
+    from ablations.records import machine_of
+    from m2f import train as m2f_train
+    from m2f.provenance import code_fingerprint, environment
+
+    fp = code_fingerprint()
+    if record.get("code_fingerprint") != fp:
+        raise InputError(f"replay: the record ({record.get('row')}, seed {record.get('seed')}) was trained by code "
+                         f"{record.get('code_fingerprint')}, this checkout computes {fp}: a difference would say "
+                         f"nothing about the machine")
+    if record.get("carried_from"):
+        raise InputError(f"replay: the record ({record.get('row')}, seed {record.get('seed')}) is a carried copy; "
+                         f"replay its source")
+    env = record.get("environment") or {}
+    d = dict(record["config"])
+    d["gemm_backend"] = gemm_backend or (record.get("kernels") or {}).get("gemm_backend") or d.get("gemm_backend")
+    cfg = from_dict(d)
+    logged = [e for e in record.get("metrics_over_training") or [] if "loss" in e and e.get("iter") is not None]
+    if not logged or min(e["iter"] for e in logged) > iters:
+        raise InputError(f"replay: the record logs no loss within the first {iters} iterations")
+    threads_before = torch.get_num_threads()
+    if env.get("threads"):
+        torch.set_num_threads(int(env["threads"]))
+    try:
+        with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+            m2f_train.train(cfg, Path(tmp) / "replay", resume=False, device="cpu", progress=False,
+                            evaluate_at_end=False, stop_after=iters)
+            here = {int(e["iter"]): e for e in read_jsonl(Path(tmp) / "replay" / "metrics.jsonl")
+                    if "loss" in e and e.get("iter") is not None}
+            kernels = m2f_train.kernels_used(cfg, "cpu")
+    finally:
+        torch.set_num_threads(threads_before)
+    compared, first = [], None
+    for e in logged:
+        it = int(e["iter"])
+        if it > iters or it not in here:
+            continue
+        same = all(here[it].get(k) == v for k, v in e.items())
+        compared.append((it, here[it].get("loss"), e.get("loss")))
+        if not same and first is None:
+            first = it
+    mine = {"environment": {**environment("cpu"), "threads": env.get("threads")}, "kernels": kernels}
+    return {"here": machine_of(mine), "recorded": machine_of(record), "compared": compared,
+            "first_difference": first}
+
+
 def device_slots(device: Optional[str], jobs_per_device: Optional[int]) -> List[str]:
     """``jobs_per_device`` = K: K slots per visible GPU (["cuda:0", "cuda:0", "cuda:1", ...]); [] without it."""
     if not jobs_per_device:
@@ -419,9 +482,10 @@ def device_slots(device: Optional[str], jobs_per_device: Optional[int]) -> List[
 
 
 class Progress:
-    """The whole ablation's ETA: iterations left (running runs from their metrics.jsonl, queued runs in
-    full) x the running runs' measured seconds per iteration (the scale's estimate before any is
-    measured) / parallel jobs, plus the evaluations left."""
+    """The whole ablation's ETA: each running run's iterations left (from its metrics.jsonl) and each
+    queued run's in full, x the running runs' measured seconds per iteration (the scale's estimate
+    before any is measured), plus their evaluations, scheduled over the parallel jobs as the pool runs
+    them (queued runs in order, each on the first slot to free)."""
 
     def __init__(self, scale: Scale):
         self.scale = scale
@@ -468,19 +532,28 @@ class Progress:
         return statistics.median(self.rates) if self.rates else self.scale.seconds_per_iter
 
     def eta(self, n_jobs: int) -> float:
-        iters = evals = 0
+        """Seconds until the last run finishes: the running runs' remaining time, then the queued runs
+        in queue order, each on the slot that frees first (the pool's own order), so that a last run
+        left alone counts in full, not divided by the parallel jobs."""
+        slots = []
         for st in self.running.values():
             self._rate(st)
+        spi = self.seconds_per_iter()
+        for st in self.running.values():
             p = st["plan"]
             it = self._last_iter(p) or 0
-            iters += max(0, p.cfg.solver.max_iters - it)
             ep = p.cfg.solver.eval_period
-            evals += ((p.cfg.solver.max_iters - it) // ep if ep else 0) + 1
+            evals = ((p.cfg.solver.max_iters - it) // ep if ep else 0) + 1
+            slots.append(max(0, p.cfg.solver.max_iters - it) * spi + evals * self.scale.seconds_per_eval)
+        n = max(1, n_jobs)
+        slots = sorted(slots)[-n:] if len(slots) > n else slots
+        slots += [0.0] * (n - len(slots))
         for p in self.queued.values():
-            iters += p.cfg.solver.max_iters
             ep = p.cfg.solver.eval_period
-            evals += (p.cfg.solver.max_iters - 1) // ep + 1 if ep else 1
-        return (iters * self.seconds_per_iter() + evals * self.scale.seconds_per_eval) / max(1, n_jobs)
+            evals = (p.cfg.solver.max_iters - 1) // ep + 1 if ep else 1
+            i = min(range(n), key=slots.__getitem__)
+            slots[i] += p.cfg.solver.max_iters * spi + evals * self.scale.seconds_per_eval
+        return max(slots)
 
     def line(self, n_jobs: int, finished: int, total: int, elapsed: float) -> str:
         eta = self.eta(n_jobs)
@@ -592,7 +665,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
                  val_data: Optional[str] = None, device: Optional[str] = None, jobs: Optional[int] = None,
                  out: Path | str = "reports", runs_root: Path | str = "runs/ablations", dry_run: bool = False,
                  inline: bool = False, render: bool = True, rows: Optional[List[str]] = None,
-                 share: bool = True, print_fn: Callable[[str], None] = print, jobs_per_device: Optional[int] = None,
+                 share: bool = True, print_fn: Callable[[str], None] = say, jobs_per_device: Optional[int] = None,
                  allow_stale: bool = False, progress_period: float = 60.0,
                  reuse_records: bool = False) -> Dict[str, Any]:
     """Run (or resume) every (row, seed) of ablation ``name`` at ``scale``, append records, render.

@@ -874,6 +874,15 @@ def test_carry_counts_an_earlier_versions_records_only_for_rows_retrained_identi
     assert same_computation(a, b) is None
     b["metrics_over_training"][0] = {**b["metrics_over_training"][0], "loss": 9.0}
     assert same_computation(a, b) == "logged values differ at iteration 10 (loss)"
+    # across machines the bits differ for every run: the reason says so, and which machine to retrain on
+    xeon = {"cpu": {"model": "Intel(R) Xeon(R) Processor", "isa_class": "avx512"}, "threads": 1}
+    epyc = {"cpu": {"model": "AMD EPYC", "isa_class": "avx512"}, "threads": 1}
+    a = {**a, "environment": xeon, "kernels": {"gemm_backend": "reference"}}
+    b = {**b, "environment": epyc, "kernels": {"gemm_backend": "onednn"}}
+    assert same_computation(a, b) == (
+        "logged values differ at iteration 10 (loss); they ran on different machines (Intel(R) Xeon(R) Processor "
+        "(avx512), gemm reference, 1 thread(s) vs AMD EPYC (avx512), gemm onednn, 1 thread(s)), which do not "
+        "reproduce each other's bits: retrain on the first")
 
 
 def test_carry_check_on_the_committed_records_passes_reproduced_runs_and_fails_the_changed_function():
@@ -1235,3 +1244,120 @@ def test_compare_reports_whether_a_code_version_reproduced_another(tmp_path, cap
     assert "| masked_attention | cpu | full model | 0 | identical | identical | 0 | yes |" in lines
     assert ("| masked_attention | cpu | full model | 1 | **differs** | identical | 0.5 | no: final evaluation "
             "differs |") in lines
+
+
+def test_whole_ablation_eta_schedules_runs_over_the_jobs(tmp_path):
+    """3 equal runs on 2 jobs take two runs' time (the last one runs alone), not 1.5 runs'; a running
+    run counts its iterations left, read from its metrics.jsonl."""
+    from types import SimpleNamespace
+
+    sc = SimpleNamespace(seconds_per_iter=1.0, seconds_per_eval=0.0)
+
+    def plan(name, iters=100):
+        d = tmp_path / name
+        d.mkdir()
+        return SimpleNamespace(run_dir=d, label=name,
+                               cfg=SimpleNamespace(solver=SimpleNamespace(max_iters=iters, eval_period=0)))
+
+    pr = ab_runner.Progress(sc)
+    plans = [plan(f"r{i}") for i in range(3)]
+    pr.queue(plans)
+    assert pr.eta(2) == pytest.approx(200.0)
+    assert pr.eta(1) == pytest.approx(300.0) and pr.eta(3) == pytest.approx(100.0)
+    pr.start(plans[0])
+    append_jsonl(plans[0].run_dir / "metrics.jsonl", {"iter": 60, "loss": 1.0})
+    # r0 has 40 left; r1 takes the other slot (100), r2 follows r0 (40 + 100)
+    assert pr.eta(2) == pytest.approx(140.0)
+    pr.start(plans[1])
+    append_jsonl(plans[1].run_dir / "metrics.jsonl", {"iter": 10, "loss": 1.0})
+    assert pr.eta(2) == pytest.approx(max(40 + 100, 90))
+
+
+def test_runner_progress_is_flushed_to_a_redirected_stdout(monkeypatch):
+    """`nohup python -m ablations run ... > log`: the runner's lines must reach the file as they happen."""
+    import inspect
+    import io
+    import sys
+
+    class Buffered(io.StringIO):
+        flushed = ""
+
+        def flush(self):
+            self.flushed = self.getvalue()
+
+    out = Buffered()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert inspect.signature(ab_runner.run_ablation).parameters["print_fn"].default is ab_runner.say
+    ab_runner.say("progress: 0/3 finished")
+    assert out.flushed == "progress: 0/3 finished\n"
+
+
+def test_table_header_names_its_machines_and_the_pairs_trained_across_them(tmp_path):
+    """Records from two machines: the header counts the runs per machine and lists the (row, seed)
+    pairs whose row and base row ran on different ones; records of one machine add no such line."""
+    out = tmp_path / "reports"
+    runs = out / "masked_attention" / "runs.jsonl"
+    xeon = {"device": "cpu (x)", "cpu": {"model": "Intel(R) Xeon(R) Processor", "isa_class": "avx512"}, "threads": 1}
+    epyc = {"device": "cpu (e)", "cpu": {"model": "AMD EPYC", "isa_class": "avx512"}, "threads": 1}
+    for seed in (0, 1, 2):
+        append_jsonl(runs, {**_record("full model", seed, 50.0 + seed, 40.0, 45.0), "environment": xeon,
+                            "kernels": {"gemm_backend": "reference"}})
+    for seed in (0, 1):
+        append_jsonl(runs, {**_record("- masked attention", seed, 40.0 + seed, 40.0, 45.0), "environment": xeon,
+                            "kernels": {"gemm_backend": "reference"}})
+    md = Path(render_ablation("masked_attention", out)["table"]).read_text()
+    assert "**Machines:**" not in md
+    append_jsonl(runs, {**_record("- masked attention", 2, 41.0, 40.0, 45.0), "environment": epyc,
+                        "kernels": {"gemm_backend": "onednn"}})
+    md = Path(render_ablation("masked_attention", out)["table"]).read_text()
+    line = next(x for x in md.splitlines() if x.startswith("- **Machines:**"))
+    assert ("5 run(s) on Intel(R) Xeon(R) Processor (avx512), gemm reference, 1 thread(s); "
+            "1 run(s) on AMD EPYC (avx512), gemm onednn, 1 thread(s).") in line
+    assert "Pairs whose row and base row ran on different machines: - masked attention seed 2." in line
+    assert line.endswith("Timings (train_images_per_s, train_seconds) pair only runs of one machine.")
+
+
+def test_replay_reproduces_a_run_of_this_machine_bit_for_bit_and_names_a_difference(tmp_path):
+    """`ablations replay`: the first iterations of a run recorded here are reproduced exactly (equal
+    logged losses); a record whose logged loss differs is reported at that iteration; a record of
+    other code is refused (a difference would say nothing about the machine)."""
+    out, runs = tmp_path / "reports", tmp_path / "runs"
+    ab_runner.run_ablation("masked_attention", scale="smoke", out=out, runs_root=runs, inline=True,
+                           rows=["full model"], print_fn=lambda m: None)
+    rec = read_jsonl(out / "masked_attention" / "runs.jsonl")[0]
+    res = ab_runner.replay_record(rec, iters=10, work_dir=tmp_path)
+    assert res["first_difference"] is None and res["here"] == res["recorded"]
+    assert [it for it, _, _ in res["compared"]] == [e["iter"] for e in rec["metrics_over_training"]
+                                                    if "loss" in e and e["iter"] <= 10]
+    assert all(a == b for _, a, b in res["compared"]) and len(res["compared"]) >= 2
+    bent = json.loads(json.dumps(rec))
+    last = [e for e in bent["metrics_over_training"] if "loss" in e][-1]
+    last["loss"] += 1e-6
+    res = ab_runner.replay_record(bent, iters=10, work_dir=tmp_path)
+    assert res["first_difference"] == last["iter"]
+    with pytest.raises(InputError, match="trained by code 0ldc0de00000"):
+        ab_runner.replay_record({**rec, "code_fingerprint": "0ldc0de00000"}, iters=10)
+
+
+def test_timing_columns_pair_only_runs_of_one_machine():
+    """A throughput Δ across two CPUs would measure the CPUs: timing metrics pair only seeds whose row
+    and base row ran on one machine (and such a row is not 'incomplete' for it); PQ pairs every seed."""
+    from ablations.render import aggregate, table_rows
+
+    spec = load_spec("point_loss")
+    xeon = {"cpu": {"model": "Intel(R) Xeon(R) Processor", "isa_class": "avx512"}, "threads": 1}
+    epyc = {"cpu": {"model": "AMD EPYC", "isa_class": "avx512"}, "threads": 1}
+    recs = []
+    for seed in range(5):
+        recs.append({**_record("point -> point", seed, 50.0 + seed, 30.0, 40.0), "ablation": "point_loss",
+                     "environment": xeon, "train_images_per_s": 10.0})
+        env = xeon if seed < 3 else epyc
+        recs.append({**_record("mask -> point", seed, 49.0 + seed + 0.1 * seed, 30.0, 40.0),
+                     "ablation": "point_loss", "environment": env,
+                     "train_images_per_s": 8.0 if seed < 3 else 30.0})
+    metrics, agg = aggregate(spec, recs)
+    rows = {(r["row"], r["metric"]): r for r in table_rows(spec, metrics, agg, table_seeds=5)}
+    t = rows[("mask -> point", "train_images_per_s")]
+    assert t["pairs"] == 3 and t["delta"] == pytest.approx(-2.0) and not t["verdict"].startswith("incomplete")
+    pq = rows[("mask -> point", "PQ")]
+    assert pq["pairs"] == 5 and pq["delta"] == pytest.approx(-1.0 + 0.1 * 2)
