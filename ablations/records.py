@@ -208,8 +208,9 @@ def _machines_differ(a: Dict[str, Any], b: Dict[str, Any]) -> str:
 def carry_records(records: List[Dict[str, Any]], spec: AblationSpec, scale: str, fp_old: str, fp_new: str,
                   min_verified: int = 1) -> Tuple[List[Dict[str, Any]], Dict[str, str]]:
     """Records of code version ``fp_old`` to count for ``fp_new`` without retraining them, row by row:
-    a row carries when ``fp_new`` has retrained at least ``min_verified`` of its (seed, config) runs
-    and every such pair computed the same (:func:`same_computation`).  The copies get ``fp_new``'s
+    a row's record carries when ``fp_new`` has retrained, on the machine kind that trained it
+    (:func:`machine_of`: other machines never reproduce its bits), at least ``min_verified`` of the
+    row's (seed, config) runs, and no same-machine pair of the row differs (:func:`same_computation`).  The copies get ``fp_new``'s
     fingerprint and ``carried_from`` = {"code_fingerprint": fp_old, "verified_seeds": [...], "carried_at"};
     their training provenance (git commit, machine, run directory, curves) is the source's, their
     memory probe is dropped (the current code measures it again) and their FLOPs are the source's until
@@ -233,24 +234,42 @@ def carry_records(records: List[Dict[str, Any]], spec: AblationSpec, scale: str,
             continue
         pairs = {seed: (r, new[(row.name, seed)]) for seed, r in olds.items()
                  if (row.name, seed) in new and not new[(row.name, seed)].get("carried_from")}
-        diffs = {seed: same_computation(a, b) for seed, (a, b) in pairs.items()}
+        # a pair is evidence only when both ran on one machine kind: elsewhere every run differs
+        same_machine = {seed: ab for seed, ab in pairs.items() if machine_of(ab[0]) == machine_of(ab[1])}
+        diffs = {seed: same_computation(a, b) for seed, (a, b) in same_machine.items()}
         diffs = {seed: d for seed, d in diffs.items() if d}
         todo = sorted(seed for seed in olds if (row.name, seed) not in new)
         if diffs:
             seed, d = sorted(diffs.items())[0]
             why[row.name] = f"not carried: seed {seed} {d} between {fp_old} and {fp_new}"
             continue
-        if len(pairs) < min_verified:
-            why[row.name] = (f"not carried: {len(pairs)} of its runs retrained by {fp_new}, {min_verified} needed "
-                             f"(`python -m ablations run {spec.name} --row \"{row.name}\" --seeds 1` retrains seed 0)")
-            continue
-        verified = sorted(pairs)
-        for seed in todo:
+        # a record carries when this code reproduced, on its machine, at least min_verified runs
+        verified_on: Dict[str, List[int]] = {}
+        for seed, (a, _) in same_machine.items():
+            verified_on.setdefault(machine_of(a), []).append(seed)
+        go = [seed for seed in todo if len(verified_on.get(machine_of(olds[seed]), [])) >= min_verified]
+        left = [seed for seed in todo if seed not in go]
+        cross = sorted(set(pairs) - set(same_machine))
+        for seed in go:
+            verified = sorted(verified_on[machine_of(olds[seed])])
             rec = {k: v for k, v in olds[seed].items() if k != "memory_probe"}
             rec["code_fingerprint"] = fp_new
             rec["carried_from"] = {"code_fingerprint": fp_old, "verified_seeds": verified, "carried_at": now}
             rec["metrics"] = flat_metrics(rec)
             carried.append(rec)
-        why[row.name] = (f"{len(todo)} record(s) carried; seed(s) {', '.join(map(str, verified))} retrained by "
-                         f"{fp_new} computed the same" if todo else "nothing to carry (every seed retrained)")
+        parts = []
+        if go:
+            parts.append(f"{len(go)} record(s) carried; " + "; ".join(
+                f"on {m}: seed(s) {', '.join(map(str, sorted(v)))} retrained by {fp_new} computed the same"
+                for m, v in verified_on.items() if any(machine_of(olds[s]) == m for s in go)))
+        if left:
+            ms = sorted({machine_of(olds[seed]) for seed in left})
+            parts.append(f"not carried: seed(s) {', '.join(map(str, left))}, trained on {' / '.join(ms)}, where "
+                         f"{fp_new} has retrained {'fewer than ' + str(min_verified) if min_verified > 1 else 'none'} "
+                         f"of the row's runs (`python -m ablations run {spec.name} --row \"{row.name}\" --seeds 1` "
+                         f"on that machine retrains seed 0)")
+        if cross:
+            parts.append(f"seed(s) {', '.join(map(str, cross))} retrained on another machine than {fp_old}'s run "
+                         f"(not evidence either way)")
+        why[row.name] = "; ".join(parts) if parts else "nothing to carry (every seed retrained)"
     return carried, why

@@ -1361,3 +1361,38 @@ def test_timing_columns_pair_only_runs_of_one_machine():
     assert t["pairs"] == 3 and t["delta"] == pytest.approx(-2.0) and not t["verdict"].startswith("incomplete")
     pq = rows[("mask -> point", "PQ")]
     assert pq["pairs"] == 5 and pq["delta"] == pytest.approx(-1.0 + 0.1 * 2)
+
+
+def test_carry_verifies_each_machine_kind_on_its_own():
+    """Records trained on two CPUs: a retrain on the Xeon that reproduces the Xeon's run carries the
+    Xeon's other records only; the EPYC's wait for a retrain on an EPYC (a code change can alter one
+    CPU's bits and not the other's, e.g. the GEMM backend `auto` picks per vendor); a retrain on
+    another machine than its source is no evidence either way, and a same-machine pair that differs
+    stops the row."""
+    from ablations.records import carry_records
+
+    old, cur = "0123456789ab", _fp()
+    spec = load_spec("masked_attention")
+    xeon = {"cpu": {"model": "Intel(R) Xeon(R) Processor", "isa_class": "avx512"}, "threads": 1}
+    epyc = {"cpu": {"model": "AMD EPYC", "isa_class": "avx512"}, "threads": 1}
+
+    def rec(seed, fp, env, pq=45.0):
+        return {**_record("- masked attention", seed, pq + seed, 30.0, 40.0, fingerprint=fp), "environment": env}
+
+    recs = [rec(s, old, xeon) for s in (0, 1)] + [rec(s, old, epyc) for s in (2, 3)]
+    recs += [rec(0, cur, xeon), {**rec(2, cur, xeon), "eval": {"panoptic": {"PQ": 1.0}}}]  # seed 2: other machine
+    carried, why = carry_records(recs, spec, "cpu", old, cur)
+    assert [r["seed"] for r in carried] == [1] and carried[0]["carried_from"]["verified_seeds"] == [0]
+    w = why["- masked attention"]
+    assert w.startswith("1 record(s) carried; on Intel(R) Xeon(R) Processor (avx512), 1 thread(s): seed(s) 0")
+    assert "not carried: seed(s) 3, trained on AMD EPYC (avx512), 1 thread(s)" in w
+    assert "seed(s) 2 retrained on another machine" in w
+    # retrained on the EPYC too: its records carry, each verified on its own machine
+    carried, why = carry_records(recs + [rec(3, cur, epyc)], spec, "cpu", old, cur)
+    assert sorted(r["seed"] for r in carried) == [1]  # seed 3 is retrained now; 2 was retrained on the Xeon
+    carried, why = carry_records(recs[:4] + [rec(0, cur, xeon), rec(2, cur, epyc)], spec, "cpu", old, cur)
+    assert {r["seed"]: r["carried_from"]["verified_seeds"] for r in carried} == {1: [0], 3: [2]}
+    # a same-machine pair that differs stops the row, whatever the other machine shows
+    bad = {**rec(2, cur, epyc), "eval": {"panoptic": {"PQ": 1.0}}}
+    carried, why = carry_records(recs[:4] + [rec(0, cur, xeon), bad], spec, "cpu", old, cur)
+    assert carried == [] and why["- masked attention"].startswith("not carried: seed 2 final evaluation differs")
