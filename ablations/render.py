@@ -200,6 +200,8 @@ def table_rows(spec: AblationSpec, metrics: List[str], agg: Dict[str, Dict[str, 
             need = (b["n"] if table_seeds is None else min(b["n"], table_seeds)) - cross
             if d and d["n"] < need and v not in ("base", "not run"):
                 v = f"incomplete ({d['n']}/{need} seeds)"
+            if cross and not is_base and row.run and (not d or d["n"] == 0):
+                v = "not comparable (row and base ran on different machines)"
             out.append({"row": row.name, "metric": m, "is_base": is_base, "run": row.run, "n": s["n"],
                         "mean": s["mean"], "std": s["std"], "delta": d["delta"] if d else None,
                         "low": d["low"] if d else None, "high": d["high"] if d else None,

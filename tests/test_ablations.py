@@ -1361,6 +1361,15 @@ def test_timing_columns_pair_only_runs_of_one_machine():
     assert t["pairs"] == 3 and t["delta"] == pytest.approx(-2.0) and not t["verdict"].startswith("incomplete")
     pq = rows[("mask -> point", "PQ")]
     assert pq["pairs"] == 5 and pq["delta"] == pytest.approx(-1.0 + 0.1 * 2)
+    # every pair across machines: no timing Δ, and the verdict says why
+    for r in recs:
+        if r["row"] == "mask -> point":
+            r["environment"] = epyc
+    metrics, agg = aggregate(spec, recs)
+    rows = {(r["row"], r["metric"]): r for r in table_rows(spec, metrics, agg, table_seeds=5)}
+    t = rows[("mask -> point", "train_images_per_s")]
+    assert t["pairs"] == 0 and t["verdict"] == "not comparable (row and base ran on different machines)"
+    assert rows[("mask -> point", "PQ")]["pairs"] == 5
 
 
 def test_carry_verifies_each_machine_kind_on_its_own():
