@@ -114,18 +114,16 @@ def aggregate(spec: AblationSpec, records: List[Dict[str, Any]]) -> Tuple[List[s
     """(metric names, {row name: {metric: stats with "by_seed" {seed: value}}}) for the spec's rows."""
     per_row: Dict[str, List[Tuple[int, Dict[str, float]]]] = {r.name: [] for r in spec.rows}
     available: List[str] = []
+    from ablations.records import machine_of
+
+    machines: Dict[str, Dict[Any, str]] = {row: {} for row in per_row}
     for rec in records:
         if rec.get("row") in per_row:
             m = flat_metrics(rec)
             per_row[rec["row"]].append((rec.get("seed"), m))
+            machines[rec["row"]][rec.get("seed")] = machine_of(rec)
             available.extend(k for k in m if k not in available)
     metrics = expand_metrics(spec, available)
-    from ablations.records import machine_of
-
-    machines = {row: {} for row in per_row}
-    for rec in records:
-        if rec.get("row") in per_row:
-            machines[rec["row"]][rec.get("seed")] = machine_of(rec)
     out: Dict[str, Dict[str, Dict]] = {}
     for row, ms in per_row.items():
         out[row] = {}
