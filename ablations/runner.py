@@ -58,7 +58,25 @@ def resolve_config(spec: AblationSpec, row: Row, scale: Scale, seed: int, data: 
         extra["data.val"] = val_data or data
     elif val_data:
         extra["data.val"] = val_data
-    return apply_overrides(cfg, extra)
+    cfg = apply_overrides(cfg, extra)
+    if "data.task" in row.overrides and "num_classes" not in row.overrides:
+        n = task_classes(cfg)
+        if n is not None and n != cfg.num_classes:
+            cfg = apply_overrides(cfg, {"num_classes": n})
+    return cfg
+
+
+def task_classes(cfg: Config) -> Optional[int]:
+    """The number of classes ``cfg.data.train`` has for ``cfg.data.task`` (a row that trains one task
+    of a panoptic dataset, Table 7's instance model: the synthetic data's 6 thing classes of 9), as
+    ``m2f train`` would take it from the data; None when the data cannot be read here (paper-scale
+    plans on a machine without COCO: their torchrun command leaves num_classes to ``m2f train``)."""
+    from m2f.data.catalog import get_dataset
+
+    try:
+        return int(get_dataset(cfg.data.train, "train", cfg).metadata.num_classes)
+    except (InputError, OSError):
+        return None
 
 
 def plan_runs(spec: AblationSpec, scale: Scale, seeds: Optional[int] = None, data: Optional[str] = None,

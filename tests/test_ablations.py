@@ -145,7 +145,10 @@ def test_task_transfer_and_proposals_paper_numbers():
     spec = load_spec("task_transfer")
     assert spec.base.paper == {"PQ": pq, "AP": ap, "mIoU": miou}
     assert float(t[1]) == ap and float(t[3]) == miou
-    assert spec.row("task-specific models").paper == {"AP": float(t[2]), "mIoU": float(t[4])}
+    assert spec.row("instance model").paper == {"AP": float(t[2])}
+    assert spec.row("semantic model").paper == {"mIoU": float(t[4])}
+    assert spec.row("instance model").overrides == {"data.task": "instance"}
+    assert spec.row("semantic model").overrides == {"data.task": "semantic"}
     assert load_spec("proposals").base.paper == {}  # Fig 3 has no numbers, only bars
 
 
@@ -254,6 +257,55 @@ def test_scoreboard_counts_verdicts_of_paper_findings(tmp_path):
     assert "| 4c |" in board and "not run" in board  # other tables: every finding not run
     total = next(l for l in board.splitlines() if l.startswith("| **total**"))
     assert "| **4** | **0** |" in total
+
+
+def test_task_specific_rows_take_the_class_count_of_their_task():
+    """Table 7's instance model trains the synthetic data's 6 thing classes (m2f train refuses a preset's 9
+    for task instance); the semantic model keeps all 9; the other rows keep the preset's."""
+    from ablations.runner import resolve_config
+
+    spec, sc = load_spec("task_transfer"), get_scale("smoke")
+    cfgs = {r.name: resolve_config(spec, r, sc, seed=0) for r in spec.rows}
+    assert (cfgs["instance model"].data.task, cfgs["instance model"].num_classes) == ("instance", 6)
+    assert (cfgs["semantic model"].data.task, cfgs["semantic model"].num_classes) == ("semantic", 9)
+    assert (cfgs["panoptic model"].data.task, cfgs["panoptic model"].num_classes) == ("panoptic", 9)
+
+
+def test_task_specific_models_pair_on_their_own_task(tmp_path):
+    """Table 7: the instance model (scored as instance only) pairs with the panoptic model on AP, the
+    semantic model on mIoU; the table says which task each row's model was trained for, and the scoreboard
+    counts the instance model's AP (+2 in the paper) as a finding."""
+    from ablations.render import render_scoreboard, scoreboard_cells
+
+    out = tmp_path / "reports"
+    runs = out / "task_transfer" / "runs.jsonl"
+    for seed in range(3):
+        pan = _record("panoptic model", seed, 50.0 + seed, 30.0 + seed, 60.0)
+        ins = _record("instance model", seed, 0, 0, 0)
+        ins["eval"] = {"instance": {"AP": 33.0 + seed + 0.1 * seed}}
+        ins["data"] = {**ins["data"], "task": "instance"}
+        ins["metrics_over_training"] = [m for m in ins["metrics_over_training"] if "eval" not in m]
+        sem = _record("semantic model", seed, 0, 0, 0)
+        sem["eval"] = {"semantic": {"mIoU": 60.5 - 0.2 * seed}}
+        sem["data"] = {**sem["data"], "task": "semantic"}
+        sem["metrics_over_training"] = [m for m in sem["metrics_over_training"] if "eval" not in m]
+        for r in (pan, ins, sem):
+            append_jsonl(runs, {**r, "ablation": "task_transfer", "table": "7"})
+    cells = {(c["row"], c["metric"]): c for c in scoreboard_cells(load_spec("task_transfer"), out)}
+    assert set(cells) == {("instance model", "AP")}  # the semantic model's -0.2 is below 0.5
+    assert cells[("instance model", "AP")]["verdict"] == "agrees"  # +3.0, +3.1, +3.2
+    res = render_ablation("task_transfer", out)
+    md = Path(res["table"]).read_text()
+    row = next(l for l in md.splitlines() if l.startswith("| instance model"))
+    cols = [c.strip() for c in row.strip("|").split("|")]
+    assert cols[1] == "—" and cols[5] == "n/a (instance model)" and cols[6].startswith("34.") and cols[7].startswith("+3.10") and cols[10] == "agrees"
+    sem_row = next(l for l in md.splitlines() if l.startswith("| semantic model"))
+    assert [c.strip() for c in sem_row.strip("|").split("|")][12].startswith("+0.30 [")  # mIoU Δ: +0.5, +0.3, +0.1
+    assert ("ONE model per row, trained for the row's task (panoptic model: panoptic; instance model: instance; "
+            "semantic model: semantic)") in md
+    board = render_scoreboard(out)
+    line = next(l for l in board.splitlines() if l.startswith("| 7 |"))
+    assert [c.strip() for c in line.strip("|").split("|")][3:] == ["1", "0", "0", "0", "1"]
 
 
 def test_rows_paired_on_fewer_seeds_than_the_base_get_no_verdict(tmp_path):
@@ -695,7 +747,7 @@ def test_identical_runs_are_shared_across_ablations(tmp_path, fake_train, monkey
     assert s4["skipped"] == 3 and s4["shared"] == 0 and s4["ran"] == 0
     s5 = ab_runner.run_ablation("task_transfer", scale="smoke", out=out, runs_root=runs, inline=True, share=False,
                                 print_fn=lambda m: None)
-    assert s5["ran"] == 1 and s5["shared"] == 0 and len(calls) == 9
+    assert s5["ran"] == 3 and s5["shared"] == 0 and len(calls) == 11  # panoptic, instance and semantic models
     # proposals need per-layer AR the source did not compute: evaluated from its final checkpoint
     (Path(src["run_dir"]) / "last.pth").write_bytes(b"stand-in")
     seen = []
@@ -705,7 +757,7 @@ def test_identical_runs_are_shared_across_ablations(tmp_path, fake_train, monkey
     monkeypatch.setattr(m2f.evaluate, "evaluate_model", lambda model, cfg, **kw: ev if kw.get("proposals") else {})
     s6 = ab_runner.run_ablation("proposals", scale="smoke", out=out, runs_root=runs, inline=True,
                                 print_fn=lambda m: None)
-    assert s6["shared"] == 1 and s6["ran"] == 0 and len(calls) == 9
+    assert s6["shared"] == 1 and s6["ran"] == 0 and len(calls) == 11
     assert seen and Path(seen[0]).parent == Path(src["run_dir"])
     prec = read_jsonl(out / "proposals" / "runs.jsonl")[0]
     assert prec["metrics"]["AR@100_layer9"] == 29.0
