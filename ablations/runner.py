@@ -142,6 +142,23 @@ def finished_keys(path: Path, reuse_records: bool = False) -> set:
 # ---------------------------------------------------------------------------------------------
 # One run (executed in a worker process, or inline)
 # ---------------------------------------------------------------------------------------------
+def exit_with_parent(period: float = 2.0) -> None:
+    """In a run's worker process: exit as soon as the runner that started it is gone (killed, even with
+    SIGKILL), so that no orphaned run goes on training and appending to a run directory that the next
+    ``run`` resumes (its checkpoints are atomic: the next runner resumes from the last one)."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(period)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def execute_run(job: Dict[str, Any]) -> Dict[str, Any]:
     """Train one run (resuming from its checkpoint), evaluate, count FLOPs.  ``job`` is a plain,
     picklable dict (see :func:`_job`).  Returns the run's result dict (also written atomically to
@@ -150,6 +167,8 @@ def execute_run(job: Dict[str, Any]) -> Dict[str, Any]:
 
     import torch
 
+    if job.get("exit_with_parent"):  # a worker of the local runner's process pool (not a submitit job)
+        exit_with_parent()
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     from m2f import evaluate as m2f_evaluate
@@ -827,6 +846,14 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
         else:
             import multiprocessing as mp
 
+            import signal
+            import threading
+
+            def _interrupt(signum, frame):  # `kill PID`: stop like Ctrl-C, workers included
+                raise KeyboardInterrupt
+
+            main_thread = threading.current_thread() is threading.main_thread()
+            old_term = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
             ctx = mp.get_context("spawn")
             with ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
                 queue = list(pending)
@@ -840,7 +867,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
                             if devices:  # the free slot's device
                                 busy = [jobs_of[id(q)]["device"] for q in running.values()]
                                 job["device"] = next(d for d in devices if busy.count(d) < devices.count(d))
-                            running[pool.submit(execute_run, job)] = p
+                            running[pool.submit(execute_run, {**job, "exit_with_parent": True})] = p
                         done_f, _ = wait(list(running), return_when=FIRST_COMPLETED, timeout=progress_period)
                         if not done_f:
                             print_fn(progress.line(n_jobs, counter["n"], total, time.perf_counter() - t_start))
@@ -852,9 +879,14 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
                             except Exception as e:  # noqa: BLE001
                                 fail(p, e)
                 except KeyboardInterrupt:
+                    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                        proc.terminate()  # runs in progress stop; each resumes from its last checkpoint
                     pool.shutdown(wait=False, cancel_futures=True)
                     print_fn("interrupted: finished runs are recorded; run the same command again to resume")
                     raise
+                finally:
+                    if main_thread:
+                        signal.signal(signal.SIGTERM, old_term)
     n_probed = attach_memory_probes(spec, plans, sc, out, device, fresh_process=not inline, print_fn=print_fn)
     if n_probed:
         print_fn(f"training memory per image ({sc.memory_size}x{sc.memory_size}) recorded in {n_probed} record(s)")

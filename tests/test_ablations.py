@@ -1457,3 +1457,49 @@ def test_carry_verifies_each_machine_kind_on_its_own():
     bad = {**rec(2, cur, epyc), "eval": {"panoptic": {"PQ": 1.0}}}
     carried, why = carry_records(recs[:4] + [rec(0, cur, xeon), bad], spec, "cpu", old, cur)
     assert carried == [] and why["- masked attention"].startswith("not carried: seed 2 final evaluation differs")
+
+
+def test_a_run_worker_exits_when_its_runner_is_killed(tmp_path):
+    """A runner killed with SIGKILL (no handler runs) must not leave its training worker orphaned: the
+    orphan would go on appending to the run directory that the next ``run`` resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    script = (
+        "import multiprocessing as mp, os, sys, time\n"
+        "from ablations.runner import exit_with_parent\n"
+        "def child(path):\n"
+        "    exit_with_parent(period=0.2)\n"
+        "    open(path, 'w').write(str(os.getpid()))\n"
+        "    time.sleep(120)\n"
+        "if __name__ == '__main__':\n"
+        "    p = mp.get_context('fork').Process(target=child, args=(sys.argv[1],))\n"
+        "    p.start(); p.join()\n")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(pid_file)], cwd=Path(__file__).parents[1])
+    try:
+        deadline = time.time() + 120
+        while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        os.kill(child, 0)  # alive while its parent is
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+
+        def alive(pid):
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                return False
+            return state != "Z"
+
+        deadline = time.time() + 30
+        while alive(child) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not alive(child), "the worker outlived its killed runner"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
