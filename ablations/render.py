@@ -31,7 +31,7 @@ from ablations.records import eval_metric, flat_metrics, runs_path
 from ablations.scales import describe, get_scale, recipe_scale, scale_rank
 from ablations.stats import (CONFIDENCE, paired_delta, second_look_confidence, second_look_error,
                              seeds_for_half_width, verdict)
-from ablations.spec import PROPOSAL_PATTERN, AblationSpec, expand_metrics, list_specs, load_spec, table_label
+from ablations.spec import EVAL_METRICS, PROPOSAL_PATTERN, AblationSpec, expand_metrics, list_specs, load_spec, table_label
 from m2f.checkpoint import atomic_write_text, read_jsonl
 from m2f.errors import InputError
 
@@ -174,9 +174,6 @@ def extra_seed_rows(rows: List[Dict[str, Any]], table_seeds: Optional[int]) -> T
     return {row: n for row, n in pairs.items() if n > ref}, ref
 
 
-_METRIC_TASK = {"PQ": "panoptic", "PQ_th": "panoptic", "PQ_st": "panoptic", "AP": "instance", "mIoU": "semantic"}
-
-
 def table_rows(spec: AblationSpec, metrics: List[str], agg: Dict[str, Dict[str, Dict]],
                table_seeds: Optional[int] = None) -> List[Dict[str, Any]]:
     """One dict per (row, metric): n, mean, std, delta (paired: mean of per-seed differences), low,
@@ -199,7 +196,7 @@ def table_rows(spec: AblationSpec, metrics: List[str], agg: Dict[str, Dict[str, 
             paper_delta = (paper - pb) if (paper is not None and pb is not None and not is_base) else None
             v = "base" if is_base else ("not run" if not row.run else verdict(d, paper_delta))
             trained = row.overrides.get("data.task")
-            if trained and trained != "panoptic" and _METRIC_TASK.get(m, trained) != trained:
+            if trained and trained != "panoptic" and EVAL_METRICS.get(m, (trained,))[0] != trained:
                 v = f"n/a ({trained} model)"  # Table 7: an instance model has no PQ or mIoU
             need = (b["n"] if table_seeds is None else min(b["n"], table_seeds)) - cross
             if d and d["n"] < need and v not in ("base", "not run"):
@@ -365,7 +362,7 @@ def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metri
     for r in records:
         row_tasks.setdefault(r.get("row"), (r.get("data") or {}).get("task") or "panoptic")
     kinds = sorted(set(row_tasks.values()))
-    tasks = kinds[0] if len(kinds) == 1 else None
+    tasks = kinds[0] if len(kinds) == 1 else (None if kinds else "panoptic")
     if tasks is None:  # rows trained for different tasks (Table 7's task-specific models)
         lines.append("- **Honesty:** every number of ours comes from ONE model per row, trained for the row's task ("
                      + "; ".join(f"{row}: {t}" for row, t in row_tasks.items())

@@ -60,23 +60,17 @@ def resolve_config(spec: AblationSpec, row: Row, scale: Scale, seed: int, data: 
         extra["data.val"] = val_data
     cfg = apply_overrides(cfg, extra)
     if "data.task" in row.overrides and "num_classes" not in row.overrides:
-        n = task_classes(cfg)
-        if n is not None and n != cfg.num_classes:
-            cfg = apply_overrides(cfg, {"num_classes": n})
+        # A row that trains one task of a panoptic dataset (Table 7's instance model: the synthetic data's
+        # 6 thing classes of 9) takes that task's class count from the data, as `m2f train` does.  Data
+        # not readable here (paper-scale plans without COCO): the torchrun command leaves it to m2f train.
+        from m2f.data.catalog import get_dataset
+        from m2f.train import classes_from_data
+
+        try:
+            cfg = classes_from_data(cfg, get_dataset(cfg.data.train, "train", cfg).metadata, ("num_classes",))
+        except (InputError, OSError):
+            pass
     return cfg
-
-
-def task_classes(cfg: Config) -> Optional[int]:
-    """The number of classes ``cfg.data.train`` has for ``cfg.data.task`` (a row that trains one task
-    of a panoptic dataset, Table 7's instance model: the synthetic data's 6 thing classes of 9), as
-    ``m2f train`` would take it from the data; None when the data cannot be read here (paper-scale
-    plans on a machine without COCO: their torchrun command leaves num_classes to ``m2f train``)."""
-    from m2f.data.catalog import get_dataset
-
-    try:
-        return int(get_dataset(cfg.data.train, "train", cfg).metadata.num_classes)
-    except (InputError, OSError):
-        return None
 
 
 def plan_runs(spec: AblationSpec, scale: Scale, seeds: Optional[int] = None, data: Optional[str] = None,
