@@ -379,6 +379,8 @@ def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metri
     else:
         lines.append(f"- **Honesty:** ours: one {tasks}-trained model per row scored on every task; "
                      f"paper: {PAPER_SOURCES}.")
+    if spec.proxy_note and scale != "paper":
+        lines.append(f"- **Proxy:** {' '.join(spec.proxy_note.split())}")
     carried = [r for r in records if r.get("carried_from")]
     if carried:
         by_row: Dict[str, Dict[str, Any]] = {}
@@ -455,8 +457,70 @@ def render_markdown(spec: AblationSpec, scale: str, records: List[Dict[str, Any]
                           fmt_paper(r["paper"]), fmt_paper(r["paper_delta"], signed=True), r["verdict"]]
             lines.append("| " + " | ".join(cells) + " |")
         lines += _inconclusive_lines(rows)
+        lines += _over_training_lines(spec, records, rows)
     lines.append("")
     return "\n".join(lines)
+
+
+FINDING_VERDICTS = ("agrees", "contradicts", "inconclusive")
+
+
+def findings_over_training(spec: AblationSpec, records: List[Dict[str, Any]], rows: List[Dict[str, Any]]
+                           ) -> Tuple[List[int], List[Dict[str, Any]]]:
+    """(evaluation iterations, one dict per finding) for the table's findings (PQ / AP / mIoU, |paper Δ|
+    >= the scoreboard's 0.5, with a verdict): the finding's paired Δ (:func:`ablations.stats.paired_delta`)
+    at every evaluation iteration, over the seeds that evaluated the row and its base row there.  Each
+    dict: row, metric, paper_delta, by_iter {iteration: paired_delta's dict}.  Whether an effect is stable
+    over the schedule or appears only at its end is part of the evidence."""
+    def by_seed(row: str, metric: str) -> Dict[int, Dict[Any, float]]:
+        out: Dict[int, Dict[Any, float]] = {}
+        for rec in records:
+            if rec.get("row") == row:
+                for it, v in _series(rec, metric):
+                    out.setdefault(it, {})[rec.get("seed")] = v
+        return out
+
+    findings, iters = [], set()
+    for r in rows:
+        pd = r.get("paper_delta")
+        if (r["is_base"] or r["verdict"] not in FINDING_VERDICTS or r["metric"] not in SCOREBOARD_METRICS
+                or pd is None or abs(pd) < SCOREBOARD_MIN_PAPER_DELTA):
+            continue
+        base, row = by_seed(spec.base_row, r["metric"]), by_seed(r["row"], r["metric"])
+        by_iter = {}
+        for it in sorted(set(base) & set(row)):
+            d = paired_delta(base[it], row[it])
+            if d is not None:
+                by_iter[it] = d
+        if by_iter:
+            iters.update(by_iter)
+            findings.append({"row": r["row"], "metric": r["metric"], "paper_delta": pd, "by_iter": by_iter})
+    return sorted(iters), findings
+
+
+def _over_training_lines(spec: AblationSpec, records: List[Dict[str, Any]], rows: List[Dict[str, Any]]
+                         ) -> List[str]:
+    iters, findings = findings_over_training(spec, records, rows)
+    if len(iters) < 2:
+        return []
+
+    def cell(d: Optional[Dict[str, Any]]) -> str:
+        if d is None:
+            return "—"
+        if d["low"] is None:
+            return f"{d['delta']:+.1f} (n={d['n']})"
+        txt = f"{d['delta']:+.1f} ± {(d['high'] - d['low']) / 2:.1f}"
+        return f"**{txt}**" if d["low"] > 0 or d["high"] < 0 else txt
+
+    out = ["", "**Findings over training**: each finding's paired Δ (row − base row) at every evaluation, mean ± "
+               "the half-width of its 95% interval over the seeds both rows evaluated there; **bold**: the "
+               "interval excludes 0. Whether an effect holds through the schedule or appears only at its end.", "",
+           "| row | metric | paper Δ | " + " | ".join(f"it {i}" for i in iters) + " |",
+           "|" + "---|" * (3 + len(iters))]
+    for f in findings:
+        out.append(f"| {f['row']} | {f['metric']} | {f['paper_delta']:+.1f} | "
+                   + " | ".join(cell(f["by_iter"].get(i)) for i in iters) + " |")
+    return out
 
 
 def _inconclusive_lines(rows: List[Dict[str, Any]]) -> List[str]:
@@ -541,17 +605,24 @@ def _band(series_list: List[List[Tuple[int, float]]]):
 
 
 def plot_convergence(spec: AblationSpec, records: List[Dict[str, Any]], path: Path) -> str:
-    """Primary metric vs iteration per row (mean line + 95% interval band over seeds) beside the training loss.
-    Falls back to PQ, then to the loss alone, when the primary metric has fewer than 2 eval points."""
+    """Primary metric vs iteration per row (mean line + 95% interval band over seeds) beside the training loss,
+    plus a panel for each task-specific row's own metric (Table 7: AP, mIoU).  Falls back to PQ, then to
+    the loss alone, when the primary metric has fewer than 2 eval points.  Returns the metrics plotted."""
     plt = _plt()
     rows = [r for r in spec.rows if r.run]
     recs = {r.name: [x for x in records if x.get("row") == r.name] for r in rows}
-    metric = None
+    metric, extra = None, []
     for cand in (spec.primary_metric, "PQ"):
         if any(len(_series(x, cand)) >= 2 for rs in recs.values() for x in rs):
             metric = cand
             break
-    panels = ([metric] if metric else []) + [None]
+    for row in rows:  # Table 7: a task-specific row's own metric (AP, mIoU) beside the primary one
+        task = row.overrides.get("data.task")
+        own = next((m for m in spec.metrics if EVAL_METRICS.get(m, ("",))[0] == task), None) if task else None
+        if (own and metric and own != metric and own not in extra
+                and any(len(_series(x, own)) >= 2 for x in recs[row.name])):
+            extra.append(own)
+    panels = ([metric] if metric else []) + extra + [None]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, m in zip(axes[0], panels):
         for row in rows:
@@ -576,7 +647,7 @@ def plot_convergence(spec: AblationSpec, records: List[Dict[str, Any]], path: Pa
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return metric or "loss"
+    return ", ".join([metric] + extra) if metric else "loss"
 
 
 def plot_memory(spec: AblationSpec, agg, path: Path) -> None:

@@ -83,6 +83,9 @@ class AblationSpec:
     evaluate_proposals: bool = False
     plots: Tuple[str, ...] = ()
     path: Optional[str] = None
+    # What the synthetic CPU proxy changes about this table's question (rendered below the Honesty line
+    # at every scale but ``paper``)
+    proxy_note: Optional[str] = None
 
     def row(self, name: str) -> Row:
         for r in self.rows:
@@ -187,7 +190,9 @@ def load_spec(name_or_path: str | Path, validate_presets: Tuple[str, ...] = ("ti
         primary_metric=_need(d, "primary_metric", str, where), metrics=tuple(_need(d, "metrics", list, where)),
         seeds=tuple(int(s) for s in _need(d, "seeds", list, where)), rows=tuple(rows),
         layout=d.get("layout", "rows"), evaluate_proposals=bool(d.get("evaluate_proposals", False)),
-        plots=tuple(d.get("plots", ())), path=where)
+        plots=tuple(d.get("plots", ())), path=where, proxy_note=d.get("proxy_note"))
+    if spec.proxy_note is not None and (not isinstance(spec.proxy_note, str) or not spec.proxy_note.strip()):
+        raise InputError(f"{where}: proxy_note must be a non-empty string, got {spec.proxy_note!r}")
     _validate(spec, where, validate_presets)
     return spec
 

@@ -308,6 +308,54 @@ def test_task_specific_models_pair_on_their_own_task(tmp_path):
     assert [c.strip() for c in line.strip("|").split("|")][3:] == ["1", "0", "0", "0", "1"]
 
 
+def test_findings_over_training_pair_each_evaluation_and_task_rows_get_their_own_panel(tmp_path):
+    """The table gives each finding's paired Δ at every evaluation (mean ± 95% half-width; bold when the
+    interval excludes 0), the convergence plot gets a panel for the instance model's own metric (AP),
+    and the spec's proxy note is rendered at a cpu scale."""
+    from ablations.render import findings_over_training, plot_convergence, select_records
+
+    out = tmp_path / "reports"
+    runs = out / "task_transfer" / "runs.jsonl"
+    for seed in range(3):
+        pan = _record("panoptic model", seed, 50.0, 30.0 + seed, 60.0)
+        for k, m in enumerate(e for e in pan["metrics_over_training"] if "eval" in e):
+            m["eval"]["instance"] = {"AP": 10.0 * (k + 1) + seed}
+        ins = _record("instance model", seed, 0, 0, 0)
+        ins["data"] = {**ins["data"], "task": "instance"}
+        ins["metrics_over_training"] = [m for m in ins["metrics_over_training"] if "eval" not in m] + [
+            {"iter": 20 * (k + 1), "eval": {"instance": {"AP": 10.0 * (k + 1) + seed - k * (1 + 0.1 * seed)}}}
+            for k in range(3)]
+        ins["eval"] = {"instance": {"AP": ins["metrics_over_training"][-1]["eval"]["instance"]["AP"]}}
+        for r in (pan, ins):
+            append_jsonl(runs, {**r, "ablation": "task_transfer", "table": "7"})
+    res = render_ablation("task_transfer", out)
+    md = Path(res["table"]).read_text()
+    spec = load_spec("task_transfer")
+    _, records, _ = select_records(read_jsonl(runs))
+    iters, findings = findings_over_training(spec, records, res["rows"])
+    assert iters == [20, 40, 60] and [(f["row"], f["metric"]) for f in findings] == [("instance model", "AP")]
+    by = findings[0]["by_iter"]
+    assert by[20]["delta"] == 0.0 and by[20]["n"] == 3
+    assert abs(by[40]["delta"] + 1.1) < 1e-9 and abs(by[60]["delta"] + 2.2) < 1e-9 and by[60]["high"] < 0
+    line = next(l for l in md.splitlines() if l.startswith("| instance model | AP |"))
+    assert [c.strip() for c in line.strip("|").split("|")][2:] == ["+2.0", "+0.0 ± 0.0", "**-1.1 ± 0.2**",
+                                                                    "**-2.2 ± 0.5**"]
+    assert "**Proxy:** The synthetic data's instance ground truth is its panoptic thing segments" in md
+    assert plot_convergence(spec, records, tmp_path / "c.png") == "PQ, AP"
+    assert "_PQ, AP vs iteration" in md
+
+
+def test_a_proxy_note_must_be_text(tmp_path):
+    from ablations.spec import SPEC_DIR
+
+    src = (SPEC_DIR / "task_transfer.toml").read_text()
+    bad = tmp_path / "task_transfer.toml"
+    bad.write_text(src.replace('proxy_note = """', 'proxy_note_x = """').replace("seeds = [0, 1, 2]",
+                                                                               "seeds = [0, 1, 2]\nproxy_note = 3"))
+    with pytest.raises(InputError, match="proxy_note must be a non-empty string"):
+        load_spec(bad)
+
+
 def test_rows_paired_on_fewer_seeds_than_the_base_get_no_verdict(tmp_path):
     """A table still being run (the base row shared with all its seeds, a row with 2 so far) renders
     the row as incomplete, and the scoreboard counts its findings as not run."""
@@ -415,8 +463,11 @@ def test_render_table_csv_and_plot(tmp_path):
     assert "-5.00 [-17.71, +7.71] (n=2)" in md and "-4.8" in md  # our paired delta [95%] and the paper's
     assert "Scale:** `cpu`" in md and "object_mask_threshold 0.5" in md and "seeds:** 0, 1" in md
     assert "panoptic-trained model" in md  # honesty label
-    lines = [l for l in md.splitlines() if l.startswith("| - masked attention")]
+    table, over = md.split("**Findings over training**")
+    lines = [l for l in table.splitlines() if l.startswith("| - masked attention")]
     assert len(lines) == 1
+    # the same finding at each of the 3 evaluations (PQ x 1/3, 2/3, 1 in _record): Δ -5 x k/3
+    assert "| - masked attention | PQ | -4.8 | -1.7 ± 4.2 | -3.3 ± 8.5 | -5.0 ± 12.7 |" in over.splitlines()
     cells = [c.strip() for c in lines[0].strip("|").split("|")]
     # columns: row, then per metric (PQ, AP, mIoU, FLOPs_G): ours, delta [95%] (n), paper, delta paper, verdict
     assert cells[1:6] == ["46.00 ± 0.00 (n=2)", "-5.00 [-17.71, +7.71] (n=2)", "47.1", "-4.8", "inconclusive"]
