@@ -514,7 +514,9 @@ def _over_training_lines(spec: AblationSpec, records: List[Dict[str, Any]], rows
 
     out = ["", "**Findings over training**: each finding's paired Δ (row − base row) at every evaluation, mean ± "
                "the half-width of its 95% interval over the seeds both rows evaluated there; **bold**: the "
-               "interval excludes 0. Whether an effect holds through the schedule or appears only at its end.", "",
+               "interval excludes 0. Whether an effect holds through the schedule or appears only at its end. The "
+               "verdicts use the last evaluation alone: each interval here misses by chance 5% of the time, so "
+               "one bold cell among a finding's evaluations is weak evidence on its own.", "",
            "| row | metric | paper Δ | " + " | ".join(f"it {i}" for i in iters) + " |",
            "|" + "---|" * (3 + len(iters))]
     for f in findings:
