@@ -345,6 +345,22 @@ def test_findings_over_training_pair_each_evaluation_and_task_rows_get_their_own
     assert "_PQ, AP vs iteration" in md
 
 
+def test_the_point_loss_proxy_note_states_the_configs_it_compares():
+    """Table 5's proxy note quotes sizes and point counts: they must be the cpu recipe's and the paper
+    preset's (a recipe change that would make the note wrong fails here)."""
+    from ablations.runner import plan_runs
+
+    note = " ".join(load_spec("point_loss").proxy_note.split())
+    cfg = next(p.cfg for p in plan_runs(load_spec("point_loss"), get_scale("cpu")) if p.row.name == "point -> point")
+    paper = get_preset("r50_coco_panoptic")
+    for c in (cfg, paper):
+        side = c.data.image_size // 4  # mask logits at stride 4
+        assert f"{side}x{side} logits ({c.data.image_size}-px crops" in note
+        assert f"{c.loss.num_points} points" in note
+    assert f"loss.num_points = {cfg.loss.num_points} points per mask" in note and cfg.loss.num_points == 32 * 32
+    assert round(paper.loss.num_points / (paper.data.image_size // 4) ** 2, 1) == 0.2  # "about a fifth"
+
+
 def test_a_proxy_note_must_be_text(tmp_path):
     from ablations.spec import SPEC_DIR
 
