@@ -116,7 +116,7 @@ def cmd_run(args) -> int:
     res = run_ablation(args.name, scale=args.scale, seeds=args.seeds, data=args.data, val_data=args.val_data,
                        device=args.device, jobs=args.jobs, out=args.out, runs_root=args.runs,
                        dry_run=args.dry_run, rows=args.row or None, share=not args.no_share, reuse_records=args.reuse_records,
-                       jobs_per_device=args.jobs_per_device, allow_stale=args.allow_stale)
+                       jobs_per_device=args.jobs_per_device, allow_stale=args.allow_stale, threads=args.threads)
     return 1 if res["failed"] else 0
 
 
@@ -289,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda if available)")
     s.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: the scale's; threads per "
                    "run = cores // jobs)")
+    s.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores // jobs). "
+                   "Records name their threads: a run at another thread count computes the same function but not "
+                   "the same bits, so e.g. one run beside another runner on 2 cores takes --jobs 1 --threads 1")
     s.add_argument("--row", action="append", default=[], help="run only this row (repeatable)")
     s.add_argument("--out", default="reports", help="reports directory (default %(default)s)")
     s.add_argument("--runs", default="runs/ablations", help="run directories root (default %(default)s)")

@@ -698,7 +698,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
                  inline: bool = False, render: bool = True, rows: Optional[List[str]] = None,
                  share: bool = True, print_fn: Callable[[str], None] = say, jobs_per_device: Optional[int] = None,
                  allow_stale: bool = False, progress_period: float = 60.0,
-                 reuse_records: bool = False) -> Dict[str, Any]:
+                 reuse_records: bool = False, threads: Optional[int] = None) -> Dict[str, Any]:
     """Run (or resume) every (row, seed) of ablation ``name`` at ``scale``, append records, render.
 
     Returns ``{"planned", "skipped", "ran", "failed": [(label, error)], "table": path or None}``.
@@ -710,7 +710,10 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
     ``jobs_per_device=K`` with a CUDA ``device``: K runs at once on each visible GPU (round robin).
     Every ``progress_period`` seconds (and after each run) a progress line gives the ETA of the whole
     ablation, from the running runs' measured seconds per iteration and the iterations left.
+    ``threads``: torch threads per local run (default: cores // parallel runs).
     """
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads {threads}: expected >= 1")
     spec = load_spec(name)
     sc = get_scale(scale)
     out = Path(out)
@@ -809,7 +812,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
             except Exception as e:  # noqa: BLE001
                 fail(p, e)
     elif pending:
-        threads = max(1, (os.cpu_count() or 1) // n_jobs)
+        threads = threads or max(1, (os.cpu_count() or 1) // n_jobs)
         est = sum(estimate_seconds(p.cfg, sc) for p in pending) / n_jobs
         print_fn(f"running {len(pending)} runs, {n_jobs} at a time with {threads} thread(s) each; estimated "
                  f"{_fmt_s(est)} (from {sc.seconds_per_iter} s/iteration, {sc.seconds_per_eval} s/evaluation)")

@@ -629,6 +629,31 @@ def fake_train(monkeypatch):
     return calls, flops_calls
 
 
+def test_threads_per_run_can_be_set_apart_from_the_jobs(tmp_path, fake_train):
+    """--threads: one run beside another runner on 2 cores keeps the recorded 1 thread (--jobs 1 alone
+    would give it every core); 0 is refused."""
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    msgs = []
+    try:
+        ab_runner.run_ablation("masked_attention", scale="smoke", seeds=1, out=tmp_path / "r", runs_root=tmp_path / "runs",
+                               inline=True, jobs=1, threads=1, rows=["full model"], print_fn=msgs.append)
+        assert torch.get_num_threads() == 1  # the inline run set it
+        assert any("1 at a time with 1 thread(s) each" in m for m in msgs)
+        msgs.clear()
+        ab_runner.run_ablation("masked_attention", scale="smoke", seeds=1, out=tmp_path / "r2",
+                               runs_root=tmp_path / "runs2", inline=True, jobs=1, rows=["full model"],
+                               print_fn=msgs.append)
+        assert any(f"1 at a time with {os.cpu_count()} thread(s) each" in m for m in msgs)
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(InputError, match="--threads 0: expected >= 1"):
+        ab_runner.run_ablation("masked_attention", scale="smoke", out=tmp_path / "r3", threads=0, inline=True)
+
+
 def test_runner_records_skips_finished_and_recovers(tmp_path, fake_train):
     calls, flops_calls = fake_train
     out, runs = tmp_path / "reports", tmp_path / "runs"
