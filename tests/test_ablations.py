@@ -361,6 +361,27 @@ def test_the_point_loss_proxy_note_states_the_configs_it_compares():
     assert round(paper.loss.num_points / (paper.data.image_size // 4) ** 2, 1) == 0.2  # "about a fifth"
 
 
+def test_the_queries_proxy_note_states_the_synthetic_data_it_describes():
+    """Table 11a's proxy note quotes the segments per synthetic training image: they must be the data's."""
+    import json
+    import statistics
+
+    from ablations.runner import plan_runs
+    from m2f.data.synth import ensure_synth
+
+    note = " ".join(load_spec("queries").proxy_note.split())
+    cfg = plan_runs(load_spec("queries"), get_scale("cpu"))[0].cfg
+    d = cfg.data
+    assert d.train == "synth"
+    ann = json.loads((ensure_synth(d.synth_size, d.synth_images, d.synth_val_images, d.synth_seed) / "train"
+                      / "panoptic.json").read_text())["annotations"]
+    n = [len(a["segments_info"]) for a in ann]
+    assert (f"hold {min(n)} to {max(n)} segments each (mean {statistics.fmean(n):.1f} over the {len(n)} images"
+            in note)
+    fewest = min(r.overrides["decoder.num_queries"] for r in load_spec("queries").rows)
+    assert f"the {fewest}-query row" in note and fewest / max(n) > 4  # "more than four queries per segment"
+
+
 def test_a_proxy_note_must_be_text(tmp_path):
     from ablations.spec import SPEC_DIR
 
