@@ -512,14 +512,52 @@ def device_slots(device: Optional[str], jobs_per_device: Optional[int]) -> List[
     return [f"cuda:{i}" for i in ids for _ in range(jobs_per_device)]
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def recorded_seconds_per_iter(out: Path | str, scale: Scale, threads: int, fingerprint: Optional[str],
+                              cpu: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+    """The training seconds per iteration this machine kind took at ``scale`` with the code of
+    ``fingerprint``, from the records of every table under ``out``: the median over the CPU runs of the
+    same CPU model, ISA class and threads per run, each run counted once (shared records name their source), periodic evaluations taken out at
+    the scale's ``seconds_per_eval``.  ``{"seconds_per_iter", "runs", "machine"}``, or None without such
+    a record (a new machine kind: the ETA starts from the scale's figure)."""
+    from m2f.provenance import cpu_info
+
+    cpu = cpu or cpu_info()
+    rates: Dict[str, float] = {}
+    for path in sorted(Path(out).glob("*/runs.jsonl")):
+        for r in read_jsonl(path):
+            env = r.get("environment") or {}
+            c = env.get("cpu") if isinstance(env.get("cpu"), dict) else {}
+            cfg = (r.get("config") or {}).get("solver") or {}
+            if (r.get("scale") != scale.name or r.get("code_fingerprint") != fingerprint or env.get("gpu") or c.get("model") != cpu.get("model")
+                    or c.get("isa_class") != cpu.get("isa_class") or env.get("threads") != threads
+                    or not r.get("train_seconds") or not r.get("iters") or r.get("carried_from")):
+                continue
+            period = cfg.get("eval_period") or 0
+            evals = (int(r["iters"]) - 1) // period if period else 0
+            sec = float(r["train_seconds"]) - evals * scale.seconds_per_eval
+            if sec > 0:
+                rates[str(r.get("shared_from") or r.get("run_dir"))] = sec / int(r["iters"])
+    if not rates:
+        return None
+    return {"seconds_per_iter": statistics.median(rates.values()), "runs": len(rates),
+            "machine": f"{cpu.get('model')} ({cpu.get('isa_class')}), {threads} thread(s) per run"}
+
+
 class Progress:
     """The whole ablation's ETA: each running run's iterations left (from its metrics.jsonl) and each
-    queued run's in full, x the running runs' measured seconds per iteration (the scale's estimate
-    before any is measured), plus their evaluations, scheduled over the parallel jobs as the pool runs
+    queued run's in full, x the running runs' measured seconds per iteration (before any is measured:
+    this machine kind's recorded rate, :func:`recorded_seconds_per_iter`, else the scale's), plus their evaluations, scheduled over the parallel jobs as the pool runs
     them (queued runs in order, each on the first slot to free)."""
 
-    def __init__(self, scale: Scale):
+    def __init__(self, scale: Scale, prior_seconds_per_iter: Optional[float] = None):
         self.scale = scale
+        self.prior = prior_seconds_per_iter  # this machine kind's recorded rate, if any
         self.queued: Dict[str, RunPlan] = {}
         self.running: Dict[str, Dict[str, Any]] = {}
         self.rates: List[float] = []
@@ -560,7 +598,7 @@ class Progress:
         return None
 
     def seconds_per_iter(self) -> float:
-        return statistics.median(self.rates) if self.rates else self.scale.seconds_per_iter
+        return statistics.median(self.rates) if self.rates else (self.prior or self.scale.seconds_per_iter)
 
     def eta(self, n_jobs: int) -> float:
         """Seconds until the last run finishes: the running runs' remaining time, then the queued runs
@@ -594,11 +632,12 @@ class Progress:
                 f"elapsed {_fmt_s(elapsed)}, whole ablation ETA {_fmt_s(eta)}")
 
 
-def estimate_seconds(cfg: Config, scale: Scale) -> float:
-    """A run's expected wall time from the scale's measured rates (training + evaluations)."""
+def estimate_seconds(cfg: Config, scale: Scale, seconds_per_iter: Optional[float] = None) -> float:
+    """A run's expected wall time from the scale's measured rates (training + evaluations);
+    ``seconds_per_iter``: this machine kind's recorded rate instead of the scale's."""
     s = cfg.solver
     evals = 1 + ((s.max_iters - 1) // s.eval_period if s.eval_period else 0)  # periodic (< max_iters) + final
-    return s.max_iters * scale.seconds_per_iter + evals * scale.seconds_per_eval
+    return s.max_iters * (seconds_per_iter or scale.seconds_per_iter) + evals * scale.seconds_per_eval
 
 
 def _fmt_s(s: float) -> str:
@@ -813,9 +852,16 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
                 fail(p, e)
     elif pending:
         threads = threads or max(1, (os.cpu_count() or 1) // n_jobs)
-        est = sum(estimate_seconds(p.cfg, sc) for p in pending) / n_jobs
+        on_cpu = not (device or "").startswith("cuda") and not (device is None and _cuda_available())
+        prior = recorded_seconds_per_iter(out, sc, threads, pending[0].fingerprint) if on_cpu else None
+        spi = prior["seconds_per_iter"] if prior else sc.seconds_per_iter
+        progress.prior = prior["seconds_per_iter"] if prior else None
+        est = sum(estimate_seconds(p.cfg, sc, spi) for p in pending) / n_jobs
+        source = (f"{spi:.2f} s/iteration: the median of {prior['runs']} recorded {sc.name} run(s) on "
+                  f"{prior['machine']}" if prior else f"the scale's {sc.seconds_per_iter} s/iteration; no "
+                  f"{sc.name} record of this machine kind yet")
         print_fn(f"running {len(pending)} runs, {n_jobs} at a time with {threads} thread(s) each; estimated "
-                 f"{_fmt_s(est)} (from {sc.seconds_per_iter} s/iteration, {sc.seconds_per_eval} s/evaluation)")
+                 f"{_fmt_s(est)} (from {source}; {sc.seconds_per_eval} s/evaluation)")
         jobs_of = {}
         seen_flops = set(flops_cache)
         progress.queue(pending)

@@ -1411,6 +1411,46 @@ def test_compare_reports_whether_a_code_version_reproduced_another(tmp_path, cap
             "differs |") in lines
 
 
+def test_first_eta_uses_this_machine_kinds_recorded_rate(tmp_path):
+    """Before a run has progressed, the ETA uses the seconds per iteration recorded by runs of the same
+    CPU model, ISA class, threads and code (shared copies counted once, periodic evaluations taken
+    out); another machine kind, thread count or code version has no say."""
+    from types import SimpleNamespace
+
+    from ablations.runner import Progress, recorded_seconds_per_iter
+
+    sc = get_scale("cpu")
+    xeon = {"model": "Intel(R) Xeon(R) Processor", "isa_class": "avx512"}
+    epyc = {"model": "AMD EPYC", "isa_class": "avx2"}
+    out = tmp_path / "reports"
+
+    def rec(table, cpu, threads, train_seconds, run_dir, fp="cur", shared=None):
+        append_jsonl(out / table / "runs.jsonl", {
+            "scale": "cpu", "code_fingerprint": fp, "iters": 2000, "train_seconds": train_seconds,
+            "config": {"solver": {"eval_period": 250}}, "run_dir": run_dir, "shared_from": shared,
+            "environment": {"cpu": cpu, "threads": threads}})
+
+    periodic = 7 * sc.seconds_per_eval  # 7 evaluations before iteration 2000
+    rec("a", xeon, 1, 1000 + periodic, "x0")
+    rec("a", xeon, 1, 1200 + periodic, "x1")
+    rec("b", xeon, 1, 1200 + periodic, "b/x1", shared="x1")  # the same run, shared into table b
+    rec("b", xeon, 1, 1400 + periodic, "x2")
+    rec("a", xeon, 2, 200 + periodic, "x3")  # 2 threads per run: another machine kind
+    rec("a", xeon, 1, 9000, "x4", fp="old")  # other code
+    rec("a", epyc, 1, 3000 + periodic, "e0")
+    got = recorded_seconds_per_iter(out, sc, 1, "cur", xeon)
+    assert got["runs"] == 3 and got["seconds_per_iter"] == pytest.approx(0.6)  # median of 0.5, 0.6, 0.7
+    assert "Intel(R) Xeon(R) Processor (avx512), 1 thread(s) per run" == got["machine"]
+    assert recorded_seconds_per_iter(out, sc, 1, "cur", epyc)["seconds_per_iter"] == pytest.approx(1.5)
+    assert recorded_seconds_per_iter(out, sc, 1, "cur", {"model": "other", "isa_class": "avx2"}) is None
+    pr = Progress(SimpleNamespace(seconds_per_iter=0.5, seconds_per_eval=0.0), prior_seconds_per_iter=1.5)
+    d = tmp_path / "r"
+    d.mkdir()
+    pr.queue([SimpleNamespace(run_dir=d, label="r", cfg=SimpleNamespace(solver=SimpleNamespace(max_iters=100,
+                                                                                              eval_period=0)))])
+    assert pr.eta(1) == pytest.approx(150.0)
+
+
 def test_whole_ablation_eta_schedules_runs_over_the_jobs(tmp_path):
     """3 equal runs on 2 jobs take two runs' time (the last one runs alone), not 1.5 runs'; a running
     run counts its iterations left, read from its metrics.jsonl."""
