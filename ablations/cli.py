@@ -10,17 +10,19 @@ from m2f.errors import InputError, M2FError
 
 def cmd_list(args) -> int:
     """Every ablation with its records per scale, and whether its table is current: records of the
-    current code fingerprint (``current``), only of other code versions (``STALE``), or none."""
+    current code fingerprint (``current``; ``INCOMPLETE`` when a trained row has fewer seeds of it at
+    the table's scale than the scale runs), only of other code versions (``STALE``), or none."""
     from ablations.records import runs_path
-    from ablations.scales import SCALES, recipe_scale
+    from ablations.scales import SCALES, recipe_scale, scale_rank
     from ablations.spec import list_specs, load_spec
     from m2f.checkpoint import read_jsonl
     from m2f.provenance import code_fingerprint
 
     fp = code_fingerprint()
     print(f"current code fingerprint: {fp}\n")
-    print(f"{'name':20s} {'table':6s} {'rows':>4s}  {'primary':14s} {'status':8s} {'runs (current/all) per scale':30s} title")
+    print(f"{'name':20s} {'table':6s} {'rows':>4s}  {'primary':14s} {'status':10s} {'runs (current/all) per scale':30s} title")
     n_stale = n_recipe = 0
+    short: List[str] = []
     for name in list_specs():
         s = load_spec(name)
         recs = read_jsonl(runs_path(args.out, name))
@@ -35,9 +37,24 @@ def cmd_list(args) -> int:
             done += f" ({carried} carried)"
         status = "-" if not recs else ("current" if any(c for k, (c, _) in by_scale.items() if k in SCALES) else
                                        "RECIPE" if any(c for c, _ in by_scale.values()) else "STALE")
+        if status == "current":
+            top = max((k for k, (c, _) in by_scale.items() if c and k in SCALES), key=scale_rank)
+            seeds: dict = {r.name: set() for r in s.trained_rows}
+            for r in recs:
+                if r.get("code_fingerprint") == fp and recipe_scale(r) == top and r.get("row") in seeds:
+                    seeds[r["row"]].add(r.get("seed"))
+            few = {row: len(v) for row, v in seeds.items() if len(v) < SCALES[top].seeds}
+            if few:
+                status = "INCOMPLETE"
+                short.append(f"  {name} ({top}, {SCALES[top].seeds} seeds per row): "
+                             + ", ".join(f"{row!r} {n}" for row, n in few.items()))
         n_stale += status == "STALE"
         n_recipe += status == "RECIPE"
-        print(f"{name:20s} {s.table:6s} {len(s.trained_rows):4d}  {s.primary_metric:14s} {status:8s} {done:30s} {s.title}")
+        print(f"{name:20s} {s.table:6s} {len(s.trained_rows):4d}  {s.primary_metric:14s} {status:10s} {done:30s} {s.title}")
+    if short:
+        print(f"\n{len(short)} table(s) INCOMPLETE: current code, but rows with fewer seeds than their scale runs "
+              f"(their findings count as not run); `python -m ablations run NAME --reuse-records` trains the rest:")
+        print("\n".join(short))
     if n_stale:
         print(f"\n{n_stale} table(s) STALE: their records come from other code versions; `python -m ablations run NAME` "
               f"retrains them, `python -m ablations report NAME --allow-stale` renders the old records, marked stale")

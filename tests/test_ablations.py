@@ -768,6 +768,29 @@ def test_cli_help_and_list(capsys):
     assert "masked_attention" in capsys.readouterr().out
 
 
+def test_list_names_incomplete_tables_and_their_short_rows(tmp_path, capsys):
+    """A current table with a trained row below the scale's seeds is INCOMPLETE, and list names the row
+    and its seeds; a table with every row at the scale's seeds stays current."""
+    from ablations.cli import main
+
+    out = tmp_path / "reports"
+    for seed in range(5):
+        for row in ("full model", "- high-resolution features") + (("- masked attention",) if seed < 2 else ()):
+            append_jsonl(out / "masked_attention" / "runs.jsonl", _record(row, seed, 50.0, 40.0, 45.0))
+        append_jsonl(out / "query_init" / "runs.jsonl", {**_record("zero", seed, 50.0, 40.0, 45.0),
+                                                          "ablation": "query_init"})
+        for row in ("learnable, unsupervised", "learnable + supervised"):
+            append_jsonl(out / "query_init" / "runs.jsonl", {**_record(row, seed, 50.0, 40.0, 45.0),
+                                                              "ablation": "query_init"})
+    assert main(["list", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    line = {l.split()[0]: l.split()[4] for l in text.splitlines() if l.split() and l.split()[0] in list_specs()
+            and not l.startswith(" ")}
+    assert line["masked_attention"] == "INCOMPLETE" and line["query_init"] == "current"
+    assert "1 table(s) INCOMPLETE" in text
+    assert "  masked_attention (cpu, 5 seeds per row): '- masked attention' 2" in text.splitlines()
+
+
 # ---------------------------------------------------------------------------------------------
 # One real smoke-scale run (needs the model, data, loss and evaluation modules)
 # ---------------------------------------------------------------------------------------------
