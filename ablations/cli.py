@@ -20,7 +20,8 @@ def cmd_list(args) -> int:
 
     fp = code_fingerprint()
     print(f"current code fingerprint: {fp}\n")
-    print(f"{'name':20s} {'table':6s} {'rows':>4s}  {'primary':14s} {'status':10s} {'runs (current/all) per scale':30s} title")
+    print(f"{'name':20s} {'table':6s} {'rows':>4s}  {'primary':14s} {'status':10s} "
+          f"{'runs (current/all) per scale':30s} title")
     n_stale = n_recipe = 0
     short: List[str] = []
     for name in list_specs():
@@ -50,7 +51,8 @@ def cmd_list(args) -> int:
                              + ", ".join(f"{row!r} {n}" for row, n in few.items()))
         n_stale += status == "STALE"
         n_recipe += status == "RECIPE"
-        print(f"{name:20s} {s.table:6s} {len(s.trained_rows):4d}  {s.primary_metric:14s} {status:10s} {done:30s} {s.title}")
+        print(f"{name:20s} {s.table:6s} {len(s.trained_rows):4d}  {s.primary_metric:14s} {status:10s} {done:30s} "
+              f"{s.title}")
     if short:
         print(f"\n{len(short)} table(s) INCOMPLETE: current code, but rows with fewer seeds than their scale runs "
               f"(their findings count as not run); `python -m ablations run NAME --reuse-records` trains the rest:")

@@ -522,9 +522,10 @@ def recorded_seconds_per_iter(out: Path | str, scale: Scale, threads: int, finge
                               cpu: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
     """The training seconds per iteration this machine kind took at ``scale`` with the code of
     ``fingerprint``, from the records of every table under ``out``: the median over the CPU runs of the
-    same CPU model, ISA class and threads per run, each run counted once (shared records name their source), periodic evaluations taken out at
-    the scale's ``seconds_per_eval``.  ``{"seconds_per_iter", "runs", "machine"}``, or None without such
-    a record (a new machine kind: the ETA starts from the scale's figure)."""
+    same CPU model, ISA class and threads per run, each run counted once (shared records name their
+    source), periodic evaluations taken out at the scale's ``seconds_per_eval``.
+    ``{"seconds_per_iter", "runs", "machine"}``, or None without such a record (a new machine kind: the
+    ETA starts from the scale's figure)."""
     from m2f.provenance import cpu_info
 
     cpu = cpu or cpu_info()
@@ -534,8 +535,9 @@ def recorded_seconds_per_iter(out: Path | str, scale: Scale, threads: int, finge
             env = r.get("environment") or {}
             c = env.get("cpu") if isinstance(env.get("cpu"), dict) else {}
             cfg = (r.get("config") or {}).get("solver") or {}
-            if (r.get("scale") != scale.name or r.get("code_fingerprint") != fingerprint or env.get("gpu") or c.get("model") != cpu.get("model")
-                    or c.get("isa_class") != cpu.get("isa_class") or env.get("threads") != threads
+            if (r.get("scale") != scale.name or r.get("code_fingerprint") != fingerprint or env.get("gpu")
+                    or c.get("model") != cpu.get("model") or c.get("isa_class") != cpu.get("isa_class")
+                    or env.get("threads") != threads
                     or not r.get("train_seconds") or not r.get("iters") or r.get("carried_from")):
                 continue
             period = cfg.get("eval_period") or 0
@@ -552,8 +554,9 @@ def recorded_seconds_per_iter(out: Path | str, scale: Scale, threads: int, finge
 class Progress:
     """The whole ablation's ETA: each running run's iterations left (from its metrics.jsonl) and each
     queued run's in full, x the running runs' measured seconds per iteration (before any is measured:
-    this machine kind's recorded rate, :func:`recorded_seconds_per_iter`, else the scale's), plus their evaluations, scheduled over the parallel jobs as the pool runs
-    them (queued runs in order, each on the first slot to free)."""
+    this machine kind's recorded rate, :func:`recorded_seconds_per_iter`, else the scale's), plus their
+    evaluations, scheduled over the parallel jobs as the pool runs them (queued runs in order, each on
+    the first slot to free)."""
 
     def __init__(self, scale: Scale, prior_seconds_per_iter: Optional[float] = None):
         self.scale = scale

@@ -660,8 +660,9 @@ def test_threads_per_run_can_be_set_apart_from_the_jobs(tmp_path, fake_train):
     before = torch.get_num_threads()
     msgs = []
     try:
-        ab_runner.run_ablation("masked_attention", scale="smoke", seeds=1, out=tmp_path / "r", runs_root=tmp_path / "runs",
-                               inline=True, jobs=1, threads=1, rows=["full model"], print_fn=msgs.append)
+        ab_runner.run_ablation("masked_attention", scale="smoke", seeds=1, out=tmp_path / "r",
+                               runs_root=tmp_path / "runs", inline=True, jobs=1, threads=1, rows=["full model"],
+                               print_fn=msgs.append)
         assert torch.get_num_threads() == 1  # the inline run set it
         assert any("1 at a time with 1 thread(s) each" in m for m in msgs)
         msgs.clear()
