@@ -228,7 +228,8 @@ def test_tables_render_one_code_version_and_mark_stale(tmp_path):
     with contextlib.redirect_stdout(buf):
         assert main(["list", "--out", str(out)]) == 0
     line = next(l for l in buf.getvalue().splitlines() if l.startswith("masked_attention"))
-    assert "current" in line and "cpu:1/5" in line
+    # current code, not STALE; one seed of the scale's five, so INCOMPLETE
+    assert line.split()[4] == "INCOMPLETE" and "STALE" not in line and "cpu:1/5" in line
 
 
 def test_scoreboard_counts_verdicts_of_paper_findings(tmp_path):
