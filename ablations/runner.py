@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from ablations.records import RESULT_NAME, RunPlan, build_record, eval_metric, flat_metrics, runs_path
+# imported with the runner, not when the table is rendered: a runner started before an edit of
+# ablations/ renders with the code it planned with (a late import mixed a new render.py with the
+# runner's older spec classes once, and the final render failed after the records were written)
+from ablations.render import render_ablation, render_readme
 from ablations.scales import Scale, get_scale, recipe_scale
 from ablations.spec import AblationSpec, Row, load_spec, table_label
 from m2f.checkpoint import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
@@ -937,8 +941,6 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
     if n_probed:
         print_fn(f"training memory per image ({sc.memory_size}x{sc.memory_size}) recorded in {n_probed} record(s)")
     if render:
-        from ablations.render import render_ablation, render_readme
-
         res = render_ablation(spec, out, allow_stale=allow_stale)  # the highest-fidelity scale recorded
         render_readme(out)
         summary["table"] = res.get("table") if res else None
