@@ -465,6 +465,13 @@ def render_markdown(spec: AblationSpec, scale: str, records: List[Dict[str, Any]
 FINDING_VERDICTS = ("agrees", "contradicts", "inconclusive")
 
 
+def is_finding(r: Dict[str, Any]) -> bool:
+    """Whether a (row, metric) of :func:`table_rows` is a paper finding: PQ / AP / mIoU with |paper Δ| >=
+    the scoreboard's threshold."""
+    pd = r.get("paper_delta")
+    return r["metric"] in SCOREBOARD_METRICS and pd is not None and abs(pd) >= SCOREBOARD_MIN_PAPER_DELTA
+
+
 def findings_over_training(spec: AblationSpec, records: List[Dict[str, Any]], rows: List[Dict[str, Any]]
                            ) -> Tuple[List[int], List[Dict[str, Any]]]:
     """(evaluation iterations, one dict per finding) for the table's findings (PQ / AP / mIoU, |paper Δ|
@@ -482,10 +489,9 @@ def findings_over_training(spec: AblationSpec, records: List[Dict[str, Any]], ro
 
     findings, iters = [], set()
     for r in rows:
-        pd = r.get("paper_delta")
-        if (r["is_base"] or r["verdict"] not in FINDING_VERDICTS or r["metric"] not in SCOREBOARD_METRICS
-                or pd is None or abs(pd) < SCOREBOARD_MIN_PAPER_DELTA):
+        if r["is_base"] or r["verdict"] not in FINDING_VERDICTS or not is_finding(r):
             continue
+        pd = r["paper_delta"]
         base, row = by_seed(spec.base_row, r["metric"]), by_seed(r["row"], r["metric"])
         by_iter = {}
         for it in sorted(set(base) & set(row)):
@@ -535,10 +541,9 @@ def _inconclusive_lines(rows: List[Dict[str, Any]]) -> List[str]:
 
     out = []
     for r in rows:
-        pd = r.get("paper_delta")
-        if (r["verdict"] != "inconclusive" or r["metric"] not in SCOREBOARD_METRICS or pd is None
-                or abs(pd) < SCOREBOARD_MIN_PAPER_DELTA or r.get("low") is None):
+        if r["verdict"] != "inconclusive" or not is_finding(r) or r.get("low") is None:
             continue
+        pd = r["paper_delta"]
         half = (r["high"] - r["low"]) / 2
         out.append(f"- `{r['row']}` {r['metric']}: Δ {r['delta']:+.2f} ± {half:.2f} (n={r['pairs']}), paper "
                    f"{pd:+.1f}; sd of the per-seed differences {r['sd']:.2f}. Seeds for a half-width below the "
