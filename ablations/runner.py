@@ -13,6 +13,7 @@ process reports is that run's), each with ``cpu_count // jobs`` torch threads.  
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -522,18 +523,32 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def rate_key(config: Any) -> Optional[str]:
+    """What a run's speed depends on: its config (a :class:`Config` or a record's ``config`` dict) with
+    the seed normalised away, execution-only fields kept. Rows of one table differ in speed (Table 4e's
+    FaPN takes well over twice its base row's s/it), so the ETA keeps one rate per key."""
+    try:
+        d = json.loads(json.dumps(to_dict(config) if isinstance(config, Config) else config))
+        d["solver"]["seed"] = 0
+    except (TypeError, KeyError, ValueError):
+        return None
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def recorded_seconds_per_iter(out: Path | str, scale: Scale, threads: int, fingerprint: Optional[str],
                               cpu: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
     """The training seconds per iteration this machine kind took at ``scale`` with the code of
     ``fingerprint``, from the records of every table under ``out``: the median over the CPU runs of the
     same CPU model, ISA class and threads per run, each run counted once (shared records name their
     source), periodic evaluations taken out at the scale's ``seconds_per_eval``.
-    ``{"seconds_per_iter", "runs", "machine"}``, or None without such a record (a new machine kind: the
-    ETA starts from the scale's figure)."""
+    ``{"seconds_per_iter", "runs", "machine", "by_config"}`` (``by_config``: the median per
+    :func:`rate_key`), or None without such a record (a new machine kind: the ETA starts from the
+    scale's figure)."""
     from m2f.provenance import cpu_info
 
     cpu = cpu or cpu_info()
     rates: Dict[str, float] = {}
+    keys: Dict[str, Optional[str]] = {}
     for path in sorted(Path(out).glob("*/runs.jsonl")):
         for r in read_jsonl(path):
             env = r.get("environment") or {}
@@ -548,26 +563,46 @@ def recorded_seconds_per_iter(out: Path | str, scale: Scale, threads: int, finge
             evals = (int(r["iters"]) - 1) // period if period else 0
             sec = float(r["train_seconds"]) - evals * scale.seconds_per_eval
             if sec > 0:
-                rates[str(r.get("shared_from") or r.get("run_dir"))] = sec / int(r["iters"])
+                run = str(r.get("shared_from") or r.get("run_dir"))
+                rates[run] = sec / int(r["iters"])
+                keys[run] = rate_key(r.get("config"))
     if not rates:
         return None
+    per: Dict[str, List[float]] = {}
+    for run, k in keys.items():
+        if k is not None:
+            per.setdefault(k, []).append(rates[run])
     return {"seconds_per_iter": statistics.median(rates.values()), "runs": len(rates),
-            "machine": f"{cpu.get('model')} ({cpu.get('isa_class')}), {threads} thread(s) per run"}
+            "machine": f"{cpu.get('model')} ({cpu.get('isa_class')}), {threads} thread(s) per run",
+            "by_config": {k: statistics.median(v) for k, v in per.items()}}
 
 
 class Progress:
     """The whole ablation's ETA: each running run's iterations left (from its metrics.jsonl) and each
-    queued run's in full, x the running runs' measured seconds per iteration (before any is measured:
-    this machine kind's recorded rate, :func:`recorded_seconds_per_iter`, else the scale's), plus their
-    evaluations, scheduled over the parallel jobs as the pool runs them (queued runs in order, each on
-    the first slot to free)."""
+    queued run's in full, x its own seconds per iteration, plus their evaluations, scheduled over the
+    parallel jobs as the pool runs them (queued runs in order, each on the first slot to free).
 
-    def __init__(self, scale: Scale, prior_seconds_per_iter: Optional[float] = None):
+    A run's seconds per iteration is, first found: the rate measured in this session for runs of its
+    config (:func:`rate_key`: the same row, any seed), the rate recorded for its config on this machine
+    kind (``prior_by_config``, from :func:`recorded_seconds_per_iter`), the median of every rate
+    measured in this session, this machine kind's recorded median (``prior_seconds_per_iter``), the
+    scale's figure. One rate for all would hold a slow row (Table 4e's FaPN) to the fast rows' pace."""
+
+    def __init__(self, scale: Scale, prior_seconds_per_iter: Optional[float] = None,
+                 prior_by_config: Optional[Dict[str, float]] = None):
         self.scale = scale
         self.prior = prior_seconds_per_iter  # this machine kind's recorded rate, if any
+        self.prior_by_config: Dict[str, float] = dict(prior_by_config or {})
         self.queued: Dict[str, RunPlan] = {}
         self.running: Dict[str, Dict[str, Any]] = {}
-        self.rates: List[float] = []
+        self.rates: Dict[Optional[str], List[float]] = {}  # measured, per rate_key
+        self._keys: Dict[str, Optional[str]] = {}
+
+    def _key(self, p: RunPlan) -> Optional[str]:
+        d = str(p.run_dir)
+        if d not in self._keys:
+            self._keys[d] = rate_key(p.cfg) if isinstance(p.cfg, Config) else None
+        return self._keys[d]
 
     def queue(self, plans: List[RunPlan]) -> None:
         self.queued.update({str(p.run_dir): p for p in plans})
@@ -591,6 +626,8 @@ class Progress:
         return last
 
     def _rate(self, st: Dict[str, Any]) -> Optional[float]:
+        """The run's seconds per iteration since it was first seen running (its latest measurement
+        replaces its earlier one: one figure per run, not per progress line)."""
         it = self._last_iter(st["plan"])
         if it is None:
             return None
@@ -599,13 +636,24 @@ class Progress:
             return None
         if it > st["it0"]:
             r = (time.perf_counter() - st["t_it0"]) / (it - st["it0"])
-            self.rates.append(r)
-            self.rates = self.rates[-20:]
+            runs = self.rates.setdefault(self._key(st["plan"]), [])
+            if st.get("slot") is None:
+                st["slot"] = len(runs)
+                runs.append(r)
+            else:
+                runs[st["slot"]] = r
             return r
         return None
 
-    def seconds_per_iter(self) -> float:
-        return statistics.median(self.rates) if self.rates else (self.prior or self.scale.seconds_per_iter)
+    def seconds_per_iter(self, plan: Optional[RunPlan] = None) -> float:
+        """``plan``'s rate (see the class); without one, the rate for a run of no known config."""
+        k = self._key(plan) if plan is not None else None
+        if k is not None and self.rates.get(k):
+            return statistics.median(self.rates[k])
+        if k is not None and k in self.prior_by_config:
+            return self.prior_by_config[k]
+        measured = [r for v in self.rates.values() for r in v]
+        return statistics.median(measured) if measured else (self.prior or self.scale.seconds_per_iter)
 
     def eta(self, n_jobs: int) -> float:
         """Seconds until the last run finishes: the running runs' remaining time, then the queued runs
@@ -614,13 +662,13 @@ class Progress:
         slots = []
         for st in self.running.values():
             self._rate(st)
-        spi = self.seconds_per_iter()
         for st in self.running.values():
             p = st["plan"]
             it = self._last_iter(p) or 0
             ep = p.cfg.solver.eval_period
             evals = ((p.cfg.solver.max_iters - it) // ep if ep else 0) + 1
-            slots.append(max(0, p.cfg.solver.max_iters - it) * spi + evals * self.scale.seconds_per_eval)
+            slots.append(max(0, p.cfg.solver.max_iters - it) * self.seconds_per_iter(p)
+                         + evals * self.scale.seconds_per_eval)
         n = max(1, n_jobs)
         slots = sorted(slots)[-n:] if len(slots) > n else slots
         slots += [0.0] * (n - len(slots))
@@ -628,14 +676,14 @@ class Progress:
             ep = p.cfg.solver.eval_period
             evals = (p.cfg.solver.max_iters - 1) // ep + 1 if ep else 1
             i = min(range(n), key=slots.__getitem__)
-            slots[i] += p.cfg.solver.max_iters * spi + evals * self.scale.seconds_per_eval
+            slots[i] += p.cfg.solver.max_iters * self.seconds_per_iter(p) + evals * self.scale.seconds_per_eval
         return max(slots)
 
     def line(self, n_jobs: int, finished: int, total: int, elapsed: float) -> str:
         eta = self.eta(n_jobs)
-        runs = ", ".join(f"{st['plan'].label} {self._last_iter(st['plan']) or 0}/{st['plan'].cfg.solver.max_iters}"
-                         for st in self.running.values())
-        return (f"progress: {finished}/{total} finished, running {runs or '-'}; {self.seconds_per_iter():.2f} s/it; "
+        runs = ", ".join(f"{st['plan'].label} {self._last_iter(st['plan']) or 0}/{st['plan'].cfg.solver.max_iters} "
+                         f"({self.seconds_per_iter(st['plan']):.2f} s/it)" for st in self.running.values())
+        return (f"progress: {finished}/{total} finished, running {runs or '-'}; "
                 f"elapsed {_fmt_s(elapsed)}, whole ablation ETA {_fmt_s(eta)}")
 
 
@@ -863,15 +911,18 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
         prior = recorded_seconds_per_iter(out, sc, threads, pending[0].fingerprint) if on_cpu else None
         spi = prior["seconds_per_iter"] if prior else sc.seconds_per_iter
         progress.prior = prior["seconds_per_iter"] if prior else None
-        est = sum(estimate_seconds(p.cfg, sc, spi) for p in pending) / n_jobs
+        progress.prior_by_config = prior["by_config"] if prior else {}
+        progress.queue(pending)
+        est = progress.eta(n_jobs)  # each run at its config's recorded rate where there is one
+        own = sum(1 for p in pending if progress._key(p) in progress.prior_by_config)
         source = (f"{spi:.2f} s/iteration: the median of {prior['runs']} recorded {sc.name} run(s) on "
-                  f"{prior['machine']}" if prior else f"the scale's {sc.seconds_per_iter} s/iteration; no "
+                  f"{prior['machine']}; {own} of the {len(pending)} runs at their own row's recorded rate"
+                  if prior else f"the scale's {sc.seconds_per_iter} s/iteration; no "
                   f"{sc.name} record of this machine kind yet")
         print_fn(f"running {len(pending)} runs, {n_jobs} at a time with {threads} thread(s) each; estimated "
                  f"{_fmt_s(est)} (from {source}; {sc.seconds_per_eval} s/evaluation)")
         jobs_of = {}
         seen_flops = set(flops_cache)
-        progress.queue(pending)
         for p in pending:
             fk = flops_key(p.cfg, sc.flops_size, p.fingerprint)
             jobs_of[id(p)] = _job(p, sc, device, threads, need_flops=fk not in seen_flops,

@@ -14,7 +14,7 @@ from ablations.render import render_ablation, render_readme
 from ablations.scales import get_scale
 from ablations.spec import PAPER_COLUMNS, list_specs, load_spec
 from m2f.checkpoint import append_jsonl, read_jsonl
-from m2f.config import all_paths, config_hash, get_preset
+from m2f.config import all_paths, apply_overrides, config_hash, get_preset, to_dict
 from m2f.errors import InputError
 
 PAPER_MD = Path("/work/shared/PAPER.md")
@@ -1501,6 +1501,57 @@ def test_whole_ablation_eta_schedules_runs_over_the_jobs(tmp_path):
     pr.start(plans[1])
     append_jsonl(plans[1].run_dir / "metrics.jsonl", {"iter": 10, "loss": 1.0})
     assert pr.eta(2) == pytest.approx(max(40 + 100, 90))
+
+
+def test_eta_keeps_one_rate_per_row(tmp_path):
+    """A slow row (Table 4e's FaPN: about 3x its base row's s/it) is timed at its own rate: measured in
+    this session for any seed of its config, else recorded for its config on this machine kind; a row
+    with neither takes the median of the rates measured so far. The rate key ignores the seed only."""
+    from types import SimpleNamespace
+
+    from ablations.runner import Progress, rate_key, recorded_seconds_per_iter
+
+    base = apply_overrides(get_preset("tiny"), {"solver.max_iters": 100, "solver.eval_period": 0})
+    slow = apply_overrides(base, {"decoder.num_queries": 200})
+    assert rate_key(apply_overrides(base, {"solver.seed": 3})) == rate_key(base) != rate_key(slow)
+    assert rate_key(to_dict(base)) == rate_key(base) and rate_key({"solver": 1}) is None
+
+    sc = SimpleNamespace(name="cpu", seconds_per_iter=9.0, seconds_per_eval=0.0)
+    xeon = {"model": "Intel(R) Xeon(R) Processor", "isa_class": "avx512"}
+    out = tmp_path / "reports"
+    for i, (cfg, sec) in enumerate([(base, 100.0), (base, 120.0), (slow, 300.0)]):
+        append_jsonl(out / "t" / "runs.jsonl", {
+            "scale": "cpu", "code_fingerprint": "cur", "iters": 100, "train_seconds": sec, "config": to_dict(cfg),
+            "run_dir": f"r{i}", "environment": {"cpu": xeon, "threads": 1}})
+    got = recorded_seconds_per_iter(out, sc, 1, "cur", xeon)
+    assert got["seconds_per_iter"] == pytest.approx(1.2)
+    assert got["by_config"] == {rate_key(base): pytest.approx(1.1), rate_key(slow): pytest.approx(3.0)}
+
+    def plan(name, cfg):
+        d = tmp_path / name
+        d.mkdir()
+        return SimpleNamespace(run_dir=d, label=name, cfg=cfg)
+
+    other = apply_overrides(base, {"decoder.num_queries": 77})
+    pr = Progress(sc, prior_seconds_per_iter=got["seconds_per_iter"], prior_by_config=got["by_config"])
+    a, b, c = plan("a2", base), plan("b2", slow), plan("c", other)
+    assert pr.seconds_per_iter(a) == pytest.approx(1.1) and pr.seconds_per_iter(b) == pytest.approx(3.0)
+    assert pr.seconds_per_iter(c) == pytest.approx(1.2)  # no rate of its own: the recorded median
+    pr.queue([a, b])
+    assert pr.eta(2) == pytest.approx(300.0)  # the slow row sets the end, not 2 x the median
+    # measured in this session: the slow row's own measurement wins over its record
+    pr.start(b)
+    append_jsonl(b.run_dir / "metrics.jsonl", {"iter": 10, "loss": 1.0})
+    pr.eta(2)
+    st = pr.running[str(b.run_dir)]
+    st["t_it0"] -= 40.0  # 40 s for the next 10 iterations: 4 s/it
+    append_jsonl(b.run_dir / "metrics.jsonl", {"iter": 20, "loss": 1.0})
+    assert pr.eta(2) == pytest.approx(80 * 4.0, rel=0.01)
+    assert pr.seconds_per_iter(b) == pytest.approx(4.0, rel=0.01)
+    assert pr.seconds_per_iter(plan("b3", slow)) == pytest.approx(4.0, rel=0.01)  # another seed of the row
+    assert pr.seconds_per_iter(a) == pytest.approx(1.1)  # the base row keeps its recorded rate
+    assert pr.seconds_per_iter(c) == pytest.approx(4.0, rel=0.01)  # no rate of its own: the measured median
+    assert "b2 20/100 (4.00 s/it)" in pr.line(2, 0, 2, 0.0)
 
 
 def test_runner_progress_is_flushed_to_a_redirected_stdout(monkeypatch):
