@@ -535,12 +535,26 @@ def rate_key(config: Any) -> Optional[str]:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _iters_timed(r: Dict[str, Any]) -> int:
+    """The iterations a record's ``train_seconds`` timed: a run resumed from a checkpoint times only
+    the iterations after it (m2f.train: ``train_images_per_s`` = images of this invocation /
+    ``train_seconds``), so it is ``train_seconds x train_images_per_s / batch_size`` where the record
+    has them, else all ``iters``."""
+    iters = int(r["iters"])
+    try:
+        n = round(float(r["train_seconds"]) * float(r["train_images_per_s"]) / float(r["batch_size"]))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return iters
+    return min(iters, n) if n >= 1 else iters
+
+
 def recorded_seconds_per_iter(out: Path | str, scale: Scale, threads: int, fingerprint: Optional[str],
                               cpu: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
     """The training seconds per iteration this machine kind took at ``scale`` with the code of
     ``fingerprint``, from the records of every table under ``out``: the median over the CPU runs of the
     same CPU model, ISA class and threads per run, each run counted once (shared records name their
-    source), periodic evaluations taken out at the scale's ``seconds_per_eval``.
+    source), over the iterations its ``train_seconds`` timed (a resumed run: those after its
+    checkpoint, :func:`_iters_timed`), periodic evaluations taken out at the scale's ``seconds_per_eval``.
     ``{"seconds_per_iter", "runs", "machine", "by_config"}`` (``by_config``: the median per
     :func:`rate_key`), or None without such a record (a new machine kind: the ETA starts from the
     scale's figure)."""
@@ -559,12 +573,15 @@ def recorded_seconds_per_iter(out: Path | str, scale: Scale, threads: int, finge
                     or env.get("threads") != threads
                     or not r.get("train_seconds") or not r.get("iters") or r.get("carried_from")):
                 continue
+            iters = int(r["iters"])
+            trained = _iters_timed(r)
             period = cfg.get("eval_period") or 0
-            evals = (int(r["iters"]) - 1) // period if period else 0
+            # periodic evaluations inside the timed iterations (iters - trained, iters)
+            evals = ((iters - 1) // period - (iters - trained) // period) if period else 0
             sec = float(r["train_seconds"]) - evals * scale.seconds_per_eval
             if sec > 0:
                 run = str(r.get("shared_from") or r.get("run_dir"))
-                rates[run] = sec / int(r["iters"])
+                rates[run] = sec / trained
                 keys[run] = rate_key(r.get("config"))
     if not rates:
         return None

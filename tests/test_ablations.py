@@ -1553,6 +1553,17 @@ def test_eta_keeps_one_rate_per_row(tmp_path):
     assert pr.seconds_per_iter(c) == pytest.approx(4.0, rel=0.01)  # no rate of its own: the measured median
     assert "b2 20/100 (4.00 s/it)" in pr.line(2, 0, 2, 0.0)
 
+    # a run resumed from its checkpoint at iteration 60 timed only its last 40 iterations
+    # (train_images_per_s = images of that invocation / train_seconds), not all 100
+    from ablations.runner import _iters_timed
+
+    resumed = {"iters": 100, "train_seconds": 80.0, "train_images_per_s": 2.0, "batch_size": 4}
+    assert _iters_timed(resumed) == 40 and _iters_timed({"iters": 100, "train_seconds": 80.0}) == 100
+    append_jsonl(out / "t" / "runs.jsonl", {
+        "scale": "cpu", "code_fingerprint": "cur", "config": to_dict(other), "run_dir": "r9",
+        "environment": {"cpu": xeon, "threads": 1}, **resumed})
+    assert recorded_seconds_per_iter(out, sc, 1, "cur", xeon)["by_config"][rate_key(other)] == pytest.approx(2.0)
+
 
 def test_runner_progress_is_flushed_to_a_redirected_stdout(monkeypatch):
     """`nohup python -m ablations run ... > log`: the runner's lines must reach the file as they happen."""
