@@ -704,14 +704,6 @@ class Progress:
                 f"elapsed {_fmt_s(elapsed)}, whole ablation ETA {_fmt_s(eta)}")
 
 
-def estimate_seconds(cfg: Config, scale: Scale, seconds_per_iter: Optional[float] = None) -> float:
-    """A run's expected wall time from the scale's measured rates (training + evaluations);
-    ``seconds_per_iter``: this machine kind's recorded rate instead of the scale's."""
-    s = cfg.solver
-    evals = 1 + ((s.max_iters - 1) // s.eval_period if s.eval_period else 0)  # periodic (< max_iters) + final
-    return s.max_iters * (seconds_per_iter or scale.seconds_per_iter) + evals * scale.seconds_per_eval
-
-
 def _fmt_s(s: float) -> str:
     s = max(0, int(round(s)))
     h, rem = divmod(s, 3600)
