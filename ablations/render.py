@@ -806,9 +806,11 @@ def render_scoreboard(out: Path | str = "reports", fingerprint: Optional[str] = 
     total = {k: 0 for k in kinds}
     unrun: List[AblationSpec] = []  # tables with no finding of the code version counted
     other_scales: set = set()
+    all_cells: List[Dict[str, Any]] = []
     for name in sorted(list_specs(), key=_paper_order):
         spec = load_spec(name)
         cells = scoreboard_cells(spec, out, fp)
+        all_cells += cells
         if not cells:
             continue
         if all(c["verdict"] == "not run" for c in cells):
@@ -824,12 +826,41 @@ def render_scoreboard(out: Path | str = "reports", fingerprint: Optional[str] = 
         lines.append(f"| {spec.table} | [{name}](reports/{name}/table.md) | {', '.join(scales) or '—'} | "
                      + " | ".join(str(counts[k]) for k in kinds) + f" | {len(cells)} |")
     lines.append("| **total** | | | " + " | ".join(f"**{total[k]}**" for k in kinds) + f" | **{sum(total.values())}** |")
+    lines += ["", _goal_line(all_cells)]
     if fingerprint is None:  # the default board; a named version renders only its own records
         lines += _earlier_versions_board(out, current, kinds, unrun)
     if other_scales:
         lines.append("")
         lines += [f"- `{sc}`" + (f": {describe(sc)}." if describe(sc) else ".") for sc in sorted(other_scales)]
     return "\n".join(lines) + "\n"
+
+
+GOAL_MIN_PAPER_DELTA_PQ = 1.0
+
+
+def _goal_line(cells: List[Dict[str, Any]]) -> str:
+    """The suite's bar for a table of evidence (issue #17): every PQ finding with |paper Δ| >= 1.0
+    agrees at 95% and no finding contradicts. Where it stands, naming each finding that misses it with
+    its Δ [95% interval] (n pairs)."""
+    def name(c: Dict[str, Any]) -> str:
+        got = (f" {c['delta']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}] (n={c['pairs']})"
+               if c.get("delta") is not None and c.get("low") is not None else "")
+        return f"{c['table']} `{c['row']}` {c['metric']}{got}"
+
+    big = [c for c in cells if c["metric"] == "PQ" and abs(c["paper_delta"]) >= GOAL_MIN_PAPER_DELTA_PQ]
+    agree = [c for c in big if c["verdict"] == "agrees"]
+    short = [c for c in big if c["verdict"] == "inconclusive"]
+    unrun = [c for c in big if c["verdict"] == "not run"]
+    contra = [c for c in cells if c["verdict"] == "contradicts"]
+    met = len(agree) == len(big) and not contra
+    out = [f"**Goal** (every PQ finding with |paper Δ| ≥ {GOAL_MIN_PAPER_DELTA_PQ:.1f} agrees at 95%, no finding "
+           f"contradicts): {'met' if met else 'not met'}. {len(agree)} of the {len(big)} such PQ findings agree."]
+    if short:
+        out.append("Inconclusive: " + "; ".join(name(c) for c in short) + ".")
+    if unrun:
+        out.append("Not run: " + "; ".join(f"{c['table']} `{c['row']}`" for c in unrun) + ".")
+    out.append("Contradicting (any metric): " + ("; ".join(name(c) for c in contra) if contra else "none") + ".")
+    return " ".join(out)
 
 
 def _earlier_versions_board(out: Path | str, current: str, kinds: Tuple[str, ...],

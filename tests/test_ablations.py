@@ -258,6 +258,17 @@ def test_scoreboard_counts_verdicts_of_paper_findings(tmp_path):
     assert "| 4c |" in board and "not run" in board  # other tables: every finding not run
     total = next(l for l in board.splitlines() if l.startswith("| **total**"))
     assert "| **4** | **0** |" in total
+    # the suite's bar (#17): PQ findings with |paper Δ| >= 1.0 must agree, nothing may contradict
+    goal = next(l for l in board.splitlines() if l.startswith("**Goal**"))
+    from ablations.render import GOAL_MIN_PAPER_DELTA_PQ, scoreboard_cells as sc_cells
+
+    big = [c for n in list_specs() for c in sc_cells(load_spec(n), out)
+           if c["metric"] == "PQ" and abs(c["paper_delta"]) >= GOAL_MIN_PAPER_DELTA_PQ]
+    assert f": not met. 1 of the {len(big)} such PQ findings agree." in goal
+    hr = cells[("- high-resolution features", "PQ")]
+    assert (f"Inconclusive: 4a `- high-resolution features` PQ {hr['delta']:+.2f} [{hr['low']:+.2f}, "
+            f"{hr['high']:+.2f}] (n=3).") in goal
+    assert "Not run: 4b `- all three`;" in goal and goal.endswith("Contradicting (any metric): none.")
 
 
 def test_task_specific_rows_take_the_class_count_of_their_task():
@@ -307,6 +318,26 @@ def test_task_specific_models_pair_on_their_own_task(tmp_path):
     board = render_scoreboard(out)
     line = next(l for l in board.splitlines() if l.startswith("| 7 |"))
     assert [c.strip() for c in line.strip("|").split("|")][3:] == ["1", "0", "0", "0", "1"]
+
+
+def test_goal_line_names_each_contradiction_with_its_interval(tmp_path):
+    """A finding that contradicts the paper, in any metric, fails the suite's bar and is named on the
+    scoreboard's goal line with its Δ [95% interval] and pairs (Table 7's instance model, AP lower)."""
+    from ablations.render import render_scoreboard
+
+    out = tmp_path / "reports"
+    runs = out / "task_transfer" / "runs.jsonl"
+    for seed in range(3):
+        pan = _record("panoptic model", seed, 50.0, 30.0 + seed, 60.0)
+        ins = _record("instance model", seed, 0, 0, 0)
+        ins["eval"] = {"instance": {"AP": 26.0 + seed + 0.5 * seed}}  # -4.0, -3.5, -3.0
+        ins["data"] = {**ins["data"], "task": "instance"}
+        ins["metrics_over_training"] = [m for m in ins["metrics_over_training"] if "eval" not in m]
+        for r in (pan, ins):
+            append_jsonl(runs, {**r, "ablation": "task_transfer", "table": "7"})
+    goal = next(l for l in render_scoreboard(out).splitlines() if l.startswith("**Goal**"))
+    assert ": not met." in goal
+    assert goal.endswith("Contradicting (any metric): 7 `instance model` AP -3.50 [-4.74, -2.26] (n=3).")
 
 
 def test_findings_over_training_pair_each_evaluation_and_task_rows_get_their_own_panel(tmp_path):
