@@ -13,7 +13,6 @@ process reports is that run's), each with ``cpu_count // jobs`` torch threads.  
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -33,7 +32,7 @@ from ablations.render import render_ablation, render_readme
 from ablations.scales import Scale, get_scale, recipe_scale
 from ablations.spec import AblationSpec, Row, load_spec, table_label
 from m2f.checkpoint import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
-from m2f.config import Config, apply_overrides, config_hash, from_dict, get_preset, to_dict
+from m2f.config import Config, ConfigError, apply_overrides, config_hash, from_dict, get_preset, to_dict
 from m2f.errors import InputError
 
 
@@ -525,14 +524,14 @@ def _cuda_available() -> bool:
 
 def rate_key(config: Any) -> Optional[str]:
     """What a run's speed depends on: its config (a :class:`Config` or a record's ``config`` dict) with
-    the seed normalised away, execution-only fields kept. Rows of one table differ in speed (Table 4e's
-    FaPN takes well over twice its base row's s/it), so the ETA keeps one rate per key."""
+    the seed normalised away, execution-only fields kept (as :func:`memory_key`). Rows of one table
+    differ in speed (Table 4e's FaPN takes well over twice its base row's s/it), so the ETA keeps one
+    rate per key. None for a config this code cannot read."""
     try:
-        d = json.loads(json.dumps(to_dict(config) if isinstance(config, Config) else config))
-        d["solver"]["seed"] = 0
-    except (TypeError, KeyError, ValueError):
+        cfg = config if isinstance(config, Config) else from_dict(config)
+    except (ConfigError, TypeError, AttributeError, ValueError):
         return None
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+    return config_hash(apply_overrides(cfg, {"solver.seed": 0}), execution=True)
 
 
 def _iters_timed(r: Dict[str, Any]) -> int:
@@ -921,8 +920,7 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
         spi = prior["seconds_per_iter"] if prior else sc.seconds_per_iter
         progress.prior = prior["seconds_per_iter"] if prior else None
         progress.prior_by_config = prior["by_config"] if prior else {}
-        progress.queue(pending)
-        est = progress.eta(n_jobs)  # each run at its config's recorded rate where there is one
+        est = progress.eta(n_jobs)  # queued = pending (todo, less the runs recorded above); each at its config's recorded rate
         own = sum(1 for p in pending if progress._key(p) in progress.prior_by_config)
         source = (f"{spi:.2f} s/iteration: the median of {prior['runs']} recorded {sc.name} run(s) on "
                   f"{prior['machine']}; {own} of the {len(pending)} runs at their own row's recorded rate"
