@@ -3,6 +3,8 @@ scale: jobs per (row, seed), a job interrupted mid-run and requeued resumes, rec
 local launcher's, collect exactly once, the dry-run plan and per-scale resources."""
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -24,6 +26,27 @@ def _by_key(records):
     return {(r["row"], r["seed"]): r for r in records}
 
 
+def _submitit_tasks(pid: int) -> list:
+    """The submitit task processes (``python -m submitit.core._submit``) below process ``pid`` (a
+    local job's id is its controller's pid), read from /proc."""
+    children = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ")
+            except (OSError, ValueError, IndexError):
+                continue  # the process ended while we read
+            children.setdefault(ppid, []).append((int(d.name), cmd))
+    found, todo = [], [pid]
+    while todo:
+        for child, cmd in children.get(todo.pop(), []):
+            todo.append(child)
+            if b"submitit.core._submit" in cmd:
+                found.append(child)
+    return found
+
+
 def test_submitit_jobs_resume_after_interruption_and_record_as_the_local_launcher(tmp_path):
     out_l, runs_l = tmp_path / "local" / "reports", tmp_path / "local" / "runs"
     out_s, runs_s = tmp_path / "sub" / "reports", tmp_path / "sub" / "runs"
@@ -37,8 +60,16 @@ def test_submitit_jobs_resume_after_interruption_and_record_as_the_local_launche
         ckpt = plan.run_dir / "last.pth"  # written at iteration 5 of 10 (smoke checkpoint_period)
         t0 = time.time()
         while not ckpt.exists() and time.time() - t0 < 300:
-            time.sleep(0.02)
+            time.sleep(0.005)
         assert ckpt.exists(), f"job {job.job_id} wrote no checkpoint: {job.stderr()}"
+        # Freeze the job's task first: on a loaded machine the 5 iterations left and the evaluation
+        # could end before the cancel's SIGINT reaches the task through submitit's controller, and the
+        # job would then not fail (this test failed that way under load).  A stopped task computes
+        # nothing more; the cancel's SIGKILL, 1 s after its SIGINT, still ends it.
+        tasks = _submitit_tasks(int(job.job_id))
+        assert tasks, f"job {job.job_id}: no submitit task process found under it"
+        for pid in tasks:
+            os.kill(pid, signal.SIGSTOP)
         assert not (plan.run_dir / "ablation_result.json").exists()
         job.cancel()  # killed mid-run (as scancel or a node failure would)
         interrupted["plan"] = plan
