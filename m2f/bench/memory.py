@@ -142,7 +142,7 @@ def memory_worker(preset: Optional[str], size: int, matching: Optional[str], los
 
 def _run_worker(args: Dict[str, Any], timeout: float) -> Dict[str, Any]:
     cmd = [sys.executable, "-m", "m2f.bench", "_memory_worker", json.dumps(args)]
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])  # the project root, which holds the m2f package
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root, env=env)
     if p.returncode != 0:
