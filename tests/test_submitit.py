@@ -62,16 +62,18 @@ def test_submitit_jobs_resume_after_interruption_and_record_as_the_local_launche
         while not ckpt.exists() and time.time() - t0 < 300:
             time.sleep(0.005)
         assert ckpt.exists(), f"job {job.job_id} wrote no checkpoint: {job.stderr()}"
-        # Freeze the job's task first: on a loaded machine the 5 iterations left and the evaluation
-        # could end before the cancel's SIGINT reaches the task through submitit's controller, and the
-        # job would then not fail (this test failed that way under load).  A stopped task computes
-        # nothing more; the cancel's SIGKILL, 1 s after its SIGINT, still ends it.
+        # Killed mid-run, as a node failure would: the task is frozen (SIGSTOP) at once, then killed
+        # (SIGKILL).  Not job.cancel(): submitit's local cancel sends SIGINT to its controller, which a
+        # process started in the background of a non-interactive shell (nohup, `cmd &`) inherits as
+        # ignored, and under load the 5 iterations left and the evaluation could end before it acted;
+        # either way the job then did not fail (this test failed so when run from such a shell).
         tasks = _submitit_tasks(int(job.job_id))
         assert tasks, f"job {job.job_id}: no submitit task process found under it"
         for pid in tasks:
             os.kill(pid, signal.SIGSTOP)
         assert not (plan.run_dir / "ablation_result.json").exists()
-        job.cancel()  # killed mid-run (as scancel or a node failure would)
+        for pid in tasks:
+            os.kill(pid, signal.SIGKILL)
         interrupted["plan"] = plan
 
     lines = []
