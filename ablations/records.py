@@ -107,7 +107,8 @@ def build_record(spec: AblationSpec, plan: RunPlan, scale: Scale, result: Dict[s
     s = result.get("summary") or {}
     cfg = plan.cfg
     rec = {
-        "ablation": spec.name, "table": spec.table, "row": plan.row.name, "overrides": plan.row.overrides,
+        "ablation": spec.name, "table": spec.table, "row": plan.row.name,
+        "overrides": plan.row.overrides_at(proxy=scale.preset is not None),
         "scale": plan.scale, "seed": plan.seed, "config": to_dict(cfg), "config_hash": plan.config_hash,
         "git_commit": result.get("git_commit") or git, "code_fingerprint": result.get("code_fingerprint") or plan.fingerprint,
         "environment": result.get("environment"),

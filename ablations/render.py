@@ -62,7 +62,8 @@ def current_fingerprint() -> str:
 
 
 def select_records(records: List[Dict[str, Any]], scale: Optional[str] = None, fingerprint: Optional[str] = None,
-                   allow_stale: bool = False) -> Tuple[str, List[Dict[str, Any]], Dict[str, Any]]:
+                   allow_stale: bool = False, spec: Optional[AblationSpec] = None
+                   ) -> Tuple[str, List[Dict[str, Any]], Dict[str, Any]]:
     """Records of one scale and ONE code fingerprint, the latest per (row, seed).
 
     Default scale: the highest-fidelity one recorded (paper > cpu > cpu-<N>it > quick > smoke), so a
@@ -73,16 +74,26 @@ def select_records(records: List[Dict[str, Any]], scale: Optional[str] = None, f
     ``allow_stale``, else none.  Returns (scale, records, info) with info = {"fingerprint",
     "current" (the checkout's), "stale": bool (the records are not the checkout's code), "stale_records":
     count of the scale's records of other fingerprints than the one asked for}.  An explicit
-    ``fingerprint`` other than the checkout's renders that code version's records, marked stale."""
+    ``fingerprint`` other than the checkout's renders that code version's records, marked stale.
+
+    With ``spec``, a record counts only while its ``overrides`` are its row's current ones at that
+    scale (:meth:`Row.overrides_at`): a row whose definition changed (Table 5's sparse points at the
+    proxy scales) never mixes records of its old and new configs; info["redefined_records"] counts the
+    ones left out.  info["other_scales"]: {scale: records} of the other scales in the file (kept as
+    provenance, never shown with this one)."""
     current = current_fingerprint()
     want = fingerprint or current
-    info: Dict[str, Any] = {"fingerprint": None, "current": current, "stale": False, "stale_records": 0}
+    info: Dict[str, Any] = {"fingerprint": None, "current": current, "stale": False, "stale_records": 0,
+                            "redefined_records": 0, "other_scales": {}}
     if not records:
         return scale or "", [], info
     scales = [recipe_scale(r) for r in records]
     if scale is None:
         order = {sc: i for i, sc in enumerate(scales)}  # most recent position per scale
         scale = max(order, key=lambda sc: (scale_rank(sc), order[sc]))
+    for sc in scales:
+        if sc != scale:
+            info["other_scales"][sc] = info["other_scales"].get(sc, 0) + 1
     of_scale = [r for r, sc in zip(records, scales) if sc == scale]
     chosen = want
     if not any(record_fingerprint(r) == want for r in of_scale):
@@ -95,10 +106,16 @@ def select_records(records: List[Dict[str, Any]], scale: Optional[str] = None, f
         info["stale_records"] = sum(record_fingerprint(r) != want for r in of_scale)
     info["fingerprint"] = chosen
     info["stale"] = chosen != current
+    chosen_records = [r for r in of_scale if record_fingerprint(r) == chosen]
+    if spec is not None:
+        defined = {row.name: row.overrides_at(proxy=scale != "paper") for row in spec.rows}
+        kept = [r for r in chosen_records
+                if r.get("row") not in defined or (r.get("overrides") or {}) == defined[r.get("row")]]
+        info["redefined_records"] = len(chosen_records) - len(kept)
+        chosen_records = kept
     latest: Dict[Tuple[str, int], Dict[str, Any]] = {}
-    for r in of_scale:
-        if record_fingerprint(r) == chosen:
-            latest[(r.get("row"), r.get("seed"))] = r
+    for r in chosen_records:
+        latest[(r.get("row"), r.get("seed"))] = r
     return scale, list(latest.values()), info
 
 
@@ -338,6 +355,15 @@ def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metri
                 f"ablations run {spec.name}` retrains)" if info.get("stale") else " (the current code)")
              + (f"; {info['stale_records']} record(s) of other code versions left out" if info.get("stale_records")
                 and not info.get("stale") else "")]
+    if info.get("redefined_records") or info.get("other_scales"):
+        kept = []
+        if info.get("redefined_records"):
+            kept.append(f"{info['redefined_records']} `{scale}` record(s) of an earlier definition of their row (other "
+                        f"overrides than the spec's now), left out")
+        if info.get("other_scales"):
+            kept.append("records of other scales or recipes, never mixed with these: "
+                        + ", ".join(f"{n} `{sc}`" for sc, n in sorted(info["other_scales"].items())))
+        lines.append("- **Also in runs.jsonl** (kept as provenance, not in this table): " + "; ".join(kept))
     lines += _machines_lines(spec, records)
     if "memory_GB" in metrics:
         if all(r.get("memory_probe") for r in records):
@@ -711,9 +737,18 @@ def render_ablation(spec: AblationSpec | str, out: Path | str = "reports", scale
     if isinstance(spec, str):
         spec = load_spec(spec)
     out = Path(out)
-    scale, records, info = select_records(read_jsonl(runs_path(out, spec.name)), scale, fingerprint, allow_stale)
+    scale, records, info = select_records(read_jsonl(runs_path(out, spec.name)), scale, fingerprint, allow_stale,
+                                          spec=spec)
     d = out / spec.name
     if not records:
+        if info["redefined_records"] and not info["stale"]:
+            atomic_write_text(d / "table.md", "\n".join([
+                f"# {table_label(spec)[0].upper() + table_label(spec)[1:]}: {spec.title} (not run as defined now)", "",
+                f"Ablation `{spec.name}`: the {info['redefined_records']} `{scale}` record(s) of the current code in "
+                f"runs.jsonl were trained with other overrides than their rows' in {spec.path or 'the spec'}, so they "
+                f"are not shown. `python -m ablations run {spec.name}` trains the rows as defined now.", ""]))
+            return {"scale": scale, "records": 0, "stale": False, "rows": [], "table": str(d / "table.md"),
+                    "fingerprint": info["fingerprint"]}
         if info["stale_records"]:
             atomic_write_text(d / "table.md", "\n".join([
                 f"# {table_label(spec)[0].upper() + table_label(spec)[1:]}: {spec.title} (not run with this code)", "",
@@ -758,7 +793,7 @@ def scoreboard_cells(spec: AblationSpec, out: Path | str = "reports", fingerprin
                      ) -> List[Dict[str, Any]]:
     """Every (paper row, metric in PQ/AP/mIoU) of ``spec`` with |paper Δ| >= 0.5 and its verdict at
     the highest scale recorded with the current code (``not run`` when there is none)."""
-    scale, records, info = select_records(read_jsonl(runs_path(out, spec.name)), None, fingerprint)
+    scale, records, info = select_records(read_jsonl(runs_path(out, spec.name)), None, fingerprint, spec=spec)
     carried = sorted({r["carried_from"].get("code_fingerprint") for r in records if r.get("carried_from")})
     n_carried = sum(1 for r in records if r.get("carried_from"))
     rows = []

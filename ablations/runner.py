@@ -53,9 +53,10 @@ MEMORY_PROBE_MASKS = 20  # synthetic target masks per image in the memory probe
 # ---------------------------------------------------------------------------------------------
 def resolve_config(spec: AblationSpec, row: Row, scale: Scale, seed: int, data: Optional[str] = None,
                    val_data: Optional[str] = None) -> Config:
-    """preset (scale's, or the spec's paper preset) <- scale overrides <- row overrides <- data <- seed."""
+    """preset (scale's, or the spec's paper preset) <- scale overrides <- row overrides (with the row's
+    proxy_overrides at a scale that starts from its own preset: the tiny proxies) <- data <- seed."""
     cfg = get_preset(scale.preset or spec.paper_preset, scale.overrides)
-    cfg = apply_overrides(cfg, row.overrides)
+    cfg = apply_overrides(cfg, row.overrides_at(proxy=scale.preset is not None))
     extra: Dict[str, Any] = {"solver.seed": seed}
     if data:
         extra["data.train"] = data
@@ -404,7 +405,7 @@ def _override_str(v: Any) -> str:
 
 def torchrun_command(spec: AblationSpec, plan: RunPlan, scale: Scale) -> List[str]:
     """The exact command that trains ``plan`` at paper scale (run from the repository root)."""
-    overrides = {**scale.overrides, **plan.row.overrides, "solver.seed": plan.seed}
+    overrides = {**scale.overrides, **plan.row.overrides_at(proxy=scale.preset is not None), "solver.seed": plan.seed}
     if plan.cfg.data.train != scale.overrides.get("data.train"):
         overrides["data.train"] = plan.cfg.data.train
     if plan.cfg.data.val != scale.overrides.get("data.val"):

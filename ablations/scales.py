@@ -39,7 +39,9 @@ candidate schedule, each with its table, plot, machine and command):
   128 px, so 1024 points already cover as many positions as the logits have (the paper's 12544 points
   are 19% of its 256 x 256 mask logits); the matcher and the point loss are the step's largest
   parts at this size (python -m m2f.bench profile), and the step runs about 1.2x faster
-  (python -m m2f.bench trees --base . --set loss.num_points=1024).
+  (python -m m2f.bench trees --base . --set loss.num_points=1024).  Table 5, whose question is the
+  point loss itself, samples 196 points (the paper's 19%) in its point rows (the rows'
+  ``proxy_overrides``, ablations/specs/point_loss.toml).
 - lr 3e-4, warmup 50, batch 4, 128 px, 50 queries, the 400 + 100 synthetic images: the tiny preset's,
   unchanged (no budget to calibrate them; small objects stay in the data, which Table 4a's
   high-resolution row depends on).

@@ -15,6 +15,8 @@ A spec is data (see ``specs/masked_attention.toml``)::
     name = "- masked attention"
     overrides = { "decoder.cross_attention" = "standard" }
     paper = { AP = 37.8, PQ = 47.1, mIoU = 45.5, FLOPs_G = 213 }   # the paper's numbers
+    # optional: proxy_overrides = { ... }, applied after `overrides` at the tiny proxy scales only
+    # (Table 5's points: the paper's share of the mask logits; see Row.proxy_overrides)
 
 Loading validates every override path and value against :mod:`m2f.config` (applied on the paper
 preset and on the ``tiny`` preset), so a typo fails here, not after an hour of training.
@@ -61,10 +63,20 @@ class Row:
     paper_label: Optional[str] = None  # the row's label in shared/PAPER.md (for the cross-check test)
     paper_table: Optional[str] = None  # if the paper numbers come from another table (e.g. 4b's full model = 4a)
     run: bool = True  # False: a paper-only reference row we do not train
+    # Overrides applied on top of ``overrides`` at the proxy scales only (every scale that starts from
+    # the tiny preset, not ``paper``): where the proxy needs another value to ask the paper's question
+    # (Table 5: as sparse a point sample of the mask logits as the paper's).  The paper scale runs the
+    # paper preset's value.
+    proxy_overrides: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def slug(self) -> str:
         return slugify(self.name)
+
+    def overrides_at(self, proxy: bool) -> Dict[str, Any]:
+        """The row's overrides at a proxy scale (``proxy``) or at the paper scale: what its records
+        store as ``overrides`` and what their table matches them against."""
+        return {**self.overrides, **self.proxy_overrides} if proxy else dict(self.overrides)
 
 
 @dataclass(frozen=True)
@@ -164,7 +176,7 @@ def load_spec(name_or_path: str | Path, validate_presets: Tuple[str, ...] = ("ti
         rw = f"{where}: rows[{i}]"
         if not isinstance(r, dict):
             raise InputError(f"{rw}: must be a table")
-        unknown = set(r) - {"name", "overrides", "paper", "paper_label", "paper_table", "run"}
+        unknown = set(r) - {"name", "overrides", "proxy_overrides", "paper", "paper_label", "paper_table", "run"}
         if unknown:
             raise InputError(f"{rw}: unknown fields {sorted(unknown)}")
         paper = dict(r.get("paper", {}))
@@ -173,9 +185,13 @@ def load_spec(name_or_path: str | Path, validate_presets: Tuple[str, ...] = ("ti
                 raise InputError(f"{rw}.paper: unknown column {k!r}; valid choices: {list(PAPER_COLUMNS)}")
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise InputError(f"{rw}.paper.{k}: must be a number, got {v!r}")
+        for key in ("overrides", "proxy_overrides"):
+            if not isinstance(r.get(key, {}), dict):
+                raise InputError(f"{rw}.{key}: must be a table of dotted config paths, got {r[key]!r}")
         rows.append(Row(name=_need(r, "name", str, rw), overrides=dict(r.get("overrides", {})),
                         paper={k: float(v) for k, v in paper.items()}, paper_label=r.get("paper_label"),
-                        paper_table=r.get("paper_table"), run=bool(r.get("run", True))))
+                        paper_table=r.get("paper_table"), run=bool(r.get("run", True)),
+                        proxy_overrides=dict(r.get("proxy_overrides", {}))))
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         raise InputError(f"{where}: duplicate row names {names}")
@@ -220,13 +236,15 @@ def _validate(spec: AblationSpec, where: str, presets: Tuple[str, ...]) -> None:
             raise InputError(f"{where}: unknown plot {p!r}; valid choices: {list(VALID_PLOTS)}")
     if not spec.seeds:
         raise InputError(f"{where}: 'seeds' is empty")
-    # Every override path and value resolves on the paper preset and on the CPU preset(s).
+    # Every override path and value resolves on the paper preset and on the CPU preset(s); the proxy
+    # overrides on the CPU preset(s), where they apply.
     for row in spec.rows:
         for preset in (spec.paper_preset,) + tuple(presets):
             try:
-                get_preset(preset, row.overrides)
+                get_preset(preset, row.overrides_at(proxy=preset != spec.paper_preset))
             except ConfigError as e:
-                raise InputError(f"{where}: row {row.name!r}: {e}") from None
+                what = "proxy_overrides" if preset != spec.paper_preset and row.proxy_overrides else "overrides"
+                raise InputError(f"{where}: row {row.name!r} ({what}, preset {preset!r}): {e}") from None
 
 
 def load_all() -> List[AblationSpec]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -161,10 +162,21 @@ def _fp():
     return code_fingerprint()
 
 
-def _record(row, seed, pq, ap, miou, gflops=2.0, scale="cpu", n_evals=3, fingerprint=None):
+def _row_overrides(row, scale="cpu"):
+    """The overrides the runner records for the row of that name (row names mean the same config in
+    every spec), at ``scale``; {} for a name no spec has."""
+    for name in ALL_SPECS:
+        for r in load_spec(name).rows:
+            if r.name == row:
+                return r.overrides_at(proxy=scale != "paper")
+    return {}
+
+
+def _record(row, seed, pq, ap, miou, gflops=2.0, scale="cpu", n_evals=3, fingerprint=None, overrides=None):
     over = [{"iter": i * 10, "loss": 10.0 / (i + 1)} for i in range(1, 6)]
     over += [{"iter": k * 20, "eval": {"panoptic": {"PQ": pq * k / n_evals}}} for k in range(1, n_evals + 1)]
-    return {"ablation": "masked_attention", "table": "4a", "row": row, "overrides": {}, "scale": scale, "seed": seed,
+    overrides = _row_overrides(row, scale) if overrides is None else overrides
+    return {"ablation": "masked_attention", "table": "4a", "row": row, "overrides": overrides, "scale": scale, "seed": seed,
             "config_hash": f"h{row[:3]}{seed}", "git_commit": "abc", "environment": {"device": "cpu (test)"},
             "code_fingerprint": fingerprint or _fp(),
             "data": {"train": "synth", "val": "synth_val", "task": "panoptic", "image_size": 128, "eval_limit": 100},
@@ -230,6 +242,81 @@ def test_tables_render_one_code_version_and_mark_stale(tmp_path):
     line = next(l for l in buf.getvalue().splitlines() if l.startswith("masked_attention"))
     # current code, not STALE; one seed of the scale's five, so INCOMPLETE
     assert line.split()[4] == "INCOMPLETE" and "STALE" not in line and "cpu:1/5" in line
+
+
+def test_proxy_overrides_apply_at_the_proxy_scales_only(tmp_path):
+    """Table 5's point rows sample 196 points (the paper's 19% of the mask logits) at the tiny proxy
+    scales and the paper preset's 12544 at paper scale; the mask -> mask row keeps the cpu recipe's
+    config (its runs stay the same), and records store the overrides the run used."""
+    from ablations.records import build_record
+
+    spec = load_spec("point_loss")
+    cpu, paper = get_scale("cpu"), get_scale("paper")
+    pts = {r.name: ab_runner.resolve_config(spec, r, cpu, 0).loss.num_points for r in spec.rows}
+    assert pts == {"mask -> mask": cpu.overrides["loss.num_points"], "mask -> point": 196, "point -> mask": 196,
+                   "point -> point": 196}
+    assert {ab_runner.resolve_config(spec, r, paper, 0).loss.num_points for r in spec.rows} == {12544}
+    mm = spec.row("mask -> mask")  # samples no points: the same runs as before the proxy points
+    assert not mm.proxy_overrides and mm.overrides_at(proxy=True) == mm.overrides == mm.overrides_at(proxy=False)
+    plan = ab_runner.plan_runs(spec, cpu, seeds=1, rows=["point -> point"])[0]
+    rec = build_record(spec, plan, cpu, {"summary": {}}, None, "abc")
+    assert rec["overrides"] == {"loss.matching": "point", "loss.loss": "point", "loss.num_points": 196}
+    assert rec["config"]["loss"]["num_points"] == 196
+    cmd = ab_runner.torchrun_command(spec, ab_runner.plan_runs(spec, paper, seeds=1, rows=["point -> point"])[0],
+                                     paper)
+    assert not any("num_points" in c for c in cmd)
+    # a proxy override that does not resolve fails at load, naming the field
+    text = (Path(ab_runner.__file__).parent / "specs" / "point_loss.toml").read_text()
+    bad = tmp_path / "point_loss.toml"
+    bad.write_text(text.replace('proxy_overrides = { "loss.num_points" = 196 }',
+                                'proxy_overrides = { "loss.num_pointz" = 196 }', 1))
+    with pytest.raises(InputError, match="proxy_overrides.*num_pointz"):
+        load_spec(bad)
+    bad.write_text(text.replace('proxy_overrides = { "loss.num_points" = 196 }', 'proxy_overrides = 196', 1))
+    with pytest.raises(InputError, match=r"rows\[1\]\.proxy_overrides: must be a table"):
+        load_spec(bad)
+
+
+def test_a_redefined_row_never_mixes_its_old_and_new_records(tmp_path):
+    """Records whose overrides are not their row's current ones (Table 5's point rows before they
+    sampled 196 points) are left out of the table, the scoreboard and `list`'s seed count, and the
+    header says so; records of other recipes are named there too."""
+    from ablations.cli import main
+    from ablations.render import scoreboard_cells
+
+    out = tmp_path / "reports"
+    runs = out / "point_loss" / "runs.jsonl"
+    dense = {"loss.matching": "point", "loss.loss": "point"}
+    for seed in range(5):
+        append_jsonl(runs, _record("mask -> mask", seed, 50.0 + seed, 40.0, 45.0))
+        append_jsonl(runs, _record("point -> point", seed, 10.0, 10.0, 10.0, overrides=dense))  # 1024 points
+        if seed < 3:
+            append_jsonl(runs, _record("point -> point", seed, 52.0 + seed, 41.0, 46.0))  # 196 points
+    append_jsonl(runs, {**_record("point -> point", 0, 1.0, 1.0, 1.0), "max_iters": 400,
+                        "config": {"solver": {"max_iters": 400}}})  # another recipe
+    res = render_ablation("point_loss", out)
+    md = Path(res["table"]).read_text()
+    base = next(l for l in md.splitlines() if l.startswith("| **point -> point**"))
+    assert "53.00 ± 1.00 (n=3)" in base and res["records"] == 8
+    assert "5 `cpu` record(s) of an earlier definition of their row" in md
+    assert "1 `cpu-400it`" in md
+    cell = next(c for c in scoreboard_cells(load_spec("point_loss"), out)
+                if c["row"] == "mask -> mask" and c["metric"] == "PQ")
+    assert cell["pairs"] == 3 and cell["delta"] == pytest.approx(-2.0)
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["list", "--out", str(out)]) == 0
+    assert "point_loss (cpu, 5 seeds per row): 'mask -> point' 0, 'point -> mask' 0, 'point -> point' 3" \
+        in buf.getvalue()
+    # only records of the old definition: the table says so instead of rendering them
+    only_old = tmp_path / "old" / "point_loss" / "runs.jsonl"
+    append_jsonl(only_old, _record("point -> point", 0, 10.0, 10.0, 10.0, overrides=dense))
+    res = render_ablation("point_loss", tmp_path / "old")
+    md = Path(res["table"]).read_text()
+    assert res["records"] == 0 and "(not run as defined now)" in md.splitlines()[0] and "1 `cpu` record(s)" in md
 
 
 def test_scoreboard_counts_verdicts_of_paper_findings(tmp_path):
@@ -379,18 +466,25 @@ def test_findings_over_training_pair_each_evaluation_and_task_rows_get_their_own
 
 def test_the_point_loss_proxy_note_states_the_configs_it_compares():
     """Table 5's proxy note quotes sizes and point counts: they must be the cpu recipe's and the paper
-    preset's (a recipe change that would make the note wrong fails here)."""
+    preset's, and the proxy's point rows must sample the paper's share of the mask logits (a recipe
+    change that would make the note wrong fails here)."""
     from ablations.runner import plan_runs
 
-    note = " ".join(load_spec("point_loss").proxy_note.split())
-    cfg = next(p.cfg for p in plan_runs(load_spec("point_loss"), get_scale("cpu")) if p.row.name == "point -> point")
-    paper = get_preset("r50_coco_panoptic")
+    spec = load_spec("point_loss")
+    note = " ".join(spec.proxy_note.split())
+    plans = {p.row.name: p.cfg for p in plan_runs(spec, get_scale("cpu"), seeds=1)}
+    cfg, paper = plans["point -> point"], get_preset("r50_coco_panoptic")
     for c in (cfg, paper):
         side = c.data.image_size // 4  # mask logits at stride 4
         assert f"{side}x{side} logits ({c.data.image_size}-px crops" in note
-        assert f"{c.loss.num_points} points" in note
-    assert f"loss.num_points = {cfg.loss.num_points} points per mask" in note and cfg.loss.num_points == 32 * 32
-    assert round(paper.loss.num_points / (paper.data.image_size // 4) ** 2, 1) == 0.2  # "about a fifth"
+        assert round(100 * c.loss.num_points / side ** 2) == 19 and "19%" in note  # the same share
+        root = math.isqrt(c.loss.num_points)
+        assert root * root == c.loss.num_points and f"({root}x{root}" in note
+    assert f"{paper.loss.num_points} points" in note and f"loss.num_points = {cfg.loss.num_points}" in note
+    assert all(plans[r].loss.num_points == cfg.loss.num_points for r in ("mask -> point", "point -> mask"))
+    dense = get_scale("cpu").overrides["loss.num_points"]
+    assert dense == 32 * 32 and f"every row sampled {dense} points, as many as there are logits" in note
+    assert plans["mask -> mask"].loss.num_points == dense  # the tiny default's run, unchanged
 
 
 def test_the_queries_proxy_note_states_the_synthetic_data_it_describes():
