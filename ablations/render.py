@@ -407,6 +407,13 @@ def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metri
                      f"paper: {PAPER_SOURCES}.")
     if spec.proxy_note and scale != "paper":
         lines.append(f"- **Proxy:** {' '.join(spec.proxy_note.split())}")
+    proxied = [r for r in spec.rows if r.proxy_overrides]
+    if proxied and scale != "paper":
+        groups: Dict[str, List[str]] = {}
+        for r in proxied:
+            groups.setdefault(", ".join(f"`{k}` = {v}" for k, v in r.proxy_overrides.items()), []).append(r.name)
+        lines.append("- **Proxy overrides** (on top of the scale's recipe, this scale only): "
+                     + "; ".join(f"{what} in {', '.join(rows)}" for what, rows in groups.items()))
     carried = [r for r in records if r.get("carried_from")]
     if carried:
         by_row: Dict[str, Dict[str, Any]] = {}

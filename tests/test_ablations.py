@@ -299,6 +299,8 @@ def test_a_redefined_row_never_mixes_its_old_and_new_records(tmp_path):
     base = next(l for l in md.splitlines() if l.startswith("| **point -> point**"))
     assert "53.00 ± 1.00 (n=3)" in base and res["records"] == 8
     assert "5 `cpu` record(s) of an earlier definition of their row" in md
+    assert ("**Proxy overrides** (on top of the scale's recipe, this scale only): `loss.num_points` = 196 in "
+            "mask -> point, point -> mask, point -> point") in md
     assert "1 `cpu-400it`" in md
     cell = next(c for c in scoreboard_cells(load_spec("point_loss"), out)
                 if c["row"] == "mask -> mask" and c["metric"] == "PQ")
