@@ -43,10 +43,10 @@ def cmd_list(args) -> int:
             seeds: dict = {r.name: set() for r in s.trained_rows}
             # a record counts for its row while its overrides are the row's current ones (a row
             # redefined in its spec, e.g. Table 5's proxy points, is retrained: its old records are not shown)
-            defined = {r.name: r.overrides_at(proxy=top != "paper") for r in s.trained_rows}
+            rows = {r.name: r for r in s.trained_rows}
             for r in recs:
                 if (r.get("code_fingerprint") == fp and recipe_scale(r) == top and r.get("row") in seeds
-                        and (r.get("overrides") or {}) == defined[r["row"]]):
+                        and rows[r["row"]].defines(r, proxy=top != "paper")):
                     seeds[r["row"]].add(r.get("seed"))
             few = {row: len(v) for row, v in seeds.items() if len(v) < SCALES[top].seeds}
             if few:

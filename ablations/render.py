@@ -108,9 +108,9 @@ def select_records(records: List[Dict[str, Any]], scale: Optional[str] = None, f
     info["stale"] = chosen != current
     chosen_records = [r for r in of_scale if record_fingerprint(r) == chosen]
     if spec is not None:
-        defined = {row.name: row.overrides_at(proxy=scale != "paper") for row in spec.rows}
+        rows = {row.name: row for row in spec.rows}
         kept = [r for r in chosen_records
-                if r.get("row") not in defined or (r.get("overrides") or {}) == defined[r.get("row")]]
+                if r.get("row") not in rows or rows[r["row"]].defines(r, proxy=scale != "paper")]
         info["redefined_records"] = len(chosen_records) - len(kept)
         chosen_records = kept
     latest: Dict[Tuple[str, int], Dict[str, Any]] = {}

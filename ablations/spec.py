@@ -78,6 +78,11 @@ class Row:
         store as ``overrides`` and what their table matches them against."""
         return {**self.overrides, **self.proxy_overrides} if proxy else dict(self.overrides)
 
+    def defines(self, record: Dict[str, Any], proxy: bool) -> bool:
+        """Whether ``record`` (a runs.jsonl line of this row) was trained with the row's current
+        definition: its stored overrides equal :meth:`overrides_at` (a redefined row is retrained)."""
+        return (record.get("overrides") or {}) == self.overrides_at(proxy)
+
 
 @dataclass(frozen=True)
 class AblationSpec:
