@@ -227,6 +227,11 @@ def test_profile_cli_tiny(tmp_path):
     md = (tmp_path / "README.md").read_text()
     assert "Training-step profile `prof.json`" in md and "| pixel_decoder_backward |" in md
     assert "of which matcher" in md and "Python and framework overhead" in md
+    f = r["flop_floor"]  # counted per part, each part's rate = its FLOPs / its time
+    assert set(f["gflop_by_part"]) == set(parts) - {"data", "optimizer_step"}
+    assert all(f["part_gflops_per_s"][k] == pytest.approx(g / parts[k]) for k, g in f["gflop_by_part"].items())
+    assert f["floor_s"] == pytest.approx(sum(f["gflop_by_part"].values()) / f["gemm_gflops_per_s"])
+    assert "Counted FLOPs and the rate each part reached" in md
 
 
 def test_speed_cli_batch_side_by_side_and_flop_floor(tmp_path):
@@ -239,10 +244,57 @@ def test_speed_cli_batch_side_by_side_and_flop_floor(tmp_path):
     for p in r["train_side_by_side"]:
         assert p["m2f_median_s"] > 0 and p["ratio_m2f_over_hf"] == pytest.approx(p["hf_median_s"] / p["m2f_median_s"])
     f = r["flop_floor"]
-    assert f["train_step_gflop"] == pytest.approx(3 * 2 * r["flops"]["gflops"])
-    assert f["floor_s"] == pytest.approx(f["train_step_gflop"] / f["gemm_gflops_per_s"]) and f["floor_s"] > 0
+    # counted at 2 FLOPs per multiply-add: the forward parts are twice fvcore's multiply-adds (x batch),
+    # within fvcore's extra norm / upsampling counts; backward about twice the forward
+    parts = f["gflop_by_part"]
+    fwd = sum(v for k, v in parts.items() if k.endswith("_forward"))
+    bwd = sum(v for k, v in parts.items() if k.endswith("_backward"))
+    assert fwd == pytest.approx(2 * 2 * r["flops"]["gflops"], rel=0.02)
+    assert 1.6 < bwd / fwd < 2.1 and parts["loss"] > 0
+    assert f["train_step_gflop"] == pytest.approx(sum(parts.values()))
+    assert f["train_step_gflop"] > 5.5 * r["flops"]["gflops"]  # the old rule (3 x fvcore x batch) gave 6x / 2
+    assert f["gemm_gflops_per_s"] == max(f["gemm_by_impl"].values()) and f["floor_s"] > 0
+    assert f["floor_s"] == pytest.approx(f["train_step_gflop"] / f["gemm_gflops_per_s"])
+    assert f["share_of_peak"]["m2f"] == pytest.approx(f["floor_s"] / r["train"]["m2f"]["median_s"])
     md = (tmp_path / "README.md").read_text()
     assert "FLOP floor of the training step" in md and "Two processes side by side" in md
+    assert "about half the true one" not in md
+
+
+def test_an_old_flop_floor_renders_with_its_correction(tmp_path):
+    """Results written before the floor was counted (3 x fvcore forward multiply-adds x batch over a
+    GEMM rate in FLOPs) say that their floor is about half the true one."""
+    from m2f.bench.report import _floor_line
+
+    old = {"train_step_gflop": 13.9, "gemm_gflops_per_s": 176.0, "floor_s": 0.079,
+           "rule": "3 x fvcore forward GFLOPs x batch / measured 1024^3 float32 GEMM rate"}
+    line = _floor_line(old, {"m2f": 1.21, "hf": None})
+    assert "about half the true one" in line and "m2f runs at 15.3x the floor (7% of the GEMM rate)" in line
+    new = {**old, "rule": "counted step FLOPs / best measured 1024^3-2048^3 float32 GEMM rate"}
+    assert "about half" not in _floor_line(new, {"m2f": 1.21})
+
+
+def test_step_flops_are_counted_per_part_with_the_reference_kernels():
+    """count_step_flops: the same counts whatever kernels the config names (it counts the reference
+    ones), every part counted, and the backbone's forward equals the convolutions' multiply-adds x 2."""
+    from m2f.bench.floor import count_step_flops, peak_gemm_rate
+    from m2f.config import get_preset
+
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    tgt = [common.synthetic_targets(3, 10, 64, 64, "cpu", seed=i) for i in range(2)]
+    a = count_step_flops(get_preset("tiny", ["num_classes=10"]), x, tgt, "cpu")
+    b = count_step_flops(get_preset("tiny", ["num_classes=10", "gemm_backend=onednn",
+                                             "decoder.attention_backend=sdpa"]), x, tgt, "cpu")
+    assert a == b and all(v > 0 for v in a.values())
+    # ResNet-18's convolutions at 64 px (stride 2 stem and max-pool: 16x16 after them), by hand
+    convs = [(3, 64, 7, 32)] + [(64, 64, 3, 16)] * 4 \
+        + [(64, 128, 3, 8), (128, 128, 3, 8), (64, 128, 1, 8), (128, 128, 3, 8), (128, 128, 3, 8)] \
+        + [(128, 256, 3, 4), (256, 256, 3, 4), (128, 256, 1, 4), (256, 256, 3, 4), (256, 256, 3, 4)] \
+        + [(256, 512, 3, 2), (512, 512, 3, 2), (256, 512, 1, 2), (512, 512, 3, 2), (512, 512, 3, 2)]
+    macs = sum(ci * co * k * k * s * s for ci, co, k, s in convs)
+    assert a["backbone_forward"] == 2 * 2 * macs
+    rate = peak_gemm_rate("cpu", sizes=(256,), reps=1)
+    assert rate["gflops_per_s"] == max(rate["by_impl"].values()) > 0 and "mm_256" in rate["by_impl"]
 
 
 def test_trees_compares_two_checkouts_with_real_training_runs(tmp_path):

@@ -11,18 +11,26 @@ from m2f.bench.common import environment, sync as _sync, synthetic_targets
 from m2f.config import get_preset
 
 def profile_step(model, criterion, x: torch.Tensor, targets, device: str,
-                 generator: Optional[torch.Generator] = None) -> Dict[str, float]:
+                 generator: Optional[torch.Generator] = None,
+                 flops: Optional[Dict[str, int]] = None) -> Dict[str, float]:
     """One training step (no optimizer) with each part timed: the tensors between backbone, pixel
     decoder and transformer decoder are detached and re-joined in backward, so every part's
-    forward and backward is measured alone; the parameters end with the usual gradients."""
+    forward and backward is measured alone; the parameters end with the usual gradients.  With a
+    ``flops`` dict, each part also runs under a FLOP counter and its count is stored under the part's
+    key (:mod:`m2f.bench.floor`; the times of such a step include the counter's overhead)."""
+    from m2f.bench.floor import flop_counter
+
     t: Dict[str, float] = {}
 
     def timed(key: str, fn: Callable[[], Any]) -> Any:
         _sync(device)
         t0 = time.perf_counter()
-        r = fn()
+        with flop_counter(flops is not None) as fc:
+            r = fn()
         _sync(device)
         t[key] = time.perf_counter() - t0
+        if flops is not None:
+            flops[key] = fc.get_total_flops()
         return r
 
     def cut(v: torch.Tensor) -> torch.Tensor:
@@ -105,6 +113,13 @@ def run_profile(preset: str, size: int, device: str, iters: int, num_masks: int,
     step()  # warm-up
     runs = [step() for _ in range(iters)]
     parts = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    from m2f.bench.floor import count_step_flops, floor_summary, peak_gemm_rate
+
+    counted = count_step_flops(cfg, x, tgt, device)
+    rate = peak_gemm_rate(device)
+    # each timed part against its own counted FLOPs: which parts run near the GEMM rate and which
+    # are bound by something else (small ops, memory, Python)
+    gflops_per_s = {k: counted[k] / 1e9 / parts[k] for k in counted if parts.get(k)}
     data = _data_time(cfg, batch)
     if data["s"] is not None:
         parts["data"] = data["s"]
@@ -128,6 +143,8 @@ def run_profile(preset: str, size: int, device: str, iters: int, num_masks: int,
             "iters": iters, "num_masks": num_masks, "environment": environment(device), "parts_median_s": parts,
             "step_total_s": total, "optimizer_impl": impl, "data": data,
             "loss_split_s": loss_split,
+            "flop_floor": {**floor_summary(counted, rate, {"m2f": total}),
+                           "part_gflops_per_s": gflops_per_s},
             "python_overhead_share": max(0.0, 1 - op_self / prof_total_us),
             "profiled_step_s": wall,
             "top_ops_self_cpu_ms": [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3}

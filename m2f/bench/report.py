@@ -39,11 +39,8 @@ def _speed_section(path: Path, r: Dict[str, Any], envs: str) -> List[str]:
                      + ", ".join(f"{k} {v:.1f}G" for k, v in f["gflops_by_part"].items())
                      + f"; not counted: {sorted(f['skipped_ops'])}")
     if "flop_floor" in r:
-        f = r["flop_floor"]
-        m = r.get("train", {}).get("m2f", {}).get("median_s")
-        out.append(f"\nFLOP floor of the training step: {f['train_step_gflop']:.1f} GFLOP at the measured "
-                   f"{f['gemm_gflops_per_s']:.0f} GFLOP/s = **{f['floor_s']:.3f} s** ({f['rule']})"
-                   + (f"; m2f runs at {m / f['floor_s']:.1f}x the floor" if m else ""))
+        out.append("\n" + _floor_line(r["flop_floor"], {k: r.get("train", {}).get(k, {}).get("median_s")
+                                                          for k in ("m2f", "hf")}))
     if r.get("train_side_by_side"):
         out.append("\nTwo processes side by side (one thread each): " + "; ".join(
             f"m2f {p['m2f_median_s']:.3f} s, HF {p['hf_median_s']:.3f} s ({p['ratio_m2f_over_hf']:.2f}x)"
@@ -103,6 +100,24 @@ def _kernels_section(path: Path, r: Dict[str, Any], envs: str) -> List[str]:
     return out
 
 
+_PROFILE_ORDER = ["data", "backbone_forward", "pixel_decoder_forward", "transformer_decoder_forward", "loss",
+                  "transformer_decoder_and_loss_backward", "pixel_decoder_backward", "backbone_backward",
+                  "optimizer_step"]
+
+
+def _floor_line(f: Dict[str, Any], steps: Dict[str, Any]) -> str:
+    """The FLOP floor of a training step (m2f.bench.floor), and each timed step against it."""
+    old_rule = f.get("rule", "").startswith("3 x fvcore")
+    line = (f"FLOP floor of the training step: {f['train_step_gflop']:.1f} GFLOP at the measured "
+            f"{f['gemm_gflops_per_s']:.0f} GFLOP/s = **{f['floor_s']:.3f} s** ({f['rule']})")
+    if old_rule:  # results written before 2026-12-07
+        line += (" -- **this floor is about half the true one**: fvcore counts a multiply-add as one FLOP, "
+                 "the GEMM rate two, and the forward only (m2f/bench/floor.py)")
+    timed = [f"{k} runs at {s / f['floor_s']:.1f}x the floor ({100 * f['floor_s'] / s:.0f}% of the GEMM rate)"
+             for k, s in steps.items() if s]
+    return line + ("; " + ", ".join(timed) if timed else "")
+
+
 def _profile_section(path: Path, r: Dict[str, Any], envs: str) -> List[str]:
     """Training-step profile (python -m m2f.bench profile)."""
     out: List[str] = []
@@ -110,8 +125,7 @@ def _profile_section(path: Path, r: Dict[str, Any], envs: str) -> List[str]:
                f"median of {r['iters']} steps\n\n{envs}\n")
     out.append("| part | s | share |")
     out.append("|---|---|---|")
-    order = ["data", "backbone_forward", "pixel_decoder_forward", "transformer_decoder_forward", "loss",
-             "transformer_decoder_and_loss_backward", "pixel_decoder_backward", "backbone_backward", "optimizer_step"]
+    order = _PROFILE_ORDER
     for k, v in sorted(r["parts_median_s"].items(), key=lambda kv: (order + [kv[0]]).index(kv[0])):
         out.append(f"| {k} | {v:.3f} | {100 * v / r['step_total_s']:.0f}% |")
         if k == "loss":
@@ -121,6 +135,14 @@ def _profile_section(path: Path, r: Dict[str, Any], envs: str) -> List[str]:
         out.append(f"| Python and framework overhead (wall time outside any op, profiled step) | "
                    f"{r['python_overhead_share'] * r['step_total_s']:.3f} | {100 * r['python_overhead_share']:.0f}% |")
     out.append(f"| **total** | **{r['step_total_s']:.3f}** | |")
+    if "flop_floor" in r:
+        f = r["flop_floor"]
+        out.append("\n" + _floor_line(f, {"m2f": r["step_total_s"]}))
+        out.append("\nCounted FLOPs and the rate each part reached (counted GFLOP / its median time; the GEMM "
+                   f"rate is {f['gemm_gflops_per_s']:.0f} GFLOP/s): " + ", ".join(
+                       f"{k} {g:.2f} GFLOP at {f['part_gflops_per_s'].get(k, 0):.1f} GFLOP/s"
+                       for k, g in sorted(f["gflop_by_part"].items(),
+                                          key=lambda kv: (_PROFILE_ORDER + [kv[0]]).index(kv[0]))))
     if r.get("data", {}).get("why"):
         out.append(f"\nData not timed: {r['data']['why']}")
     out.append("\nTop ops of one step (self CPU): " + ", ".join(

@@ -2,7 +2,8 @@
 built with the same config, HF's random weights converted with :func:`m2f.convert.from_hf` (both
 compute the same function), timed in ONE process, interleaved (A, B, A, B, ...; median and min):
 training iterations/s (forward + own loss + backward + AdamW step) and inference images/s (batch 1,
-eval, panoptic post-processing included as the paper's fps).  FLOPs with fvcore.
+eval, panoptic post-processing included as the paper's fps).  FLOPs with fvcore (the paper's
+convention); the training step's FLOP floor counted (:mod:`m2f.bench.floor`).
 """
 from __future__ import annotations
 
@@ -60,31 +61,13 @@ def _freeze_hf_batchnorm(hf) -> None:
 
 
 
-def gemm_rate(device: str, n: int = 1024, reps: int = 5) -> float:
-    """Measured float32 GEMM throughput (GFLOP/s, best of ``reps``) of an n x n x n matrix product
-    with the current thread setting: the rate the FLOP floor divides by."""
-    import time
-
-    from m2f.bench.common import sync
-
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    best = float("inf")
-    for _ in range(reps + 1):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
-
-
 def run_speed(preset: str, size: int, device: str, iters: int, num_masks: int, overrides: Sequence[str] = (),
               flops: bool = True, train: bool = True, infer: bool = True, amp: bool = False,
               batch: int = 1) -> Dict[str, Any]:
     """m2f vs HF transformers (the same weights), interleaved.  ``amp``: both models' forwards under
     bf16 autocast (as training runs on GPUs; the losses stay fp32), else both in fp32.  ``batch``
     images per step (training; inference stays one image).  With ``flops``: the FLOP floor of the
-    training step, 3 x forward FLOPs x batch (backward ~ 2x forward) at the measured GEMM rate."""
+    training step: its counted FLOPs at the best measured GEMM rate (:mod:`m2f.bench.floor`)."""
     from m2f.convert import from_hf
     from m2f.loss import build_criterion
     from m2f.models.build import build_model
@@ -193,10 +176,14 @@ def run_speed(preset: str, size: int, device: str, iters: int, num_masks: int, o
         res["flops"] = {"gflops": f["gflops"], "params": f["params"], "gflops_by_part": f["gflops_by_part"],
                         "skipped_ops": f["skipped_ops"]}
         if train:
-            rate = gemm_rate(device)
-            work = 3 * f["gflops"] * batch
-            res["flop_floor"] = {"train_step_gflop": work, "gemm_gflops_per_s": rate, "floor_s": work / rate,
-                                 "rule": "3 x fvcore forward GFLOPs x batch / measured 1024^3 float32 GEMM rate"}
-            print(f"FLOP floor: {work:.1f} GFLOP at {rate:.0f} GFLOP/s = {work / rate:.3f} s per step", flush=True)
+            from m2f.bench.floor import count_step_flops, floor_summary, peak_gemm_rate
+
+            counted = count_step_flops(cfg, xb, tgts, device)
+            steps = {k: v["median_s"] for k, v in res["train"].items() if k in ("m2f", "hf")}
+            fl = floor_summary(counted, peak_gemm_rate(device), steps)
+            res["flop_floor"] = {**fl, "fvcore_forward_gmacs_x_batch": f["gflops"] * batch}
+            print(f"FLOP floor: {fl['train_step_gflop']:.1f} GFLOP (counted, forward + loss + backward) at "
+                  f"{fl['gemm_gflops_per_s']:.0f} GFLOP/s = {fl['floor_s']:.3f} s per step; "
+                  + ", ".join(f"{k} at {100 * v:.0f}% of it" for k, v in fl["share_of_peak"].items()), flush=True)
     return res
 
