@@ -232,6 +232,12 @@ def test_profile_cli_tiny(tmp_path):
     assert all(f["part_gflops_per_s"][k] == pytest.approx(g / parts[k]) for k, g in f["gflop_by_part"].items())
     assert f["floor_s"] == pytest.approx(sum(f["gflop_by_part"].values()) / f["gemm_gflops_per_s"])
     assert "Counted FLOPs and the rate each part reached" in md
+    h = f["headroom"]  # every part at the backbone's rate: the backbone's own time is unchanged
+    bb = ("backbone_forward", "backbone_backward")
+    assert h["backbone_gflops_per_s"] == pytest.approx(sum(f["gflop_by_part"][k] for k in bb) / sum(parts[k] for k in bb))
+    assert h["step_s"] == pytest.approx(sum(parts[k] for k in (*bb, "data", "optimizer_step")) + sum(
+        g / h["backbone_gflops_per_s"] for k, g in f["gflop_by_part"].items() if k not in bb))
+    assert "Headroom: with every counted part" in md
 
 
 def test_speed_cli_batch_side_by_side_and_flop_floor(tmp_path):

@@ -143,6 +143,11 @@ def _profile_section(path: Path, r: Dict[str, Any], envs: str) -> List[str]:
                        f"{k} {g:.2f} GFLOP at {f['part_gflops_per_s'].get(k, 0):.1f} GFLOP/s"
                        for k, g in sorted(f["gflop_by_part"].items(),
                                           key=lambda kv: (_PROFILE_ORDER + [kv[0]]).index(kv[0]))))
+        h = f.get("headroom")
+        if h:
+            out.append(f"\nHeadroom: with every counted part at the backbone's {h['backbone_gflops_per_s']:.0f} GFLOP/s "
+                       f"and nothing but its counted FLOPs (data and optimizer as measured), the step would take "
+                       f"**{h['step_s']:.3f} s** ({r['step_total_s'] / h['step_s']:.2f}x faster than measured)")
     if r.get("data", {}).get("why"):
         out.append(f"\nData not timed: {r['data']['why']}")
     out.append("\nTop ops of one step (self CPU): " + ", ".join(

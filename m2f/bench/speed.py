@@ -184,6 +184,6 @@ def run_speed(preset: str, size: int, device: str, iters: int, num_masks: int, o
             res["flop_floor"] = {**fl, "fvcore_forward_gmacs_x_batch": f["gflops"] * batch}
             print(f"FLOP floor: {fl['train_step_gflop']:.1f} GFLOP (counted, forward + loss + backward) at "
                   f"{fl['gemm_gflops_per_s']:.0f} GFLOP/s = {fl['floor_s']:.3f} s per step; "
-                  + ", ".join(f"{k} at {100 * v:.0f}% of it" for k, v in fl["share_of_peak"].items()), flush=True)
+                  + ", ".join(f"{k} step at {100 * v:.0f}% of that rate" for k, v in fl["share_of_peak"].items()), flush=True)
     return res
 
