@@ -238,6 +238,10 @@ def test_profile_cli_tiny(tmp_path):
     assert h["step_s"] == pytest.approx(sum(parts[k] for k in (*bb, "data", "optimizer_step")) + sum(
         g / h["backbone_gflops_per_s"] for k, g in f["gflop_by_part"].items() if k not in bb))
     assert "Headroom: with every counted part" in md
+    from m2f.bench.report import render_summary
+
+    row = [l for l in render_summary(tmp_path).splitlines() if "training step vs its FLOP floor (`prof.json`)" in l]
+    assert len(row) == 1 and f"**{100 * f['floor_s'] / r['step_total_s']:.0f}% of the GEMM rate**" in row[0]
 
 
 def test_speed_cli_batch_side_by_side_and_flop_floor(tmp_path):

@@ -380,11 +380,25 @@ def _trees_summary_rows(path: Path, r: Dict[str, Any]) -> List[str]:
     return rows
 
 
+def _profile_summary_rows(path: Path, r: Dict[str, Any]) -> List[str]:
+    """A profile with a counted FLOP floor (m2f.bench.floor): the step against its floor and headroom."""
+    f = r.get("flop_floor") or {}
+    if f.get("rule", "").startswith("3 x fvcore") or "floor_s" not in f:
+        return []
+    _, dev_label = _device_label(r)
+    h = f.get("headroom") or {}
+    head = f"; headroom {h['step_s']:.3f} s" if h.get("step_s") else ""
+    return [f"| training step vs its FLOP floor (`{path.name}`) | {dev_label} | {r['preset']} {r.get('batch', 1)}x"
+            f"{r['size']}px, fp32, {_overrides_label(r)} | {r['step_total_s']:.3f} s | floor {f['floor_s']:.3f} s "
+            f"({f['train_step_gflop']:.1f} GFLOP at {f['gemm_gflops_per_s']:.0f} GFLOP/s) | "
+            f"**{100 * f['floor_s'] / r['step_total_s']:.0f}% of the GEMM rate**{head} | — |"]
+
+
 TREES_GOAL = 2.5  # issue 12: the tiny step at least 2.5x the speed of the commit before it
 
 SUMMARY_ROWS: Dict[str, Callable[[Path, Dict[str, Any]], List[str]]] = {
     "speed": _speed_summary_rows, "memory": _memory_summary_rows, "kernels": _kernel_summary_rows,
-    "gemm": _gemm_summary_rows, "trees": _trees_summary_rows,
+    "gemm": _gemm_summary_rows, "trees": _trees_summary_rows, "profile": _profile_summary_rows,
 }
 _SUMMARY_ORDER = ("speed", "train_speed", "gemm", "kernels", "memory")
 
