@@ -288,7 +288,8 @@ def test_an_old_flop_floor_renders_with_its_correction(tmp_path):
 def test_step_flops_are_counted_per_part_with_the_reference_kernels():
     """count_step_flops: the same counts whatever kernels the config names (it counts the reference
     ones), every part counted, and the backbone's forward equals the convolutions' multiply-adds x 2."""
-    from m2f.bench.floor import count_step_flops, peak_gemm_rate
+    from m2f.bench.floor import peak_gemm_rate
+    from m2f.bench.profile import count_step_flops
     from m2f.config import get_preset
 
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

@@ -1,7 +1,7 @@
 """The FLOP floor of a training step: its counted FLOPs over the best GEMM rate measured on the machine.
 
-FLOPs are counted, not estimated. :func:`count_step_flops` runs one training step (forward, loss,
-backward; the parts of :func:`m2f.bench.profile.profile_step`) under
+FLOPs are counted, not estimated. :func:`m2f.bench.profile.count_step_flops` runs one training step
+(forward, loss, backward; the parts of :func:`m2f.bench.profile.profile_step`) under
 ``torch.utils.flop_counter.FlopCounterMode``. It counts every matrix product, convolution and
 attention product, forward and backward, at 2 FLOPs per multiply-add. The model is built with the
 reference kernels (:data:`REFERENCE_KERNELS`: PyTorch's own ops, which the counter knows; the fused
@@ -50,27 +50,6 @@ def flop_counter(enabled: bool):
     from torch.utils.flop_counter import FlopCounterMode
 
     return FlopCounterMode(display=False)
-
-
-def count_step_flops(cfg, x: torch.Tensor, targets, device: str) -> Dict[str, int]:
-    """FLOPs of each part of one training step of ``cfg``'s model on ``x`` / ``targets`` (the keys of
-    :func:`m2f.bench.profile.profile_step`: ``backbone_forward`` ... ``backbone_backward``), counted
-    with the reference kernels (:data:`REFERENCE_KERNELS`).  The model is built fresh (random
-    weights and loss points from a fixed seed: a few products of the backward have shapes that
-    depend on the predictions, about 0.1% of the step's FLOPs)."""
-    from m2f.bench.profile import profile_step
-    from m2f.config import apply_overrides
-    from m2f.loss import build_criterion
-    from m2f.models.build import build_model
-
-    ref = apply_overrides(cfg, REFERENCE_KERNELS)
-    flops: Dict[str, int] = {}
-    with torch.random.fork_rng(devices=[]):  # the same weights and loss points on every call
-        torch.manual_seed(0)
-        model = build_model(ref).to(device).train()
-        criterion = build_criterion(ref.loss, ref.num_classes).to(device)
-        profile_step(model, criterion, x, targets, device, flops=flops)
-    return flops
 
 
 def peak_gemm_rate(device: str, sizes=(1024, 2048), reps: int = 3) -> Dict[str, Any]:

@@ -56,6 +56,27 @@ def profile_step(model, criterion, x: torch.Tensor, targets, device: str,
     return t
 
 
+def count_step_flops(cfg, x: torch.Tensor, targets, device: str) -> Dict[str, int]:
+    """FLOPs of each part of one training step of ``cfg``'s model on ``x`` / ``targets`` (the keys of
+    :func:`profile_step`: ``backbone_forward`` ... ``backbone_backward``), counted
+    with the reference kernels (:data:`m2f.bench.floor.REFERENCE_KERNELS`).  The model is built fresh (random
+    weights and loss points from a fixed seed: a few products of the backward have shapes that
+    depend on the predictions, about 0.1% of the step's FLOPs)."""
+    from m2f.bench.floor import REFERENCE_KERNELS
+    from m2f.config import apply_overrides
+    from m2f.loss import build_criterion
+    from m2f.models.build import build_model
+
+    ref = apply_overrides(cfg, REFERENCE_KERNELS)
+    flops: Dict[str, int] = {}
+    with torch.random.fork_rng(devices=[]):  # the same weights and loss points on every call
+        torch.manual_seed(0)
+        model = build_model(ref).to(device).train()
+        criterion = build_criterion(ref.loss, ref.num_classes).to(device)
+        profile_step(model, criterion, x, targets, device, flops=flops)
+    return flops
+
+
 def _data_time(cfg, batch: int, reps: int = 3) -> Dict[str, Any]:
     """Seconds to load and collate one training batch of the preset's data (median), as the trainer
     does it in its own process (num_workers=0); None with the reason when the data is not at hand."""
@@ -128,7 +149,7 @@ def run_profile(preset: str, size: int, device: str, iters: int, num_masks: int,
     step()  # warm-up
     runs = [step() for _ in range(iters)]
     parts = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    from m2f.bench.floor import count_step_flops, floor_summary, peak_gemm_rate
+    from m2f.bench.floor import floor_summary, peak_gemm_rate
 
     counted = count_step_flops(cfg, x, tgt, device)
     rate = peak_gemm_rate(device)

@@ -176,7 +176,8 @@ def run_speed(preset: str, size: int, device: str, iters: int, num_masks: int, o
         res["flops"] = {"gflops": f["gflops"], "params": f["params"], "gflops_by_part": f["gflops_by_part"],
                         "skipped_ops": f["skipped_ops"]}
         if train:
-            from m2f.bench.floor import count_step_flops, floor_summary, peak_gemm_rate
+            from m2f.bench.floor import floor_summary, peak_gemm_rate
+            from m2f.bench.profile import count_step_flops
 
             counted = count_step_flops(cfg, xb, tgts, device)
             steps = {k: v["median_s"] for k, v in res["train"].items() if k in ("m2f", "hf")}
