@@ -283,6 +283,7 @@ def test_an_old_flop_floor_renders_with_its_correction(tmp_path):
     assert "about half the true one" in line and "m2f runs at 15.3x the floor (7% of the GEMM rate)" in line
     new = {**old, "rule": "counted step FLOPs / best measured 1024^3-2048^3 float32 GEMM rate"}
     assert "about half" not in _floor_line(new, {"m2f": 1.21})
+    assert _floor_line({**new, "note": "bf16 steps"}, {"m2f": 1.21}).endswith("(bf16 steps)")
 
 
 def test_step_flops_are_counted_per_part_with_the_reference_kernels():

@@ -115,7 +115,7 @@ def _floor_line(f: Dict[str, Any], steps: Dict[str, Any]) -> str:
                  "the GEMM rate two, and the forward only (m2f/bench/floor.py)")
     timed = [f"{k} runs at {s / f['floor_s']:.1f}x the floor ({100 * f['floor_s'] / s:.0f}% of the GEMM rate)"
              for k, s in steps.items() if s]
-    return line + ("; " + ", ".join(timed) if timed else "")
+    return line + ("; " + ", ".join(timed) if timed else "") + (f" ({f['note']})" if f.get("note") else "")
 
 
 def _profile_section(path: Path, r: Dict[str, Any], envs: str) -> List[str]:

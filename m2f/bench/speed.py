@@ -183,6 +183,9 @@ def run_speed(preset: str, size: int, device: str, iters: int, num_masks: int, o
             steps = {k: v["median_s"] for k, v in res["train"].items() if k in ("m2f", "hf")}
             fl = floor_summary(counted, peak_gemm_rate(device), steps)
             res["flop_floor"] = {**fl, "fvcore_forward_gmacs_x_batch": f["gflops"] * batch}
+            if amp:  # the rate is of float32 products; the steps ran their products in bf16
+                res["flop_floor"]["note"] = ("the GEMM rate is float32's and these steps ran under bf16 autocast: "
+                                             "the shares of that rate are not comparable with fp32 steps'")
             print(f"FLOP floor: {fl['train_step_gflop']:.1f} GFLOP (counted, forward + loss + backward) at "
                   f"{fl['gemm_gflops_per_s']:.0f} GFLOP/s = {fl['floor_s']:.3f} s per step; "
                   + ", ".join(f"{k} step at {100 * v:.0f}% of that rate" for k, v in fl["share_of_peak"].items()), flush=True)
