@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
@@ -52,11 +52,15 @@ def flop_counter(enabled: bool):
     return FlopCounterMode(display=False)
 
 
-def peak_gemm_rate(device: str, sizes=(1024, 2048), reps: int = 3) -> Dict[str, Any]:
+def peak_gemm_rate(device: str, sizes: Optional[Sequence[int]] = None, reps: int = 3) -> Dict[str, Any]:
     """The best measured float32 GEMM rate (GFLOP/s at 2 FLOPs per multiply-add) of n x n x n products
     at the current thread setting: ``{"gflops_per_s": best, "by_impl": {"mm_1024": ..., ...}}``; on
-    CPU both ``torch.mm`` and oneDNN's linear op (when this build has it)."""
+    CPU both ``torch.mm`` and oneDNN's linear op (when this build has it).  ``sizes``: n = 1024 and
+    2048 on CPU, 4096 and 8192 on a GPU (smaller products leave a GPU idle)."""
     from m2f.bench.common import sync
+
+    if sizes is None:
+        sizes = (1024, 2048) if torch.device(device).type == "cpu" else (4096, 8192)
 
     impls = {"mm": lambda a, b: a @ b}
     if torch.device(device).type == "cpu":
@@ -89,4 +93,5 @@ def floor_summary(flops: Dict[str, int], rate: Dict[str, Any], step_s: Dict[str,
     return {"train_step_gflop": total / 1e9, "gflop_by_part": {k: v / 1e9 for k, v in flops.items()},
             "gemm_gflops_per_s": rate["gflops_per_s"], "gemm_by_impl": rate["by_impl"], "floor_s": floor,
             "share_of_peak": {k: floor / s for k, s in step_s.items() if s},
-            "rule": "counted step FLOPs / best measured 1024^3-2048^3 float32 GEMM rate", "counter": COUNTER}
+            "rule": f"counted step FLOPs / best measured float32 GEMM rate (n^3 products, n in "
+                    f"{sorted({int(k.rsplit('_', 1)[1]) for k in rate['by_impl']})})", "counter": COUNTER}
