@@ -13,7 +13,7 @@ def cmd_list(args) -> int:
     current code fingerprint (``current``; ``INCOMPLETE`` when a trained row has fewer seeds of it at
     the table's scale than the scale runs), only of other code versions (``STALE``), or none."""
     from ablations.records import runs_path
-    from ablations.scales import SCALES, recipe_scale, scale_rank
+    from ablations.scales import SCALES, is_proxy, recipe_scale, scale_rank
     from ablations.spec import list_specs, load_spec
     from m2f.checkpoint import read_jsonl
     from m2f.provenance import code_fingerprint
@@ -46,7 +46,7 @@ def cmd_list(args) -> int:
             rows = {r.name: r for r in s.trained_rows}
             for r in recs:
                 if (r.get("code_fingerprint") == fp and recipe_scale(r) == top and r.get("row") in seeds
-                        and rows[r["row"]].defines(r, proxy=top != "paper")):
+                        and rows[r["row"]].defines(r, proxy=is_proxy(top))):
                     seeds[r["row"]].add(r.get("seed"))
             few = {row: len(v) for row, v in seeds.items() if len(v) < SCALES[top].seeds}
             if few:

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from ablations.scales import Scale
+from ablations.scales import Scale, is_proxy
 from ablations.spec import EVAL_METRICS, AblationSpec, Row
 from m2f.checkpoint import read_jsonl
 from m2f.config import Config, to_dict
@@ -108,7 +108,7 @@ def build_record(spec: AblationSpec, plan: RunPlan, scale: Scale, result: Dict[s
     cfg = plan.cfg
     rec = {
         "ablation": spec.name, "table": spec.table, "row": plan.row.name,
-        "overrides": plan.row.overrides_at(proxy=scale.preset is not None),
+        "overrides": plan.row.overrides_at(proxy=is_proxy(scale)),
         "scale": plan.scale, "seed": plan.seed, "config": to_dict(cfg), "config_hash": plan.config_hash,
         "git_commit": result.get("git_commit") or git, "code_fingerprint": result.get("code_fingerprint") or plan.fingerprint,
         "environment": result.get("environment"),

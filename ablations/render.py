@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ablations.records import eval_metric, flat_metrics, runs_path
-from ablations.scales import describe, get_scale, recipe_scale, scale_rank
+from ablations.scales import describe, get_scale, is_proxy, recipe_scale, scale_rank
 from ablations.stats import (CONFIDENCE, paired_delta, second_look_confidence, second_look_error,
                              seeds_for_half_width, verdict)
 from ablations.spec import EVAL_METRICS, PROPOSAL_PATTERN, AblationSpec, expand_metrics, list_specs, load_spec, table_label
@@ -110,7 +110,7 @@ def select_records(records: List[Dict[str, Any]], scale: Optional[str] = None, f
     if spec is not None:
         rows = {row.name: row for row in spec.rows}
         kept = [r for r in chosen_records
-                if r.get("row") not in rows or rows[r["row"]].defines(r, proxy=scale != "paper")]
+                if r.get("row") not in rows or rows[r["row"]].defines(r, proxy=is_proxy(scale))]
         info["redefined_records"] = len(chosen_records) - len(kept)
         chosen_records = kept
     latest: Dict[Tuple[str, int], Dict[str, Any]] = {}
@@ -394,10 +394,10 @@ def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metri
                      + "; ".join(f"{row}: {t}" for row, t in row_tasks.items())
                      + "); a panoptic model is scored as panoptic (PQ), instance (AP) and semantic (mIoU), an "
                      f"instance or semantic model only on its own task, at {scale} scale"
-                     + (" on synthetic data" if scale != "paper" else "")
+                     + (" on synthetic data" if is_proxy(scale) else "")
                      + f"; the paper's columns come from task-specific models at full scale ({PAPER_SOURCES})."
-                     + (" Compare directions (signs of Δ), not magnitudes." if scale != "paper" else ""))
-    elif scale != "paper":
+                     + (" Compare directions (signs of Δ), not magnitudes." if is_proxy(scale) else ""))
+    elif is_proxy(scale):
         lines.append(f"- **Honesty:** every number of ours comes from ONE {tasks}-trained model per "
                      f"row, scored as panoptic (PQ), instance (AP) and semantic (mIoU), at {scale} scale on "
                      f"synthetic data; the paper's columns come from task-specific models at full scale "
@@ -405,10 +405,10 @@ def _header(spec: AblationSpec, scale: str, records: List[Dict[str, Any]], metri
     else:
         lines.append(f"- **Honesty:** ours: one {tasks}-trained model per row scored on every task; "
                      f"paper: {PAPER_SOURCES}.")
-    if spec.proxy_note and scale != "paper":
+    if spec.proxy_note and is_proxy(scale):
         lines.append(f"- **Proxy:** {' '.join(spec.proxy_note.split())}")
     proxied = [r for r in spec.rows if r.proxy_overrides]
-    if proxied and scale != "paper":
+    if proxied and is_proxy(scale):
         groups: Dict[str, List[str]] = {}
         for r in proxied:
             groups.setdefault(", ".join(f"`{k}` = {v}" for k, v in r.proxy_overrides.items()), []).append(r.name)

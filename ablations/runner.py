@@ -29,7 +29,7 @@ from ablations.records import RESULT_NAME, RunPlan, build_record, eval_metric, f
 # ablations/ renders with the code it planned with (a late import mixed a new render.py with the
 # runner's older spec classes once, and the final render failed after the records were written)
 from ablations.render import render_ablation, render_readme
-from ablations.scales import Scale, get_scale, recipe_scale
+from ablations.scales import Scale, get_scale, is_proxy, recipe_scale
 from ablations.spec import AblationSpec, Row, load_spec, table_label
 from m2f.checkpoint import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from m2f.config import Config, ConfigError, apply_overrides, config_hash, from_dict, get_preset, to_dict
@@ -56,7 +56,7 @@ def resolve_config(spec: AblationSpec, row: Row, scale: Scale, seed: int, data: 
     """preset (scale's, or the spec's paper preset) <- scale overrides <- row overrides (with the row's
     proxy_overrides at a scale that starts from its own preset: the tiny proxies) <- data <- seed."""
     cfg = get_preset(scale.preset or spec.paper_preset, scale.overrides)
-    cfg = apply_overrides(cfg, row.overrides_at(proxy=scale.preset is not None))
+    cfg = apply_overrides(cfg, row.overrides_at(proxy=is_proxy(scale)))
     extra: Dict[str, Any] = {"solver.seed": seed}
     if data:
         extra["data.train"] = data
@@ -405,7 +405,7 @@ def _override_str(v: Any) -> str:
 
 def torchrun_command(spec: AblationSpec, plan: RunPlan, scale: Scale) -> List[str]:
     """The exact command that trains ``plan`` at paper scale (run from the repository root)."""
-    overrides = {**scale.overrides, **plan.row.overrides_at(proxy=scale.preset is not None), "solver.seed": plan.seed}
+    overrides = {**scale.overrides, **plan.row.overrides_at(proxy=is_proxy(scale)), "solver.seed": plan.seed}
     if plan.cfg.data.train != scale.overrides.get("data.train"):
         overrides["data.train"] = plan.cfg.data.train
     if plan.cfg.data.val != scale.overrides.get("data.val"):

@@ -290,6 +290,22 @@ def _candidate_with_steps(record: Dict[str, Any], iters: int) -> Optional[Scale]
         return None
 
 
+def is_proxy(scale: "Scale | str | None") -> bool:
+    """Whether ``scale`` (a :class:`Scale`, or a scale name as records and tables carry it) is a proxy
+    scale: one that starts from its own preset (the tiny one), where a row's ``proxy_overrides``
+    apply.  The paper scale (``preset`` None: the spec's paper preset) is not.  The one rule that the
+    runner, the records, the renderer and ``list`` share.  A name no scale answers to (e.g. ``cpu
+    (earlier recipe)``) is judged by its scale part; an unknown one counts as a proxy unless it is
+    "paper"."""
+    if isinstance(scale, Scale):
+        return scale.preset is not None
+    name = str(scale or "").split(" (")[0]
+    try:
+        return get_scale(name).preset is not None
+    except InputError:
+        return name != "paper"
+
+
 def scale_rank(name: Optional[str]) -> float:
     """Fidelity order for picking a table's default scale: paper > cpu > cpu-<N>it > quick > smoke."""
     rank = {"smoke": 0, "quick": 1, "cpu": 2, "paper": 3}

@@ -277,6 +277,34 @@ def test_proxy_overrides_apply_at_the_proxy_scales_only(tmp_path):
         load_spec(bad)
 
 
+def test_one_proxy_rule_for_runner_records_and_tables(monkeypatch):
+    """ablations.scales.is_proxy decides everywhere whether a row's proxy_overrides apply: a scale
+    that starts from the spec's paper preset (preset None) is no proxy whatever its name, so its
+    runs, its records and its table all use the rows' plain overrides (before, the runner asked
+    for the preset and the table for the name "paper": a "paper_short" scale's records would
+    have been left out of its own table as redefined)."""
+    import dataclasses
+
+    from ablations import scales
+    from ablations.records import build_record
+    from ablations.render import select_records
+
+    short = dataclasses.replace(scales.SCALES["paper"], name="paper_short")
+    monkeypatch.setitem(scales.SCALES, "paper_short", short)
+    assert not scales.is_proxy(short) and not scales.is_proxy("paper_short") and not scales.is_proxy("paper")
+    assert all(scales.is_proxy(n) for n in ("cpu", "quick", "smoke", "cpu-1000it", "cpu (earlier recipe)"))
+    assert scales.is_proxy(get_scale("cpu")) and not scales.is_proxy("paper (earlier recipe)")
+    spec = load_spec("point_loss")
+    row = spec.row("point -> point")
+    assert ab_runner.resolve_config(spec, row, short, 0).loss.num_points == 12544  # the paper preset's
+    plan = ab_runner.plan_runs(spec, short, seeds=1, rows=["point -> point"])[0]
+    rec = build_record(spec, plan, short, {"summary": {}}, None, "abc")
+    assert rec["scale"] == "paper_short" and rec["overrides"] == row.overrides_at(proxy=False) == row.overrides
+    rec.update(code_fingerprint=_fp(), eval={"panoptic": {"PQ": 50.0}})
+    scale, kept, info = select_records([rec], "paper_short", spec=spec)
+    assert scale == "paper_short" and kept == [rec] and info["redefined_records"] == 0
+
+
 def test_a_redefined_row_never_mixes_its_old_and_new_records(tmp_path):
     """Records whose overrides are not their row's current ones (Table 5's point rows before they
     sampled 196 points) are left out of the table, the scoreboard and `list`'s seed count, and the
