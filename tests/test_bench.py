@@ -272,6 +272,20 @@ def test_speed_cli_batch_side_by_side_and_flop_floor(tmp_path):
     assert "about half the true one" not in md
 
 
+def test_trees_rows_name_the_runs_thread_count_not_the_parents():
+    """A trees result's runs are one-thread workers: the README row says 1 thread even when the
+    parent process that launched them had 2 (the environment recorded with the result)."""
+    from m2f.bench.report import _trees_summary_rows
+
+    r = {"kind": "trees", "preset": "tiny", "overrides": [], "base": {"commit": "1ed9e8d284"},
+         "environment": {"device": "cpu", "threads": 2, "cpu": {"model": "AMD EPYC", "isa_class": "avx512"}},
+         "summary": {"alone": {"base_s_per_iter": 0.9, "this_s_per_iter": 0.7, "speedup": 0.9 / 0.7}}}
+    from pathlib import Path
+
+    (row,) = _trees_summary_rows(Path("t.json"), r)
+    assert "| cpu AMD EPYC, avx512, 1 thread |" in row and "2 threads" not in row
+
+
 def test_an_old_flop_floor_renders_with_its_correction(tmp_path):
     """Results written before the floor was counted (3 x fvcore forward multiply-adds x batch over a
     GEMM rate in FLOPs) say that their floor is about half the true one."""

@@ -367,7 +367,10 @@ def _kernel_summary_rows(path: Path, r: Dict[str, Any]) -> List[str]:
 
 
 def _trees_summary_rows(path: Path, r: Dict[str, Any]) -> List[str]:
-    _, dev_label = _device_label(r)
+    # every run is a worker with OMP_NUM_THREADS=1 (m2f/bench/trees.py); the environment's thread
+    # count is the parent process's (results before "threads_per_run" was recorded say 2)
+    env = {**(r.get("environment") or {}), "threads": r.get("threads_per_run", 1)}
+    _, dev_label = _device_label({**r, "environment": env})
     if r.get("env_extra"):
         dev_label += f", {' '.join(f'{k}={v}' for k, v in r['env_extra'].items())}"
     rows = []

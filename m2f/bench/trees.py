@@ -104,7 +104,7 @@ def run_trees(base: Path, preset: str, iters: int, warmup: int, rounds: int, ove
     res = {"kind": "trees", "preset": preset, "iters": iters, "warmup": warmup, "rounds": rounds,
            "overrides": list(overrides), "base_overrides": list(base_overrides), "env_extra": env_extra,
            "base": {"path": str(base), "commit": git_commit(base)}, "this": {"commit": git_commit(here)},
-           "environment": environment("cpu"), "summary": summary,
+           "environment": environment("cpu"), "threads_per_run": 1, "summary": summary,
            "loss_check": {"loss_at_last_iter": {"base": lb[-1], "this": lt[-1]},
                           "rel_diff_at_last_iter": rel[-1], "max_rel_diff": max(rel),
                           "bit_identical": lb == lt,
