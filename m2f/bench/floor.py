@@ -14,7 +14,7 @@ fvcore's count (:mod:`m2f.flops`, the paper's FLOPs column) is of the forward on
 multiply-add as ONE flop. Until 2026-12-07 ``bench speed`` took "3 x fvcore forward x batch" as the
 step's work and divided it by a GEMM rate measured at 2 FLOPs per multiply-add: those floors were
 about half of the true floor (the tiny preset at batch 4, 128 px: 13.9 "GFLOP" where the counter
-finds 27.3).
+finds 27.2).
 
 The rate (:func:`peak_gemm_rate`) is the best float32 throughput of an n x n x n product, n = 1024 and
 2048, at the current thread setting. On CPU it takes the better of ``torch.mm`` (the BLAS PyTorch was
@@ -23,11 +23,12 @@ reach on large, well-shaped work. The convolutions of a ResNet at these sizes ru
 """
 from __future__ import annotations
 
-import time
 from contextlib import nullcontext
 from typing import Any, Dict, Optional, Sequence
 
 import torch
+
+from m2f_kernels.cpu_gemm import _mm_nt, onednn_available
 
 # The kernel fields set for counting: each value is the plain PyTorch implementation of the same function.
 REFERENCE_KERNELS: Dict[str, Any] = {
@@ -57,31 +58,20 @@ def peak_gemm_rate(device: str, sizes: Optional[Sequence[int]] = None, reps: int
     at the current thread setting: ``{"gflops_per_s": best, "by_impl": {"mm_1024": ..., ...}}``; on
     CPU both ``torch.mm`` and oneDNN's linear op (when this build has it).  ``sizes``: n = 1024 and
     2048 on CPU, 4096 and 8192 on a GPU (smaller products leave a GPU idle)."""
-    from m2f.bench.common import sync
+    from m2f.bench.common import interleaved
 
     if sizes is None:
         sizes = (1024, 2048) if torch.device(device).type == "cpu" else (4096, 8192)
-
-    impls = {"mm": lambda a, b: a @ b}
-    if torch.device(device).type == "cpu":
-        from m2f_kernels.cpu_gemm import onednn_available
-
-        if onednn_available():
-            op = torch.ops.mkldnn._linear_pointwise
-            impls["onednn"] = lambda a, b: op(a, b, None, "none", [], "")
-    by: Dict[str, float] = {}
+    onednn = torch.device(device).type == "cpu" and onednn_available()
+    fns = {}
     for n in sizes:
         g = torch.Generator().manual_seed(n)
         a, b = (torch.randn(n, n, generator=g).to(device) for _ in range(2))
-        for name, f in impls.items():
-            best = float("inf")
-            for _ in range(reps + 1):  # the first is a warm-up
-                sync(device)
-                t0 = time.perf_counter()
-                f(a, b)
-                sync(device)
-                best = min(best, time.perf_counter() - t0)
-            by[f"{name}_{n}"] = 2 * n ** 3 / best / 1e9
+        fns[f"mm_{n}"] = lambda a=a, b=b: a @ b
+        if onednn:
+            fns[f"onednn_{n}"] = lambda a=a, b=b: _mm_nt(a, b)
+    t = interleaved(fns, reps, device)  # one warm-up each, then the best of ``reps``
+    by = {k: 2 * int(k.rsplit("_", 1)[1]) ** 3 / v["min_s"] / 1e9 for k, v in t.items()}
     return {"gflops_per_s": max(by.values()), "by_impl": by}
 
 

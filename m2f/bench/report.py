@@ -125,8 +125,7 @@ def _profile_section(path: Path, r: Dict[str, Any], envs: str) -> List[str]:
                f"median of {r['iters']} steps\n\n{envs}\n")
     out.append("| part | s | share |")
     out.append("|---|---|---|")
-    order = _PROFILE_ORDER
-    for k, v in sorted(r["parts_median_s"].items(), key=lambda kv: (order + [kv[0]]).index(kv[0])):
+    for k, v in sorted(r["parts_median_s"].items(), key=lambda kv: (_PROFILE_ORDER + [kv[0]]).index(kv[0])):
         out.append(f"| {k} | {v:.3f} | {100 * v / r['step_total_s']:.0f}% |")
         if k == "loss":
             for sk, sv in r.get("loss_split_s", {}).items():
@@ -385,8 +384,8 @@ def _trees_summary_rows(path: Path, r: Dict[str, Any]) -> List[str]:
 
 def _profile_summary_rows(path: Path, r: Dict[str, Any]) -> List[str]:
     """A profile with a counted FLOP floor (m2f.bench.floor): the step against its floor and headroom."""
-    f = r.get("flop_floor") or {}
-    if f.get("rule", "").startswith("3 x fvcore") or "floor_s" not in f:
+    f = r.get("flop_floor")
+    if not f:  # profiles written before the floor was counted
         return []
     _, dev_label = _device_label(r)
     h = f.get("headroom") or {}
