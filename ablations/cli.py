@@ -43,10 +43,10 @@ def cmd_list(args) -> int:
             seeds: dict = {r.name: set() for r in s.trained_rows}
             # a record counts for its row while its overrides are the row's current ones (a row
             # redefined in its spec, e.g. Table 5's proxy points, is retrained: its old records are not shown)
-            rows = {r.name: r for r in s.trained_rows}
+            rows, proxy = {r.name: r for r in s.trained_rows}, is_proxy(top)
             for r in recs:
                 if (r.get("code_fingerprint") == fp and recipe_scale(r) == top and r.get("row") in seeds
-                        and rows[r["row"]].defines(r, proxy=is_proxy(top))):
+                        and rows[r["row"]].defines(r, proxy=proxy)):
                     seeds[r["row"]].add(r.get("seed"))
             few = {row: len(v) for row, v in seeds.items() if len(v) < SCALES[top].seeds}
             if few:

@@ -108,9 +108,8 @@ def select_records(records: List[Dict[str, Any]], scale: Optional[str] = None, f
     info["stale"] = chosen != current
     chosen_records = [r for r in of_scale if record_fingerprint(r) == chosen]
     if spec is not None:
-        rows = {row.name: row for row in spec.rows}
-        kept = [r for r in chosen_records
-                if r.get("row") not in rows or rows[r["row"]].defines(r, proxy=is_proxy(scale))]
+        rows, proxy = {row.name: row for row in spec.rows}, is_proxy(scale)
+        kept = [r for r in chosen_records if r.get("row") not in rows or rows[r["row"]].defines(r, proxy=proxy)]
         info["redefined_records"] = len(chosen_records) - len(kept)
         chosen_records = kept
     latest: Dict[Tuple[str, int], Dict[str, Any]] = {}
