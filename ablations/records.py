@@ -74,8 +74,12 @@ def eval_metric(ev: Dict[str, Any], name: str) -> Optional[float]:
     return v if v is not None and v >= 0 else None
 
 
-def flat_metrics(record: Dict[str, Any]) -> Dict[str, float]:
-    """Every reportable number of a run record: eval metrics, FLOPs, memory, throughput."""
+def flat_metrics(record: Dict[str, Any], memory_probe: bool = True) -> Dict[str, float]:
+    """Every reportable number of a run record: eval metrics, FLOPs, memory, throughput.
+
+    memory_GB: the record's ``memory_probe`` (training memory per image at the scale's probe size) when
+    it has one and ``memory_probe`` is true, else the run's own peak.  A table whose records do not all
+    carry a probe passes ``memory_probe=False``, so one column never mixes the two quantities."""
     out: Dict[str, float] = {}
     ev = record.get("eval") or {}
     for name in EVAL_METRICS:
@@ -89,7 +93,7 @@ def flat_metrics(record: Dict[str, Any]) -> Dict[str, float]:
     flops = record.get("flops") or {}
     if _num(flops.get("gflops")) is not None:
         out["FLOPs_G"] = _num(flops["gflops"])
-    probe = record.get("memory_probe") or {}
+    probe = (record.get("memory_probe") or {}) if memory_probe else {}
     mem = probe.get("peak_bytes") or record.get("peak_memory_bytes") or record.get("peak_rss_bytes")
     if _num(mem) is not None:
         out["memory_GB"] = _num(mem) / 1e9  # per image (probe) when measured, else the run's peak

@@ -133,9 +133,11 @@ def aggregate(spec: AblationSpec, records: List[Dict[str, Any]]) -> Tuple[List[s
     from ablations.records import machine_of
 
     machines: Dict[str, Dict[Any, str]] = {row: {} for row in per_row}
+    # memory_GB is the probe's per-image figure only when every record has one (the header says which)
+    probed = all(r.get("memory_probe") for r in records if r.get("row") in per_row)
     for rec in records:
         if rec.get("row") in per_row:
-            m = flat_metrics(rec)
+            m = flat_metrics(rec, memory_probe=probed)
             per_row[rec["row"]].append((rec.get("seed"), m))
             machines[rec["row"]][rec.get("seed")] = machine_of(rec)
             available.extend(k for k in m if k not in available)

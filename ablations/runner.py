@@ -348,7 +348,8 @@ def attach_memory_probes(spec: AblationSpec, plans: List[RunPlan], sc: Scale, ou
     """Measure training memory per image (``m2f.bench.memory.probe_memory`` at ``sc.memory_size``) for each
     distinct config of ``plans`` (cached in ``out/.memory_cache.json``: the figure depends on the
     config, not on the seed or the trained weights) and write it into the matching records of
-    ``runs.jsonl`` as ``memory_probe`` (atomic rewrite; records already carrying it are kept).
+    ``runs.jsonl`` as ``memory_probe`` (atomic rewrite).  A probe some record already carries counts as
+    cached (a lost cache file re-measures nothing), and a record keeps a probe of the same key.
     Returns how many records were updated."""
     from m2f.bench.memory import probe_memory
     from m2f.checkpoint import rewrite_jsonl
@@ -362,6 +363,11 @@ def attach_memory_probes(spec: AblationSpec, plans: List[RunPlan], sc: Scale, ou
         device = "cuda" if torch.cuda.is_available() else "cpu"
     cache_path = Path(out) / MEMORY_CACHE
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    path = runs_path(out, spec.name)
+    for rec in read_jsonl(path):  # a probe already in the records is the measurement of its key: not re-measured
+        probe = rec.get("memory_probe") or {}
+        if probe.get("key") and probe["key"] not in cache:
+            cache[probe["key"]] = {k: v for k, v in probe.items() if k != "key"}
     probes: Dict[str, Dict[str, Any]] = {}
     for p in plans:
         key = memory_key(p.cfg, size, p.fingerprint)
@@ -378,12 +384,12 @@ def attach_memory_probes(spec: AblationSpec, plans: List[RunPlan], sc: Scale, ou
             atomic_write_json(cache_path, cache)
         if key in cache:
             probes[(p.config_hash, p.fingerprint)] = {**cache[key], "key": key}
-    path = runs_path(out, spec.name)
-    records = read_jsonl(path)
     changed = 0
-    for rec in records:  # only the records of the code that was probed
+    records = read_jsonl(path)
+    for rec in records:  # only the records of the code that was probed; a record's own probe of the key stays
         probe = probes.get((rec.get("config_hash"), rec.get("code_fingerprint")))
-        if probe is not None and rec.get("scale") == sc.name and rec.get("memory_probe") != probe:
+        if (probe is not None and rec.get("scale") == sc.name
+                and (rec.get("memory_probe") or {}).get("key") != probe["key"]):
             rec["memory_probe"] = probe
             rec["metrics"] = flat_metrics(rec)
             changed += 1

@@ -759,6 +759,70 @@ def test_attach_memory_probes(tmp_path, monkeypatch):
     assert attach_memory_probes(spec, plans, sc, out, "cpu", fresh_process=False) == 0 and calls == []
 
 
+def test_memory_probes_in_the_records_survive_a_lost_cache(tmp_path, monkeypatch):
+    """The probe cache file is a local convenience (not committed): on a fresh machine the records'
+    own probes count as measured.  A new seed's record gets its config's probe from its sibling
+    records; no probe is run and no other record is rewritten (a re-measured rss would churn them)."""
+    import m2f.bench.memory
+    from ablations.runner import MEMORY_CACHE, attach_memory_probes, plan_runs
+
+    spec = load_spec("point_loss")
+    sc = get_scale("smoke")
+    out = tmp_path / "reports"
+    plans = plan_runs(spec, sc, seeds=2, runs_root=tmp_path / "runs")
+    n = 0
+
+    def fake_probe(cfg, size, device="cpu", num_masks=20, fresh_process=True, timeout=0):
+        nonlocal n
+        n += 1
+        return {"size": size, "num_masks": num_masks, "peak_bytes": 1e9, "method": "test", "amp": None,
+                "rss_peak_bytes": 3e9 + n}  # rss differs on every measurement, as it does for real
+
+    monkeypatch.setattr(m2f.bench.memory, "probe_memory", fake_probe)
+    seed0 = [p for p in plans if p.seed == 0]
+    for p in seed0:
+        rec = _record(p.row.name, p.seed, 40.0, 30.0, 35.0, scale="smoke")
+        rec.update(ablation="point_loss", config_hash=p.config_hash)
+        append_jsonl(out / "point_loss" / "runs.jsonl", rec)
+    assert attach_memory_probes(spec, seed0, sc, out, "cpu", fresh_process=False) == 4 and n == 4
+    before = list(read_jsonl(out / "point_loss" / "runs.jsonl"))
+    (out / MEMORY_CACHE).unlink()  # a fresh checkout of the committed records
+    for p in plans:
+        if p.seed == 1:
+            rec = _record(p.row.name, p.seed, 40.0, 30.0, 35.0, scale="smoke")
+            rec.update(ablation="point_loss", config_hash=p.config_hash)
+            append_jsonl(out / "point_loss" / "runs.jsonl", rec)
+    assert attach_memory_probes(spec, plans, sc, out, "cpu", fresh_process=False) == 4 and n == 4
+    after = list(read_jsonl(out / "point_loss" / "runs.jsonl"))
+    assert after[:4] == before
+    for rec in after[4:]:
+        sib = next(r for r in before if r["row"] == rec["row"])
+        assert rec["memory_probe"] == sib["memory_probe"]
+
+
+def test_a_table_never_mixes_probed_and_run_peak_memory(tmp_path):
+    """While some records of a table lack a memory probe (extra seeds whose runner has not probed yet),
+    the memory column shows every record's run peak, as its header says, never per-image probes for
+    some seeds and whole-run peaks for others."""
+    out = tmp_path / "reports"
+    spec = load_spec("point_loss")
+    for seed in (0, 1):
+        for r in spec.rows:
+            rec = _record(r.name, seed, 40.0, 30.0, 35.0, n_evals=0)
+            rec.update(ablation="point_loss", table="5", peak_rss_bytes=1.5e9 + seed * 1e8)
+            if seed == 0:
+                rec["memory_probe"] = {"size": 1024, "num_masks": 20, "peak_bytes": 3.0e9, "method": "test",
+                                       "amp": None}
+            append_jsonl(out / "point_loss" / "runs.jsonl", rec)
+    res = render_ablation("point_loss", out)
+    md = Path(res["table"]).read_text()
+    assert "ours = peak of the whole training run" in md and "ours = training memory per image" not in md
+    row = [l for l in md.splitlines() if l.startswith("| mask -> mask")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    i = 1 + 5 * res["metrics"].index("memory_GB")
+    assert cells[i] == "1.55 ± 0.07 (n=2)"  # the run peaks 1.5 and 1.6 GB, not the probe's 3.0
+
+
 def test_probe_memory_measures_the_given_config():
     """m2f.bench.probe_memory (the ablation memory column) runs the config it is given: its own
     matching/loss switches, at the requested size."""
