@@ -617,7 +617,9 @@ def test_extra_seeds_for_one_row_keep_the_other_rows_complete_and_are_disclosed(
     assert cells[("- high-resolution features", "PQ")]["pairs"] == 5
     assert cells[("- high-resolution features", "PQ")]["verdict"] == "agrees"  # -5 on all 5: not incomplete
     row = next(l for l in render_scoreboard(out).splitlines() if l.startswith("| 4a |"))
-    assert [c.strip() for c in row.strip("|").split("|")][2:] == ["cpu (n=5), cpu (n=8)", "6", "0", "0", "0", "6"]
+    assert [c.strip() for c in row.strip("|").split("|")][2:] == ["cpu (n=5), cpu (n=8, 97.1%)", "6", "0", "0", "0",
+                                                                 "6"]  # the extended row's confidence named
+    assert "a row given extra seeds after its first look: at the two-look design's confidence" in render_scoreboard(out)
     md = Path(render_ablation("masked_attention", out)["table"]).read_text()
     assert "**Extra seeds:** `- masked attention` is paired on 8 seeds, more than the 5 of the other rows" in md
     assert "second look" in md and "exclude 0 in 8.2% of tables at 8 seeds, not 5%" in md
