@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ablations.records import eval_metric, flat_metrics, runs_path
 from ablations.scales import describe, get_scale, is_proxy, recipe_scale, scale_rank
-from ablations.stats import (CONFIDENCE, paired_delta, second_look_confidence, second_look_error,
+from ablations.stats import (CONFIDENCE, paired_delta, second_look_confidence, second_look_error, signed_rank_p,
                              seeds_for_half_width, verdict)
 from ablations.spec import EVAL_METRICS, PROPOSAL_PATTERN, AblationSpec, expand_metrics, list_specs, load_spec, table_label
 from m2f.checkpoint import atomic_write_text, read_jsonl
@@ -491,6 +491,7 @@ def render_markdown(spec: AblationSpec, scale: str, records: List[Dict[str, Any]
                           fmt_paper(r["paper"]), fmt_paper(r["paper_delta"], signed=True), r["verdict"]]
             lines.append("| " + " | ".join(cells) + " |")
         lines += _inconclusive_lines(rows)
+        lines += _extra_seed_lines(spec, rows, agg)
         lines += _over_training_lines(spec, records, rows)
     lines.append("")
     return "\n".join(lines)
@@ -563,6 +564,32 @@ def _over_training_lines(spec: AblationSpec, records: List[Dict[str, Any]], rows
         out.append(f"| {f['row']} | {f['metric']} | {f['paper_delta']:+.1f} | "
                    + " | ".join(cell(f["by_iter"].get(i)) for i in iters) + " |")
     return out
+
+
+def _extra_seed_lines(spec: AblationSpec, rows: List[Dict[str, Any]], agg) -> List[str]:
+    """For each finding of a row given extra seeds: its per-seed differences and Wilcoxon's signed-rank
+    p (:func:`ablations.stats.signed_rank_p`) beside the two-look level, so a verdict resting on one or
+    two far seeds shows as such."""
+    out = []
+    for r in rows:
+        if not r.get("confidence") or not is_finding(r) or r.get("low") is None:
+            continue
+        bs, rs, _ = _pairable(agg[spec.base_row][r["metric"]], agg[r["row"]][r["metric"]], r["metric"])
+        seeds = sorted(set(bs) & set(rs))
+        d = [rs[s] - bs[s] for s in seeds]
+        p = signed_rank_p(d)
+        alpha = 1 - r["confidence"]
+        neg = sum(x < 0 for x in d)
+        out.append(f"- `{r['row']}` {r['metric']} (n={len(d)}): "
+                   + ", ".join(f"seed {s} {x:+.2f}" for s, x in zip(seeds, d))
+                   + f"; {neg} of {len(d)} below 0, median {statistics.median(d):+.2f}; signed-rank p "
+                   + (f"{p:.3f} ({'below' if p < alpha else 'not below'} the two-look level {alpha:.3f})"
+                      if p is not None else "—") + ".")
+    if not out:
+        return []
+    return ["", "**Rows with extra seeds, seed by seed** (row − base row per seed; Wilcoxon's signed-rank "
+                "test, two-sided, `ablations.stats.signed_rank_p`: a check of the t interval that does not "
+                "assume normal differences; the verdict is the interval's):", ""] + out
 
 
 def _inconclusive_lines(rows: List[Dict[str, Any]]) -> List[str]:

@@ -115,6 +115,19 @@ def second_look_confidence(n_first: int, n_total: int, alpha: float = 1 - CONFID
     return round(hi, 4)
 
 
+def signed_rank_p(differences: List[float]) -> Optional[float]:
+    """Two-sided p of Wilcoxon's signed-rank test that the per-seed differences centre on 0 (exact for
+    small n; scipy).  A check of a t interval that does not assume normal differences: a few seeds
+    far from the rest move a mean more than they move ranks.  None below 2 differences or when all
+    are 0."""
+    d = [float(x) for x in differences]
+    if len(d) < 2 or not any(d):
+        return None
+    from scipy import stats
+
+    return float(stats.wilcoxon(d).pvalue)
+
+
 def seeds_for_half_width(sd: Optional[float], target: float, confidence: float = CONFIDENCE,
                          max_seeds: int = 200) -> Optional[int]:
     """The fewest paired seeds n whose interval half-width t_{n-1} · sd / √n falls below ``target``

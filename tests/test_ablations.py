@@ -597,6 +597,14 @@ def test_seeds_for_half_width():
     assert seeds_for_half_width(100.0, 0.1) == 201  # beyond the cap
 
 
+def test_signed_rank_p_is_wilcoxons_exact_two_sided_p():
+    from ablations.stats import signed_rank_p
+
+    assert signed_rank_p([-1.0, -2.0, -3.0, -4.0, -5.0]) == pytest.approx(2 / 2 ** 5)  # all 5 one side
+    assert signed_rank_p([1.0, -2.0, -3.0, 4.0]) == pytest.approx(1.0)  # rank sums 5 and 5: balanced
+    assert signed_rank_p([1.0]) is None and signed_rank_p([0.0, 0.0]) is None
+
+
 def test_extra_seeds_for_one_row_keep_the_other_rows_complete_and_are_disclosed(tmp_path):
     """`run NAME --seeds 8 --row ROW --row BASE` gives one row and its base row more seeds than the
     scale's 5 (cpu): the other rows, paired on the 5, keep their verdicts; a row with fewer than 5 pairs
@@ -628,6 +636,11 @@ def test_extra_seeds_for_one_row_keep_the_other_rows_complete_and_are_disclosed(
     assert "(n=8, 97.1%)" in line and "(n=5)" not in line
     assert "(n=5)" in next(l for l in md.splitlines() if l.startswith("| - high-resolution"))
     assert "incomplete" not in md
+    # the extended row seed by seed, with a rank test beside the interval (exact: 2 / 2**8 when all 8 agree)
+    line = next(l for l in md.splitlines() if l.startswith("- `- masked attention` PQ (n=8): "))
+    assert line.startswith("- `- masked attention` PQ (n=8): seed 0 -2.00, seed 1 -1.50, seed 2 -2.00")
+    assert line.endswith("8 of 8 below 0, median -1.75; signed-rank p 0.008 (below the two-look level 0.029).")
+    assert not any(l.startswith("- `- high-resolution features` PQ (n=") for l in md.splitlines())
     # a row paired on 4 of the scale's 5 seeds is still a table being run
     runs.write_text("".join(l for l in runs.read_text().splitlines(keepends=True)
                             if not ('"- high-resolution features"' in l and '"seed": 4,' in l)))
