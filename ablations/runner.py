@@ -343,6 +343,39 @@ def memory_key(cfg: Config, size: int, fingerprint: Optional[str] = None) -> str
     return f"{h}@{size}x{size}/{MEMORY_PROBE_MASKS}masks/{fingerprint}"
 
 
+def fill_missing_flops(spec: AblationSpec, plans: List[RunPlan], sc: Scale, out: Path) -> int:
+    """Give the records of ``plans`` that have no FLOPs the count of their config (from the FLOPs cache,
+    or from another seed's record of the config).
+
+    One run per config counts FLOPs (the others take the cached count when they finish); when seeds
+    of a new config run at once and one without the count finishes first, its record is written
+    without FLOPs.  This pass, after the runs, fills it in (atomic rewrite).  Returns how many."""
+    from m2f.checkpoint import rewrite_jsonl
+
+    cache = _load_flops_cache(out)
+    keys = {(p.config_hash, p.fingerprint): flops_key(p.cfg, sc.flops_size, p.fingerprint) for p in plans}
+    path = runs_path(out, spec.name)
+    if not path.exists():
+        return 0
+    records = read_jsonl(path)
+    for rec in records:  # a count another seed's record carries is its config's count (a lost cache file)
+        k = keys.get((rec.get("config_hash"), rec.get("code_fingerprint")))
+        if k and rec.get("flops") and "error" not in rec["flops"] and rec.get("scale") == sc.name:
+            cache.setdefault(k, rec["flops"])
+    changed = 0
+    for rec in records:
+        if rec.get("flops") or rec.get("scale") != sc.name:
+            continue
+        got = cache.get(keys.get((rec.get("config_hash"), rec.get("code_fingerprint"))) or "")
+        if got and "error" not in got:
+            rec["flops"] = got
+            rec["metrics"] = flat_metrics(rec)
+            changed += 1
+    if changed:
+        rewrite_jsonl(path, records)
+    return changed
+
+
 def attach_memory_probes(spec: AblationSpec, plans: List[RunPlan], sc: Scale, out: Path, device: Optional[str],
                          fresh_process: bool = True, print_fn: Callable[[str], None] = say) -> int:
     """Measure training memory per image (``m2f.bench.memory.probe_memory`` at ``sc.memory_size``) for each
@@ -1002,6 +1035,9 @@ def run_ablation(name: str, scale: str = "cpu", seeds: Optional[int] = None, dat
                 finally:
                     if main_thread:
                         signal.signal(signal.SIGTERM, old_term)
+    n_filled = fill_missing_flops(spec, plans, sc, out)
+    if n_filled:
+        print_fn(f"FLOPs of {n_filled} record(s) filled in from the count of their config")
     n_probed = attach_memory_probes(spec, plans, sc, out, device, fresh_process=not inline, print_fn=print_fn)
     if n_probed:
         print_fn(f"training memory per image ({sc.memory_size}x{sc.memory_size}) recorded in {n_probed} record(s)")

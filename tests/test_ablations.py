@@ -774,6 +774,48 @@ def test_attach_memory_probes(tmp_path, monkeypatch):
     assert attach_memory_probes(spec, plans, sc, out, "cpu", fresh_process=False) == 0 and calls == []
 
 
+def test_a_record_written_without_flops_gets_its_configs_count(tmp_path):
+    """Two seeds of a new config run at once and only one counts FLOPs: when the other finishes first,
+    its record has none.  The runner's pass after the runs fills it from the FLOPs cache or, without
+    one (a fresh clone), from another seed's record of the config; records of another scale or code
+    are left alone."""
+    from ablations.runner import FLOPS_CACHE, fill_missing_flops, flops_key, plan_runs
+
+    spec = load_spec("point_loss")
+    sc = get_scale("smoke")
+    out = tmp_path / "reports"
+    plans = plan_runs(spec, sc, seeds=2, runs_root=tmp_path / "runs")
+    counts = {}
+    for p in plans:
+        rec = _record(p.row.name, p.seed, 40.0, 30.0, 35.0, scale="smoke")
+        rec.update(ablation="point_loss", config_hash=p.config_hash, code_fingerprint=p.fingerprint)
+        counts.setdefault(p.row.name, {"gflops": 1.0 + len(counts), "params": 10})
+        rec["flops"] = counts[p.row.name] if p.seed == 0 else None
+        append_jsonl(out / "point_loss" / "runs.jsonl", rec)
+    other = _record("mask -> mask", 1, 40.0, 30.0, 35.0, scale="smoke")
+    other.update(ablation="point_loss", config_hash="x", code_fingerprint="0" * 12, flops=None)
+    append_jsonl(out / "point_loss" / "runs.jsonl", other)
+    assert not (out / FLOPS_CACHE).exists()
+    assert fill_missing_flops(spec, plans, sc, out) == 4
+    recs = list(read_jsonl(out / "point_loss" / "runs.jsonl"))
+    for rec in recs[:-1]:
+        assert rec["flops"] == counts[rec["row"]]
+        if rec["seed"] == 1:  # filled: its metrics too
+            assert rec["metrics"]["FLOPs_G"] == counts[rec["row"]]["gflops"]
+    assert recs[-1]["flops"] is None
+    assert fill_missing_flops(spec, plans, sc, out) == 0  # nothing left to fill
+    # from the cache when no sibling has the count
+    recs[1]["flops"] = recs[5]["flops"] = None
+    p1 = next(p for p in plans if p.row.name == recs[1]["row"])
+    (out / FLOPS_CACHE).write_text(json.dumps({flops_key(p1.cfg, sc.flops_size, p1.fingerprint):
+                                               {"gflops": 7.0, "params": 1}}))
+    (out / "point_loss" / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert fill_missing_flops(spec, plans, sc, out) == 2  # both seeds of mask -> point
+    recs = list(read_jsonl(out / "point_loss" / "runs.jsonl"))
+    assert recs[1]["row"] == recs[5]["row"] == "mask -> point"
+    assert recs[1]["flops"] == recs[5]["flops"] == {"gflops": 7.0, "params": 1}
+
+
 def test_memory_probes_in_the_records_survive_a_lost_cache(tmp_path, monkeypatch):
     """The probe cache file is a local convenience (not committed): on a fresh machine the records'
     own probes count as measured.  A new seed's record gets its config's probe from its sibling
