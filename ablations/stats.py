@@ -116,8 +116,8 @@ def second_look_confidence(n_first: int, n_total: int, alpha: float = 1 - CONFID
 
 
 def signed_rank_p(differences: List[float]) -> Optional[float]:
-    """Two-sided p of Wilcoxon's signed-rank test that the per-seed differences centre on 0 (exact for
-    small n; scipy).  A check of a t interval that does not assume normal differences: a few seeds
+    """Two-sided p of Wilcoxon's signed-rank test that the per-seed differences centre on 0 (scipy: exact
+    for small n without ties or zero differences, a normal approximation otherwise).  A check of a t interval that does not assume normal differences: a few seeds
     far from the rest move a mean more than they move ranks.  None below 2 differences or when all
     are 0."""
     d = [float(x) for x in differences]
