@@ -350,8 +350,6 @@ def fill_missing_flops(spec: AblationSpec, plans: List[RunPlan], sc: Scale, out:
     One run per config counts FLOPs (the others take the cached count when they finish); when seeds
     of a new config run at once and one without the count finishes first, its record is written
     without FLOPs.  This pass, after the runs, fills it in (atomic rewrite).  Returns how many."""
-    from m2f.checkpoint import rewrite_jsonl
-
     cache = _load_flops_cache(out)
     keys = {(p.config_hash, p.fingerprint): flops_key(p.cfg, sc.flops_size, p.fingerprint) for p in plans}
     path = runs_path(out, spec.name)
@@ -362,13 +360,25 @@ def fill_missing_flops(spec: AblationSpec, plans: List[RunPlan], sc: Scale, out:
         k = keys.get((rec.get("config_hash"), rec.get("code_fingerprint")))
         if k and rec.get("flops") and "error" not in rec["flops"] and rec.get("scale") == sc.name:
             cache.setdefault(k, rec["flops"])
+
+    def count(rec):
+        got = cache.get(keys.get((rec.get("config_hash"), rec.get("code_fingerprint"))) or "")
+        return got if got and "error" not in got and not rec.get("flops") else None
+
+    return _set_in_records(path, records, sc, "flops", count)
+
+
+def _set_in_records(path: Path, records: List[Dict[str, Any]], sc: Scale, field: str,
+                    value_for: Callable[[Dict[str, Any]], Any]) -> int:
+    """Set ``field`` of each record of scale ``sc`` to ``value_for(record)`` where that is not None, with
+    the record's ``metrics`` recomputed; rewrite ``path`` atomically when one changed.  Returns how many."""
+    from m2f.checkpoint import rewrite_jsonl
+
     changed = 0
     for rec in records:
-        if rec.get("flops") or rec.get("scale") != sc.name:
-            continue
-        got = cache.get(keys.get((rec.get("config_hash"), rec.get("code_fingerprint"))) or "")
-        if got and "error" not in got:
-            rec["flops"] = got
+        v = value_for(rec) if rec.get("scale") == sc.name else None
+        if v is not None:
+            rec[field] = v
             rec["metrics"] = flat_metrics(rec)
             changed += 1
     if changed:
@@ -385,7 +395,6 @@ def attach_memory_probes(spec: AblationSpec, plans: List[RunPlan], sc: Scale, ou
     cached (a lost cache file re-measures nothing), and a record keeps a probe of the same key.
     Returns how many records were updated."""
     from m2f.bench.memory import probe_memory
-    from m2f.checkpoint import rewrite_jsonl
 
     size = sc.memory_size
     if not size or "memory_GB" not in spec.metrics:
@@ -417,18 +426,11 @@ def attach_memory_probes(spec: AblationSpec, plans: List[RunPlan], sc: Scale, ou
             atomic_write_json(cache_path, cache)
         if key in cache:
             probes[(p.config_hash, p.fingerprint)] = {**cache[key], "key": key}
-    changed = 0
-    records = read_jsonl(path)
-    for rec in records:  # only the records of the code that was probed; a record's own probe of the key stays
+    def probe_of(rec):  # only the records of the code that was probed; a record's own probe of the key stays
         probe = probes.get((rec.get("config_hash"), rec.get("code_fingerprint")))
-        if (probe is not None and rec.get("scale") == sc.name
-                and (rec.get("memory_probe") or {}).get("key") != probe["key"]):
-            rec["memory_probe"] = probe
-            rec["metrics"] = flat_metrics(rec)
-            changed += 1
-    if changed:
-        rewrite_jsonl(path, records)
-    return changed
+        return probe if probe and (rec.get("memory_probe") or {}).get("key") != probe["key"] else None
+
+    return _set_in_records(path, read_jsonl(path), sc, "memory_probe", probe_of)
 
 
 # ---------------------------------------------------------------------------------------------
